@@ -1,0 +1,242 @@
+"""Read a spec's sources (JSONL, CSV, Parquet; files or globs) into canonical examples.
+
+Rows that cannot be used go to the quarantine with their reason; a file that cannot be used at all
+(unreadable, undecodable, a mapped column absent) fails with an `IngestError` naming file, line and
+field. rows read = rows returned + rows quarantined, per file, always.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from .schema import EXAMPLE_COLUMNS, QUARANTINE_COLUMNS, content_hash
+from .spec import PipelineSpec, SourceSpec
+
+REQUIRED = ("prompt", "response")
+_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class IngestError(ValueError):
+    """A source file that cannot be used; the message names file, line and field."""
+
+
+def source_files(spec: PipelineSpec, source: SourceSpec) -> list[Path]:
+    pattern = str(spec.resolve(source.path).resolve())
+    files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        where = f"{spec.spec_path}: " if spec.spec_path else ""
+        raise IngestError(f"{where}sources.path: no file matches {source.path!r} (resolved to {pattern})")
+    return files
+
+
+def _format_of(path: Path, source: SourceSpec) -> str:
+    if source.format:
+        return source.format
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise IngestError(f"{path}: format: cannot tell the format from the extension; set sources.format")
+    return fmt
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    with path.open("rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise IngestError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text), None
+            except json.JSONDecodeError as exc:
+                yield line_no, {"_raw": text.rstrip("\n")}, f"invalid JSON: {exc.msg} (column {exc.colno})"
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
+                return
+            line_no = reader.line_num
+            for row in reader:
+                start, line_no = line_no + 1, reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(header):
+                    yield start, {"_raw": ",".join(row)}, f"expected {len(header)} fields, found {len(row)}"
+                    continue
+                yield start, dict(zip(header, row)), None
+    except UnicodeDecodeError as exc:
+        raise IngestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise IngestError(f"{path}: not valid CSV: {exc}") from None
+
+
+def _csv_header(path: Path) -> list[str]:
+    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+        return next(csv.reader(fh), [])
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise IngestError(f"{path}: not a readable Parquet file: {exc}") from None
+    for row_no, row in enumerate(table.to_pylist(), start=1):
+        yield row_no, row, None
+
+
+_READERS = {"jsonl": _iter_jsonl, "csv": _iter_csv, "parquet": _iter_parquet}
+
+
+def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
+    """(text, problem): scalars become text; containers and nulls are problems."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return None, f"{field} is missing"
+    if isinstance(value, (dict, list, tuple)):
+        return None, f"{field} is a {type(value).__name__}, not text"
+    if isinstance(value, bool):
+        return str(value).lower(), None
+    return str(value), None
+
+
+def _from_messages(messages: Any) -> tuple[dict[str, str | None], str | None]:
+    """A chat `messages` list -> (system, prompt, response). Only single-exchange chats for now."""
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError as exc:
+            return {}, f"messages is not valid JSON: {exc.msg}"
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        return {}, "messages is not a list of {role, content} objects"
+    roles = [m.get("role") for m in messages]
+    system = None
+    if roles and roles[0] == "system":
+        system = messages[0].get("content")
+        messages, roles = messages[1:], roles[1:]
+    if roles != ["user", "assistant"]:
+        return {}, f"messages must be [system?, user, assistant], got roles {roles} (multi-turn chats are not supported yet)"
+    return {"system": system, "prompt": messages[0].get("content"), "response": messages[1].get("content")}, None
+
+
+def _canonical(record: Any, source: SourceSpec) -> tuple[dict[str, Any], str | None]:
+    """Map one source record to canonical fields; returns (fields, problem)."""
+    if not isinstance(record, dict):
+        return {}, f"record is a {type(record).__name__}, not an object"
+    mapping = {"prompt": "prompt", "response": "response", "system": "system"} | dict(source.columns)
+    used = set(mapping.values())
+    fields: dict[str, Any] = {}
+    if "messages" in source.columns:
+        parsed, problem = _from_messages(record.get(source.columns["messages"]))
+        if problem:
+            return {}, problem
+        fields.update(parsed)
+    else:
+        for name in ("prompt", "response", "system"):
+            fields[name] = record.get(mapping[name])
+    for name in ("prompt", "response", "system"):
+        if name == "system" and fields.get(name) is None:
+            continue
+        text, problem = _as_text(fields.get(name), mapping.get(name, name))
+        if problem:
+            return {}, problem
+        fields[name] = text
+    extra = {k: v for k, v in record.items() if k not in used}
+    fields["metadata"] = json.dumps(extra, default=str, ensure_ascii=False, sort_keys=True)
+    return fields, None
+
+
+def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple[int, Any, str | None]]) -> None:
+    """A mapped column that appears nowhere in a file is a file-level error, not row problems."""
+    if "messages" in source.columns:
+        wanted = {"messages": source.columns["messages"]}
+    else:
+        wanted = {k: source.columns.get(k, k) for k in REQUIRED}
+    if fmt == "csv":
+        header = _csv_header(path)
+        present = set(header)
+        line = 1
+    else:
+        present = set().union(*(r.keys() for _, r, p in records if p is None and isinstance(r, dict))) if records else set()
+        line = records[0][0] if records else 1
+        if fmt == "parquet":
+            present |= set(pq.read_schema(path).names)
+    for canonical, column in wanted.items():
+        if column not in present:
+            raise IngestError(
+                f"{path}:{line}: {column}: column not found (needed for {canonical}); "
+                f"columns present: {sorted(present)}. Map it with sources[].columns.{canonical}"
+            )
+
+
+def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[dict]]:
+    """One file -> (canonical rows, quarantined rows)."""
+    fmt = _format_of(path, source)
+    records = list(_READERS[fmt](path))
+    _check_columns(path, fmt, source, records)
+    kept, quarantined = [], []
+    for line_no, record, problem in records:
+        fields = {}
+        if problem is None:
+            fields, problem = _canonical(record, source)
+        if problem is None:
+            kept.append(fields | {"source_file": str(path), "source_line": line_no})
+        else:
+            quarantined.append(
+                {
+                    "example_id": None,
+                    "stage": "ingest",
+                    "reason": problem,
+                    "source_file": str(path),
+                    "source_line": line_no,
+                    "record": json.dumps(record, default=str, ensure_ascii=False),
+                }
+            )
+    return kept, quarantined
+
+
+def assign_example_ids(df: pd.DataFrame) -> pd.DataFrame:
+    """Stable ids from content; the N-th repeat of identical content gets "~N" appended."""
+    hashes = [content_hash(s, p, r) for s, p, r in zip(df["system"], df["prompt"], df["response"])]
+    df = df.assign(content_hash=hashes)
+    repeat = df.groupby("content_hash").cumcount()
+    df["example_id"] = df["content_hash"].where(repeat == 0, df["content_hash"] + "~" + repeat.astype(str))
+    return df
+
+
+def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """All of a spec's sources -> (examples, quarantine, stats)."""
+    kept: list[dict] = []
+    quarantined: list[dict] = []
+    per_file: dict[str, dict[str, int]] = {}
+    for source in spec.sources:
+        for path in source_files(spec, source):
+            rows, bad = read_source_file(path, source)
+            kept.extend(rows)
+            quarantined.extend(bad)
+            per_file[str(path)] = {"rows_read": len(rows) + len(bad), "kept": len(rows), "quarantined": len(bad)}
+    examples = pd.DataFrame(kept, columns=[c for c in EXAMPLE_COLUMNS if c not in ("example_id", "content_hash")])
+    examples["system"] = examples["system"].astype("object")
+    examples = assign_example_ids(examples)[EXAMPLE_COLUMNS]
+    for col in ("example_id", "content_hash", "prompt", "response", "system", "source_file", "metadata"):
+        examples[col] = examples[col].astype("string")
+    examples["source_line"] = examples["source_line"].astype("int64")
+    quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)
+    stats = {
+        "rows_read": len(examples) + len(quarantine),
+        "rows_kept": len(examples),
+        "rows_quarantined": len(quarantine),
+        "files": per_file,
+    }
+    return examples, quarantine, stats

@@ -1,0 +1,150 @@
+"""The corrections file data engineers maintain, and applying it to ingested examples.
+
+A corrections file is a CSV with one decision per row:
+
+    example_id,action,new_value,note,author,timestamp,old_value
+    3f2a...,relabel,negative,"sarcasm, not praise",ana,2026-11-24T10:00:00Z,positive
+    9c1b...,drop,,"not a review",ana,...
+    77de...,keep,,"checked: label is right",ana,...
+
+`relabel` sets a new response/label, `drop` sends the row to the quarantine, `keep` marks the row as
+checked-correct so quality gates stop flagging it. The last decision for an example wins, so the
+file doubles as an append-only audit log. Edits are atomic (write a temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from .schema import quarantine_rows
+
+CORRECTION_COLUMNS = ["example_id", "action", "new_value", "note", "author", "timestamp", "old_value"]
+ACTIONS = ("relabel", "drop", "keep")
+
+
+class CorrectionsError(ValueError):
+    """A corrections file that cannot be used; the message names file, line and field."""
+
+
+def empty_corrections() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="string") for c in CORRECTION_COLUMNS})
+
+
+def read_corrections(path: str | Path) -> pd.DataFrame:
+    """Parse and validate a corrections file; a missing file means no corrections."""
+    path = Path(path)
+    if not path.exists():
+        return empty_corrections()
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            missing = [c for c in ("example_id", "action") if c not in header]
+            if missing:
+                raise CorrectionsError(f"{path}:1: header: missing column(s) {missing}; expected {CORRECTION_COLUMNS}")
+            rows = []
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise CorrectionsError(f"{path}:{line}: row has more fields than the header")
+                example_id = (row.get("example_id") or "").strip()
+                action = (row.get("action") or "").strip().lower()
+                new_value = row.get("new_value")
+                if not example_id:
+                    raise CorrectionsError(f"{path}:{line}: example_id: must not be empty")
+                if action not in ACTIONS:
+                    raise CorrectionsError(f"{path}:{line}: action: {action!r} is not one of {list(ACTIONS)}")
+                if action == "relabel" and not (new_value or "").strip():
+                    raise CorrectionsError(f"{path}:{line}: new_value: a relabel needs the new value")
+                rows.append({c: (row.get(c) or None) for c in CORRECTION_COLUMNS} | {"example_id": example_id, "action": action})
+    except UnicodeDecodeError as exc:
+        raise CorrectionsError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise CorrectionsError(f"{path}: not valid CSV: {exc}") from None
+    if not rows:
+        return empty_corrections()
+    return pd.DataFrame(rows, columns=CORRECTION_COLUMNS).astype("string")
+
+
+def append_corrections(path: str | Path, rows: list[dict]) -> None:
+    """Append decisions atomically: readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text(encoding="utf-8") if path.exists() else ""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            if existing:
+                fh.write(existing if existing.endswith("\n") else existing + "\n")
+            writer = csv.DictWriter(fh, fieldnames=CORRECTION_COLUMNS, extrasaction="raise")
+            if not existing:
+                writer.writeheader()
+            for row in rows:
+                if row.get("action") not in ACTIONS:
+                    raise CorrectionsError(f"{path}: action: {row.get('action')!r} is not one of {list(ACTIONS)}")
+                writer.writerow({c: row.get(c, "") for c in CORRECTION_COLUMNS})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Validate what we wrote, so a bad edit never lingers unnoticed.
+    read_corrections(path)
+
+
+def latest_decisions(corrections: pd.DataFrame) -> pd.DataFrame:
+    """The last decision per example_id (the file is an append-only log)."""
+    return corrections.drop_duplicates("example_id", keep="last").set_index("example_id")
+
+
+def apply_corrections(
+    examples: pd.DataFrame, corrections: pd.DataFrame, allowed_labels: list[str] | None = None, source: str = "corrections"
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Apply decisions to ingested examples.
+
+    Returns (labelled, quarantined, stats). `labelled` keeps every column of `examples` plus
+    original_response, label_source, correction_note and reviewed; `quarantined` holds the rows a
+    `drop` decision removed. Decisions for unknown example_ids are reported in stats, not applied.
+    """
+    decisions = latest_decisions(corrections)
+    if allowed_labels is not None:
+        bad = decisions[(decisions["action"] == "relabel") & ~decisions["new_value"].isin(allowed_labels)]
+        if not bad.empty:
+            first = bad.index[0]
+            raise CorrectionsError(
+                f"{source}: new_value: {bad.loc[first, 'new_value']!r} for example {first} is not an allowed label {allowed_labels}"
+            )
+    out = examples.copy()
+    out["original_response"] = out["response"]
+    out["label_source"] = "source"
+    out["correction_note"] = pd.Series(pd.NA, index=out.index, dtype="string")
+    out["reviewed"] = False
+
+    action = out["example_id"].map(decisions["action"]) if len(decisions) else pd.Series(pd.NA, index=out.index)
+    new_value = out["example_id"].map(decisions["new_value"]) if len(decisions) else action
+    note = out["example_id"].map(decisions["note"]) if len(decisions) else action
+
+    relabel = (action == "relabel").fillna(False).astype(bool)
+    out.loc[relabel, "response"] = new_value[relabel]
+    out.loc[relabel, "label_source"] = "correction"
+    out.loc[relabel | action.notna(), "correction_note"] = note[relabel | action.notna()]
+    out.loc[(action == "keep").fillna(False).astype(bool), "reviewed"] = True
+
+    drop = (action == "drop").fillna(False).astype(bool)
+    reasons = "dropped by corrections file: " + note[drop].fillna("no note").astype(str)
+    quarantined = quarantine_rows(out[drop], "labels", reasons)
+    labelled = out[~drop].reset_index(drop=True)
+
+    unknown = sorted(set(decisions.index) - set(examples["example_id"]))
+    stats = {
+        "relabelled": int(relabel.sum()),
+        "dropped": int(drop.sum()),
+        "kept_as_reviewed": int((action == "keep").fillna(False).sum()),
+        "unknown_example_ids": len(unknown),
+        "unknown_example_ids_sample": unknown[:10],
+    }
+    return labelled, quarantined, stats
