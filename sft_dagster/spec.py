@@ -97,7 +97,7 @@ class QualitySpec(_Strict):
 class SplitSpec(_Strict):
     validation: float = Field(0.1, ge=0, lt=1)
     test: float = Field(0.2, gt=0, lt=1)
-    stratify: bool = True
+    # Salt of the split hash: changing it draws a new split; keeping it keeps every example's split.
     seed: int = 0
 
     @model_validator(mode="after")

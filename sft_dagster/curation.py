@@ -1,0 +1,84 @@
+"""Decide what training may use: the curated examples, and the quarantine for the rest.
+
+Order of decisions, each recorded with its reason:
+1. exact duplicates: the first occurrence stays, later repeats go;
+2. rows failing a blocking row-level quality check (invalid label, empty text, longer than
+   max_length, control tokens ...) go, in every split: they cannot be trained on or scored;
+3. cleanlab findings follow the spec's policy, in train and validation only. The test split is
+   never cleaned silently (that would inflate the reported metrics): flagged test rows stay as
+   labelled, with their flags, so the report can show the as-labelled and the corrected view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pandas as pd
+
+from .schema import quarantine_rows
+from .spec import CurationPolicy, SplitSpec
+from .splits import assign_splits
+
+FLAG_COLUMNS = ["is_label_issue", "is_outlier", "is_near_duplicate", "suggested_label", "label_score"]
+
+
+def curate(
+    labelled: pd.DataFrame,
+    failing_ids: dict[str, Iterable[str]],
+    flags: pd.DataFrame | None,
+    policy: CurationPolicy,
+    splits: SplitSpec,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Returns (curated with `split` and flag columns, quarantined rows, stats).
+
+    failing_ids: blocking check name -> example_ids that failed it (row-level checks only).
+    flags: cleanlab flags per example_id (FLAG_COLUMNS), or None when cleanlab is off.
+    """
+    df = assign_splits(labelled, splits)
+    if flags is not None and not flags.empty:
+        df = df.merge(flags[["example_id", *FLAG_COLUMNS]], on="example_id", how="left")
+    for col in ("is_label_issue", "is_outlier", "is_near_duplicate"):
+        df[col] = df[col].fillna(False).astype(bool) if col in df else False
+    if "suggested_label" not in df:
+        df["suggested_label"] = pd.Series(pd.NA, index=df.index, dtype="string")
+    if "label_score" not in df:
+        df["label_score"] = float("nan")
+
+    reason = pd.Series(pd.NA, index=df.index, dtype="string")
+
+    first_of = df.groupby("content_hash")["example_id"].transform("first")
+    repeat = df["example_id"] != first_of
+    reason[repeat] = "exact duplicate of " + first_of[repeat]
+
+    for check, ids in failing_ids.items():
+        hit = df["example_id"].isin(set(ids)) & reason.isna()
+        reason[hit] = f"failed blocking check {check}"
+
+    trainable = df["split"] != "test"
+    if policy.label_issues == "drop":
+        hit = trainable & df["is_label_issue"] & ~df["reviewed"].astype(bool) & reason.isna()
+        reason[hit] = (
+            "label issue: given " + df.loc[hit, "response"].astype(str)
+            + ", suggested " + df.loc[hit, "suggested_label"].astype(str)
+            + f" (label score " + df.loc[hit, "label_score"].round(3).astype(str) + ")"
+        )
+    if policy.near_duplicates == "drop":
+        hit = trainable & df["is_near_duplicate"] & reason.isna()
+        reason[hit] = "near duplicate (cleanlab)"
+    if policy.outliers == "drop":
+        hit = trainable & df["is_outlier"] & reason.isna()
+        reason[hit] = "outlier (cleanlab)"
+
+    removed = reason.notna()
+    quarantined = quarantine_rows(df[removed], "curation", reason[removed])
+    curated = df[~removed].reset_index(drop=True)
+    stats = {
+        "rows_in": len(df),
+        "rows_kept": len(curated),
+        "rows_quarantined": int(removed.sum()),
+        "quarantine_reasons": {
+            str(k): int(v) for k, v in reason[removed].str.replace(r"(:| of | \().*$", "", regex=True).value_counts().items()
+        },
+        "flagged_test_rows_kept": int((~trainable & df["is_label_issue"] & ~removed).sum()),
+    }
+    return curated, quarantined, stats

