@@ -148,3 +148,26 @@ def apply_corrections(
         "unknown_example_ids_sample": unknown[:10],
     }
     return labelled, quarantined, stats
+
+
+def label_issue_detection_scores(labelled: pd.DataFrame, flags: pd.DataFrame, audit: pd.DataFrame) -> dict:
+    """Precision and recall of cleanlab's label-issue flags against known label errors.
+
+    `audit` lists every known error by its text (`text` or `prompt` column) and `true_label`; rows not
+    listed are taken as correctly labelled.
+    """
+    text_col = "text" if "text" in audit.columns else "prompt"
+    known_bad = set(audit[text_col].astype(str))
+    frame = labelled[["example_id", "prompt"]].merge(flags[["example_id", "is_label_issue"]], on="example_id", how="left")
+    flagged = frame["is_label_issue"].fillna(False).astype(bool)
+    truly_bad = frame["prompt"].astype(str).isin(known_bad)
+    tp = int((flagged & truly_bad).sum())
+    precision = tp / int(flagged.sum()) if flagged.any() else 0.0
+    recall = tp / int(truly_bad.sum()) if truly_bad.any() else 0.0
+    return {
+        "known_errors": int(truly_bad.sum()),
+        "flagged": int(flagged.sum()),
+        "true_positives": tp,
+        "precision": round(precision, 4),
+        "recall": round(recall, 4),
+    }

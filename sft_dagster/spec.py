@@ -92,6 +92,9 @@ class QualitySpec(_Strict):
     suite: str = "default"  # data_checks/<suite>.yaml
     cleanlab: CleanlabSpec = CleanlabSpec()
     policy: CurationPolicy = CurationPolicy()
+    # Optional CSV listing every known label error (text, true_label): label-issue detection is
+    # then scored (precision, recall) against it and shown in the UI.
+    audit_file: str | None = None
 
 
 class SplitSpec(_Strict):

@@ -1,0 +1,116 @@
+"""Jobs, the nightly schedule, the data-change sensor, and the failed-gate sensor."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from ..spec import PipelineSpec
+from .assets import PipelineDefs, corrections_path
+from .resources import SFTStorage
+
+
+def job_name(spec: PipelineSpec) -> str:
+    return f"{spec.name}_job"
+
+
+def pipeline_job(spec: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        job_name(spec),
+        selection=dg.AssetSelection.groups(spec.name),
+        description=f"Materialize the whole {spec.name} pipeline: data, gates, training, evaluation, promotion.",
+        tags={"pipeline": spec.name},
+    )
+
+
+def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
+    # Unchanged stages cost little: datasets re-hash to the same data version, and training and
+    # evaluation skip themselves when their lineage is unchanged.
+    return dg.ScheduleDefinition(
+        name=f"{spec.name}_nightly",
+        job=job,
+        cron_schedule=spec.schedule.cron,
+        execution_timezone=spec.schedule.timezone,
+        default_status=dg.DefaultScheduleStatus.RUNNING if spec.schedule.enabled else dg.DefaultScheduleStatus.STOPPED,
+        description=f"Nightly run of {spec.name} ({spec.schedule.cron} {spec.schedule.timezone}).",
+    )
+
+
+def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
+    """Size and mtime of every source file and of the corrections file."""
+    files: dict[str, list] = {}
+    for source in spec.sources:
+        for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True)):
+            stat = Path(path).stat()
+            files[path] = [stat.st_size, stat.st_mtime_ns]
+    corrections = corrections_path(spec, storage.paths(spec.name))
+    if corrections.exists():
+        stat = corrections.stat()
+        files[str(corrections)] = [stat.st_size, stat.st_mtime_ns]
+    return files
+
+
+def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
+    @dg.sensor(name=f"{spec.name}_data_change_sensor", job=job, minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Starts a run when raw files appear or change, or the corrections file changes.")
+    def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
+        current = watched_files(spec, storage)
+        if context.cursor is None:
+            # First tick: remember what is there; only later changes start runs.
+            context.update_cursor(json.dumps(current))
+            return dg.SkipReason(f"watching {len(current)} files")
+        previous = json.loads(context.cursor)
+        changed = sorted(p for p in current if previous.get(p) != current[p])
+        removed = sorted(set(previous) - set(current))
+        context.update_cursor(json.dumps(current))
+        if not changed and not removed:
+            return dg.SkipReason("no source or corrections file changed")
+        run_key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:16]
+        return dg.RunRequest(run_key=run_key, tags={"sft_dagster/changed_files": ", ".join(Path(p).name for p in changed + removed)[:200]})
+
+    return _sensor
+
+
+def failed_gate_sensor(pipelines: list[PipelineDefs]) -> dg.SensorDefinition:
+    """Reports failed blocking checks the way a run-failure sensor reports failed runs.
+
+    A failed check does not fail its run, so nothing else would tell anyone. Each new failure is
+    logged and appended to `<storage root>/alerts.jsonl` (point a log shipper or a hook at it).
+    """
+    check_keys = [key for p in pipelines for key in p.blocking_checks] + [
+        dg.AssetCheckKey(p.key("evaluation_report"), "beats_base_model") for p in pipelines
+    ]
+
+    @dg.sensor(name="failed_quality_gate_sensor", minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Alerts on every newly failed blocking data-quality or promotion check.")
+    def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
+        seen = json.loads(context.cursor) if context.cursor else {}
+        records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)
+        alerts = []
+        for key, record in records.items():
+            name = f"{key.asset_key.to_user_string()}:{key.name}"
+            if record.id <= seen.get(name, -1):
+                continue
+            seen[name] = record.id
+            if record.status == AssetCheckExecutionRecordStatus.FAILED:
+                alerts.append({"check": name, "run_id": record.run_id,
+                               "at": datetime.fromtimestamp(record.create_timestamp, timezone.utc).isoformat()})
+        for alert in alerts:
+            context.log.error(f"blocking check failed: {alert['check']} in run {alert['run_id']}")
+        if alerts:
+            path = Path(storage.root) / "alerts.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as fh:
+                fh.writelines(json.dumps(a) + "\n" for a in alerts)
+        context.update_cursor(json.dumps(seen))
+        return dg.SkipReason(f"{len(alerts)} new failed blocking checks" if alerts else "no new failed blocking checks")
+
+    return _sensor
