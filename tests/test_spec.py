@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from sft_dagster.spec import SpecError, load_spec, load_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VALID = """
+name: tiny
+task:
+  type: sentiment
+  labels: [negative, positive]
+sources:
+  - path: data/*.jsonl
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_every_shipped_spec_loads():
+    specs = load_specs(ROOT / "assets")
+    assert "demo_sentiment" in [s.name for s in specs]
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    spec = load_spec(write(tmp_path, VALID))
+    assert spec.training.method == "lora"
+    assert spec.schedule.cron == "0 2 * * *"
+    assert spec.resolve("data/x.jsonl") == tmp_path.resolve() / "data/x.jsonl"
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, VALID + "training:\n  methd: lora\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert f"{path}:9" in message  # the line of `methd`
+    assert "training.methd" in message
+
+
+def test_bad_value_names_key(tmp_path):
+    path = write(tmp_path, VALID + "training:\n  method: adapters\n")
+    with pytest.raises(SpecError, match=r"training\.method"):
+        load_spec(path)
+
+
+def test_label_task_needs_labels(tmp_path):
+    path = write(tmp_path, VALID.replace("  labels: [negative, positive]\n", ""))
+    with pytest.raises(SpecError, match="task.labels is required"):
+        load_spec(path)
+
+
+def test_invalid_yaml_names_line(tmp_path):
+    path = write(tmp_path, "name: x\ntask: [unclosed\n")
+    with pytest.raises(SpecError, match=rf"{path}:\d+: not valid YAML"):
+        load_spec(path)
+
+
+def test_duplicate_pipeline_names(tmp_path):
+    write(tmp_path, VALID, "a.yaml")
+    write(tmp_path, VALID, "b.yaml")
+    with pytest.raises(SpecError, match="also declared"):
+        load_specs(tmp_path)
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    a = load_spec(write(tmp_path, VALID, "a.yaml"))
+    b = load_spec(write(tmp_path, VALID + "training:\n  epochs: 3\n", "b.yaml"))
+    assert a.fingerprint() != b.fingerprint()
