@@ -1,0 +1,179 @@
+"""The whole asset graph in-process, on a real Dagster instance, with the tiny random model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+import yaml
+
+from sft_dagster.demo_data import generate_demo_dataset
+from sft_dagster.defs import build_definitions
+from sft_dagster.defs.automation import job_name
+from sft_dagster.labels import append_corrections
+from sft_dagster.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_spec(tmp_path: Path, model_dir: Path, **overrides) -> Path:
+    data = tmp_path / "data"
+    if not data.exists():
+        generate_demo_dataset(data, n_rows=240, seed=1, error_rate=0.05)
+    spec = {
+        "name": "tiny_sentiment",
+        "task": {"type": "sentiment", "labels": ["negative", "neutral", "positive"],
+                 "prompt_template": "Sentiment of: {prompt}"},
+        "sources": [
+            {"path": "data/*.jsonl", "columns": {"prompt": "text", "response": "label"}},
+            {"path": "data/*.csv", "columns": {"prompt": "review_text", "response": "sentiment"}},
+        ],
+        "quality": {"suite": "sentiment", "cleanlab": {"folds": 3, "max_label_issue_rate": 0.2},
+                    "audit_file": "data/truth/planted_label_errors.csv"},
+        "model": {"base": str(model_dir), "max_length": 96},
+        "training": {"method": "lora", "epochs": 2, "learning_rate": 0.005, "batch_size": 16,
+                     "lora": {"r": 8, "alpha": 16}, "checkpoint_every_steps": 10},
+        "evaluation": {"max_new_tokens": 3, "num_samples": 3},
+        "promotion": {"metric": "loss", "min_improvement": 0.0},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def run(defs: dg.Definitions, spec, instance, stages: list[str] | None = None):
+    job = defs.resolve_job_def(job_name(spec))
+    selection = None
+    if stages:
+        selection = [dg.AssetKey([spec.name, s]) for s in stages]
+    return job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
+
+
+def materialized(result) -> set[str]:
+    return {e.asset_key.path[-1] for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+
+
+def check_results(result) -> dict[str, bool]:
+    return {
+        f"{e.event_specific_data.asset_key.path[-1]}:{e.event_specific_data.check_name}": e.event_specific_data.passed
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+
+
+def metadata(instance, spec, asset: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey([spec.name, asset]))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+@pytest.fixture()
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, instance):
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir))
+    storage = tmp_path / "store"
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
+    result = run(defs, spec, instance)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert materialized(result) == {
+        "raw_examples", "label_corrections", "labelled_examples", "label_issues", "curated_examples", "quarantine",
+        "dataset_splits", "base_model", "fine_tuned_adapter", "evaluation_report", "promoted_model",
+    }
+    checks = check_results(result)
+    assert checks["quarantine:rows_accounted_for"] and checks["dataset_splits:no_leakage_across_splits"]
+    assert checks["evaluation_report:beats_base_model"]
+
+    raw = metadata(instance, spec, "raw_examples")
+    quarantine = pd.read_parquet(storage / spec.name / "tables" / "quarantine.parquet")
+    curated = pd.read_parquet(storage / spec.name / "tables" / "curated_examples.parquet")
+    assert raw["rows_read"] == len(curated) + len(quarantine)
+    assert {"ingest", "curation"} <= set(quarantine["stage"])
+
+    adapter = metadata(instance, spec, "fine_tuned_adapter")
+    lineage = adapter["lineage"]
+    assert set(lineage) >= {"training_data_hash", "base_model_hash", "tokenizer_hash", "spec_fingerprint", "code_version"}
+    assert adapter["preflight"]["optimizer_steps"] > 0
+    assert (Path(adapter["adapter_dir"]) / "adapter_config.json").exists()
+
+    report = json.loads((storage / spec.name / "reports" / "evaluation.json").read_text())
+    assert report["tuned"]["loss"] < report["base"]["loss"]
+    assert (storage / "registry" / spec.name / "v1" / "MODEL_CARD.md").exists()
+    audit = metadata(instance, spec, "label_issues")["audit"]
+    assert audit["known_errors"] > 0 and 0 <= audit["recall"] <= 1
+
+    # A second run on unchanged data keeps the adapter: same lineage, no retraining.
+    again = run(defs, spec, instance)
+    assert again.success
+    assert metadata(instance, spec, "fine_tuned_adapter")["skipped_training"] is True
+    assert metadata(instance, spec, "fine_tuned_adapter")["lineage_hash"] == adapter["lineage_hash"]
+
+
+def test_failed_blocking_gate_stops_training_across_runs(tmp_path, tiny_model_dir, instance):
+    # Zero tolerance for label issues: the planted errors fail the blocking cleanlab gate.
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"quality.cleanlab.max_label_issue_rate": 0.0}))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    first = run(defs, spec, instance)
+    assert check_results(first)["label_issues:label_issue_rate"] is False
+    assert "fine_tuned_adapter" not in materialized(first)
+    assert "evaluation_report" not in materialized(first)
+
+    # A later run that selects only the training stage is refused by the cross-run guard.
+    second = run(defs, spec, instance, stages=["fine_tuned_adapter"])
+    assert not second.success
+    failure = "\n".join(str(e.event_specific_data.error) for e in second.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "label_issues:label_issue_rate is FAILED" in failure
+    assert instance.get_latest_materialization_event(dg.AssetKey([spec.name, "fine_tuned_adapter"])) is None
+
+
+def test_corrections_file_change_flows_through(tmp_path, tiny_model_dir, instance):
+    corrections = tmp_path / "labels" / "corrections.csv"
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"labels.corrections_file": str(corrections)}))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    stages = ["raw_examples", "label_corrections", "labelled_examples"]
+    assert run(defs, spec, instance, stages).success
+    version_before = instance.get_latest_data_version(dg.AssetKey([spec.name, "label_corrections"]))
+    labelled = pd.read_parquet(tmp_path / "store" / spec.name / "tables" / "labelled_examples.parquet")
+    target = labelled.iloc[0]
+    new_label = next(lab for lab in spec.task.labels if lab != target["response"])
+    append_corrections(corrections, [
+        {"example_id": target["example_id"], "action": "relabel", "new_value": new_label, "note": "test"},
+        {"example_id": labelled.iloc[1]["example_id"], "action": "drop", "note": "not a review"},
+    ])
+    assert run(defs, spec, instance, stages).success
+    assert instance.get_latest_data_version(dg.AssetKey([spec.name, "label_corrections"])) != version_before
+    after = pd.read_parquet(tmp_path / "store" / spec.name / "tables" / "labelled_examples.parquet").set_index("example_id")
+    assert after.loc[target["example_id"], "response"] == new_label
+    assert after.loc[target["example_id"], "label_source"] == "correction"
+    assert labelled.iloc[1]["example_id"] not in after.index
+    assert len(after) == len(labelled) - 1
+
+
+def test_cli_rejects_a_bad_spec_before_running(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ntask:\n  type: sentiment\n  labels: [a]\nsources: []\n")
+    out = subprocess.run([sys.executable, "-m", "sft_dagster.cli", "run", str(bad)], capture_output=True, text=True,
+                         env={**os.environ, "DAGSTER_HOME": str(tmp_path / "home")})
+    assert out.returncode == 2
+    assert f"{bad}:5: sources" in out.stderr
+    assert not (tmp_path / "home").exists()
+
+
+def test_definitions_validate_on_workspace():
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
