@@ -12,6 +12,7 @@ GGUF file's hash, written atomically so a crash never leaves a half-converted mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -85,10 +86,8 @@ def _hashes(directory: Path) -> tuple[str, str]:
         if cached.get("stamp") == [list(s) for s in stamp]:
             return cached["model_hash"], cached["tokenizer_hash"]
     model_hash, tokenizer_hash = _dir_digest(directory, _WEIGHT_FILES), _dir_digest(directory, _TOKENIZER_FILES)
-    try:
+    with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
         cache.write_text(json.dumps({"stamp": stamp, "model_hash": model_hash, "tokenizer_hash": tokenizer_hash}))
-    except OSError:
-        pass  # a read-only model directory is fine; we just hash again next time
     return model_hash, tokenizer_hash
 
 

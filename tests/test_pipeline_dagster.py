@@ -121,6 +121,8 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
     assert again.success
     assert metadata(instance, spec, "fine_tuned_adapter")["skipped_training"] is True
     assert metadata(instance, spec, "fine_tuned_adapter")["lineage_hash"] == adapter["lineage_hash"]
+    assert metadata(instance, spec, "evaluation_report")["skipped_evaluation"] is True
+    assert sorted((storage / "registry" / spec.name).glob("v*")) == [storage / "registry" / spec.name / "v1"]
 
 
 def test_failed_blocking_gate_stops_training_across_runs(tmp_path, tiny_model_dir, instance):

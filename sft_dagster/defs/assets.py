@@ -397,20 +397,31 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
         adapter_meta = context.instance.get_latest_materialization_event(K("fine_tuned_adapter")).asset_materialization.metadata
         adapter_dir = Path(adapter_meta["adapter_dir"].value)
         test_df = read_table(paths.dir / "splits" / "test.parquet")
-        start = time.perf_counter()
-        report = evaluation.evaluate(spec, Path(resolved["path"]), adapter_dir, test_df, device=compute.resolved_device())
-        report["adapter_lineage_hash"] = adapter_meta["lineage_hash"].value
-        report["seconds"] = round(time.perf_counter() - start, 1)
+        inputs_hash = lineage_hash_of({"adapter": adapter_meta["lineage_hash"].value, "test": frame_hash(test_df),
+                                       "evaluation": spec.evaluation.model_dump(mode="json")})
+        report_json = paths.reports_dir / "evaluation.json"
+        previous = previous_metadata(context)
+        if previous.get("inputs_hash") == inputs_hash and report_json.exists():
+            context.log.info("adapter and test split unchanged since the last evaluation: keeping its report")
+            report = json.loads(report_json.read_text())
+            skipped = True
+        else:
+            start = time.perf_counter()
+            report = evaluation.evaluate(spec, Path(resolved["path"]), adapter_dir, test_df, device=compute.resolved_device())
+            report["adapter_lineage_hash"] = adapter_meta["lineage_hash"].value
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            skipped = False
         paths.reports_dir.mkdir(parents=True, exist_ok=True)
         markdown = evaluation.render_markdown(report)
-        (paths.reports_dir / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
+        report_json.write_text(json.dumps(report, indent=2, default=str))
         (paths.reports_dir / "evaluation.md").write_text(markdown)
         metric = spec.promotion.metric
         yield dg.MaterializeResult(
-            data_version=dg.DataVersion(hashlib.sha256(json.dumps(report, sort_keys=True, default=str).encode()).hexdigest()[:16]),
+            data_version=dg.DataVersion(inputs_hash),
             metadata={"report": dg.MetadataValue.md(markdown), "report_path": dg.MetadataValue.path(str(paths.reports_dir / "evaluation.md")),
                       f"base_{metric}": report["base"].get(metric), f"tuned_{metric}": report["tuned"].get(metric),
-                      "n_test": report["n_test"], "seconds": report["seconds"]},
+                      "n_test": report["n_test"], "seconds": report["seconds"], "inputs_hash": inputs_hash,
+                      "skipped_evaluation": skipped},
         )
         ok, decision = registry.promotion_decision(report, metric, spec.promotion.min_improvement)
         yield dg.AssetCheckResult(asset_key=K("evaluation_report"), check_name="beats_base_model", passed=ok,
