@@ -36,7 +36,7 @@ def write_spec(tmp_path: Path, model_dir: Path, **overrides) -> Path:
         ],
         "quality": {"suite": "sentiment", "cleanlab": {"folds": 3, "max_label_issue_rate": 0.2},
                     "audit_file": "data/truth/planted_label_errors.csv"},
-        "model": {"base": str(model_dir), "max_length": 96},
+        "model": {"base": str(model_dir), "max_length": 256},
         "training": {"method": "lora", "epochs": 2, "learning_rate": 0.005, "batch_size": 16,
                      "lora": {"r": 8, "alpha": 16}, "checkpoint_every_steps": 10},
         "evaluation": {"max_new_tokens": 3, "num_samples": 3},
@@ -71,6 +71,11 @@ def check_results(result) -> dict[str, bool]:
         for e in result.all_events
         if e.event_type_value == "ASSET_CHECK_EVALUATION"
     }
+
+
+def data_version(instance, spec, asset: str) -> str:
+    record = instance.get_latest_data_version_record(dg.AssetKey([spec.name, asset]))
+    return record.asset_materialization.tags["dagster/data_version"]
 
 
 def metadata(instance, spec, asset: str) -> dict:
@@ -148,7 +153,7 @@ def test_corrections_file_change_flows_through(tmp_path, tiny_model_dir, instanc
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
     stages = ["raw_examples", "label_corrections", "labelled_examples"]
     assert run(defs, spec, instance, stages).success
-    version_before = instance.get_latest_data_version(dg.AssetKey([spec.name, "label_corrections"]))
+    version_before = data_version(instance, spec, "label_corrections")
     labelled = pd.read_parquet(tmp_path / "store" / spec.name / "tables" / "labelled_examples.parquet")
     target = labelled.iloc[0]
     new_label = next(lab for lab in spec.task.labels if lab != target["response"])
@@ -157,7 +162,7 @@ def test_corrections_file_change_flows_through(tmp_path, tiny_model_dir, instanc
         {"example_id": labelled.iloc[1]["example_id"], "action": "drop", "note": "not a review"},
     ])
     assert run(defs, spec, instance, stages).success
-    assert instance.get_latest_data_version(dg.AssetKey([spec.name, "label_corrections"])) != version_before
+    assert data_version(instance, spec, "label_corrections") != version_before
     after = pd.read_parquet(tmp_path / "store" / spec.name / "tables" / "labelled_examples.parquet").set_index("example_id")
     assert after.loc[target["example_id"], "response"] == new_label
     assert after.loc[target["example_id"], "label_source"] == "correction"

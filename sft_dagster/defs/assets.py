@@ -5,7 +5,6 @@ training, evaluation, registry) and turns its result into metadata for the UI. D
 Parquet through `ParquetIOManager`; model artefacts are folders under the pipeline's storage dir.
 """
 
-from __future__ import annotations
 
 import hashlib
 import inspect
@@ -127,8 +126,14 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
     def tokenizer_for(paths: PipelinePaths):
         from transformers import AutoTokenizer
 
-        resolved = json.loads((paths.dir / "base_model.json").read_text())
-        return AutoTokenizer.from_pretrained(resolved["path"])
+        # The base_model asset records the resolved directory; without it (a run that selected only
+        # data stages), resolve it here: resolution is cached, so both give the same directory.
+        record = paths.dir / "base_model.json"
+        if record.exists():
+            model_dir = json.loads(record.read_text())["path"]
+        else:
+            model_dir = models.resolve_base_model(spec.model, paths.model_cache, spec.base_dir).path
+        return AutoTokenizer.from_pretrained(model_dir)
 
     def suite_outcomes(df: pd.DataFrame, paths: PipelinePaths, out_dir: Path | None):
         tokenizer = tokenizer_for(paths)

@@ -1,6 +1,5 @@
 """Jobs, the nightly schedule, the data-change sensor, and the failed-gate sensor."""
 
-from __future__ import annotations
 
 import glob
 import hashlib
@@ -20,7 +19,7 @@ def job_name(spec: PipelineSpec) -> str:
     return f"{spec.name}_job"
 
 
-def pipeline_job(spec: PipelineSpec) -> dg.UnresolvedAssetJobDefinition:
+def pipeline_job(spec: PipelineSpec):
     return dg.define_asset_job(
         job_name(spec),
         selection=dg.AssetSelection.groups(spec.name),

@@ -32,8 +32,8 @@ def check_problems(instance: dg.DagsterInstance, check_keys: Iterable[dg.AssetCh
             continue
         evaluation = record.event.dagster_event.event_specific_data if record.event and record.event.dagster_event else None
         target = getattr(evaluation, "target_materialization_data", None)
-        latest = instance.get_latest_materialization_event(key.asset_key)
-        if target is not None and latest is not None and target.storage_id != latest.storage_id:
+        latest = instance.fetch_materializations(key.asset_key, limit=1).records
+        if target is not None and latest and target.storage_id != latest[0].storage_id:
             problems.append(f"{name} passed on an older materialization; re-run the check on the current data")
     return problems
 

@@ -1,0 +1,364 @@
+"""The SFT training loop: LoRA, QLoRA or full fine-tuning of a causal LM with a response-only loss.
+
+What makes it fast on a small CPU: batches grouped by length (little padding), and vocabulary logits
+computed only where a token carries loss (the prompt never goes through the 49k-wide output layer).
+What makes it safe: examples that would be truncated are refused, the loss is normalised by the loss
+tokens of the whole accumulation window (so batch 8 x 1 equals batch 1 x 8), validation loss drives
+early stopping and the best weights are kept, and checkpoints every N steps let a killed run resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..spec import PipelineSpec
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class TrainingResult:
+    adapter_dir: Path
+    method: str
+    metrics: dict = field(default_factory=dict)
+
+
+def pick_device(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def pick_precision(requested: str, device: str) -> str:
+    """bf16 autocast on CUDA with bf16 support; fp32 on CPU unless asked (see BENCHMARKS.md)."""
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(device: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec) -> list[EncodedExample]:
+    """Encode every row; refuse (never silently truncate) rows that do not fit or carry no loss."""
+    encoded, refused = [], []
+    for example_id, prompt, response, system in zip(df["example_id"], df["prompt"], df["response"], df["system"]):
+        messages = build_messages(prompt, response, system if isinstance(system, str) else None, spec.task)
+        example = encode_example(tokenizer, messages, spec.model.max_length)
+        if example.truncated or example.n_loss_tokens == 0:
+            refused.append(str(example_id))
+        encoded.append(example)
+    if refused:
+        raise ValueError(
+            f"{len(refused)} training examples would be truncated at model.max_length={spec.model.max_length} or "
+            f"carry no loss token; the quality gate should have quarantined them: {refused[:10]}"
+        )
+    return encoded
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Shuffle, then sort within windows of 50 batches: similar lengths share a batch."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.input_ids)] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _causal_lm(model):
+    """The transformers model under any peft wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses over loss positions, computing vocabulary logits only there."""
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    positions = targets != IGNORE_INDEX
+    logits = lm.lm_head(hidden[:, :-1][positions]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[positions], reduction="sum")
+    return loss, int(positions.sum())
+
+
+@torch.no_grad()
+def validation_loss(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: str, precision: str) -> float:
+    if not examples:
+        return float("nan")
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)
+        with autocast(device, precision):
+            loss, n = summed_response_loss(model, batch)
+        total, count = total + float(loss), count + n
+    model.train()
+    return total / max(1, count)
+
+
+def load_model(spec: PipelineSpec, model_dir: Path, device: str):
+    """The base model prepared for the spec's method (lora, qlora or full)."""
+    from transformers import AutoModelForCausalLM
+
+    method = spec.training.method
+    kwargs: dict = {"dtype": torch.float32}
+    if method == "qlora":
+        if not device.startswith("cuda"):
+            raise RuntimeError("training.method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if method != "qlora":
+        model.to(device)
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if method == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
+    lora = spec.training.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path) -> str:
+    h = hashlib.sha256(json.dumps(spec.training.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(str(model_dir).encode())
+    for e in train:
+        h.update(bytes(str(e.input_ids), "ascii"))
+    return h.hexdigest()[:16]
+
+
+def _trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def _save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
+    tmp = ckpt_root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
+    os.replace(tmp, ckpt_root / f"step-{step}")
+    for old in sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-CHECKPOINTS_KEPT]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_root: Path, fingerprint: str) -> Path | None:
+    candidates = sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for path in candidates:
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if state.get("fingerprint") == fingerprint:
+            return path
+    return None
+
+
+def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
+    t = spec.training
+    per_epoch = math.ceil(math.ceil(n_examples / t.batch_size) / t.gradient_accumulation_steps)
+    total = math.ceil(per_epoch * t.epochs)
+    return min(total, t.max_steps) if t.max_steps else total
+
+
+def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
+          device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
+          stop_after_steps: int | None = None) -> TrainingResult:
+    """Train and save the adapter (or full model) under `output_dir`; resumes from its checkpoints.
+
+    `stop_after_steps` ends the run early without saving the final model (used to test resuming).
+    """
+    from transformers import AutoTokenizer, get_scheduler
+
+    cfg = spec.training
+    device = pick_device(device)
+    precision = pick_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_set = encode_frame(tokenizer, train_df, spec)
+    val_set = encode_frame(tokenizer, val_df, spec)
+    if not train_set:
+        raise ValueError("the train split is empty")
+    model = load_model(spec, model_dir, device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    total_steps = optimizer_steps(len(train_set), spec)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    micro_per_epoch = length_grouped_batches([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.seed)
+    steps_per_epoch = math.ceil(len(micro_per_epoch) / cfg.gradient_accumulation_steps)
+    eval_every = cfg.eval_every_steps or steps_per_epoch
+
+    ckpt_root = output_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    fingerprint = _run_fingerprint(spec, train_set, model_dir)
+    state = {"fingerprint": fingerprint, "step": 0, "trained_tokens": 0, "best_val": None, "bad_evals": 0,
+             "val_history": [], "train_loss": None, "seconds": 0.0}
+    resumed_from = None
+    if (ckpt := latest_checkpoint(ckpt_root, fingerprint)) is not None:
+        saved = torch.load(ckpt / "state.pt", weights_only=False)
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for k, v in saved["trainable"].items():
+                named[k].copy_(v.to(named[k].device))
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        resumed_from = state["step"]
+        log(f"resuming from checkpoint {ckpt.name}")
+    best_path = output_dir / "best_trainable.pt"
+    if resumed_from is None:
+        best_path.unlink(missing_ok=True)
+
+    start_time, early_stopped = time.perf_counter() - state["seconds"], False
+    step = state["step"]
+    while step < total_steps and not early_stopped:
+        epoch, offset = divmod(step, steps_per_epoch)
+        batches = length_grouped_batches([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.seed + epoch)
+        groups = [batches[i : i + cfg.gradient_accumulation_steps] for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
+        for group in groups[offset:]:
+            window_tokens = sum(
+                sum(sum(1 for lab in train_set[i].labels[1:] if lab != IGNORE_INDEX) for i in micro) for micro in group
+            )
+            loss_sum = 0.0
+            for micro in group:
+                batch = collate([train_set[i] for i in micro], pad_id, device)
+                with autocast(device, precision):
+                    loss, n = summed_response_loss(model, batch)
+                (loss / window_tokens).backward()
+                loss_sum += float(loss)
+                state["trained_tokens"] += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state["step"], state["train_loss"] = step, loss_sum / window_tokens
+            state["seconds"] = time.perf_counter() - start_time
+            if on_metrics:
+                on_metrics({"step": step, "train_loss": state["train_loss"], "lr": scheduler.get_last_lr()[0]})
+            if step % eval_every == 0 or step == total_steps:
+                val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, precision)
+                state["val_history"].append({"step": step, "val_loss": val})
+                log(f"step {step}/{total_steps}: train loss {state['train_loss']:.4f}, validation loss {val:.4f}")
+                if state["best_val"] is None or val < state["best_val"]:
+                    state["best_val"], state["bad_evals"] = val, 0
+                    torch.save(_trainable_state(model), best_path)
+                else:
+                    state["bad_evals"] += 1
+                    if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
+                        log(f"early stopping: validation loss has not improved for {state['bad_evals']} evaluations")
+                        early_stopped = True
+            if step % cfg.checkpoint_every_steps == 0 or early_stopped or step == total_steps:
+                _save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state)
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return TrainingResult(adapter_dir=output_dir, method=cfg.method, metrics=dict(state))
+            if early_stopped or step >= total_steps:
+                break
+
+    if best_path.exists():  # keep the weights with the best validation loss
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for k, v in torch.load(best_path).items():
+                named[k].copy_(v.to(named[k].device))
+    seconds = time.perf_counter() - start_time
+    out = output_dir / ("model" if cfg.method == "full" else "adapter")
+    shutil.rmtree(out, ignore_errors=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if cfg.method == "full":
+        tokenizer.save_pretrained(out)
+    metrics = {
+        "method": cfg.method, "device": device, "precision": precision, "steps": step, "optimizer_steps_planned": total_steps,
+        "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
+        "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
+        "tokens_per_second": round(state["trained_tokens"] / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
+        "early_stopped": early_stopped, "resumed_from_step": resumed_from,
+        "trainable_parameters": sum(p.numel() for p in params),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
+
+
+def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto") -> dict:
+    """Token counts, optimizer steps and an estimated duration (one timed training step), before training."""
+    from transformers import AutoTokenizer
+
+    device = pick_device(device)
+    precision = pick_precision(spec.training.precision, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encoded = encode_frame(tokenizer, train_df, spec)
+    n_tokens = sum(len(e.input_ids) for e in encoded)
+    steps = optimizer_steps(len(encoded), spec)
+    plan = {"n_examples": len(encoded), "n_tokens": n_tokens, "n_loss_tokens": sum(e.n_loss_tokens for e in encoded),
+            "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": precision}
+    if spec.training.method == "qlora" and not device.startswith("cuda"):
+        return plan | {"estimated_seconds": None}
+    model = load_model(spec, model_dir, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
+    batch = collate(sample, pad_id, device)
+    timings = []
+    for _ in range(2):  # the first step pays one-off costs
+        t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss, _ = summed_response_loss(model, batch)
+        loss.backward()
+        timings.append(time.perf_counter() - t0)
+    tokens_per_second = int(batch["attention_mask"].sum()) / timings[-1]
+    epochs = steps * spec.training.gradient_accumulation_steps * spec.training.batch_size / max(1, len(encoded))
+    plan["estimated_seconds"] = round(n_tokens * epochs / tokens_per_second, 1)
+    plan["measured_tokens_per_second"] = round(tokens_per_second, 1)
+    return plan
