@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from . import review_cli
+
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
 
@@ -175,18 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo_data)
 
-    try:
-        from . import review_cli
-    except ImportError:  # the review commands are optional until their module is installed
-        review_cli = None
-    if review_cli is not None:
-        review_cli.register(sub)
+    review_cli.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .labels import CorrectionsError
+    from .spec import SpecError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (SpecError, CorrectionsError, FileNotFoundError, KeyError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""The data engineer's loop on the command line: review the queue, then accept, drop or keep rows.
+
+    sft-dagster review demo_sentiment [--limit 20]
+    sft-dagster accept demo_sentiment ID [ID ...] [--note "..."]     # relabel to cleanlab's suggestion
+    sft-dagster accept demo_sentiment --all-above 0.9                  # every queued label issue that severe
+    sft-dagster drop demo_sentiment ID [ID ...] [--note "..."]       # send rows to the quarantine
+    sft-dagster keep demo_sentiment ID [ID ...] [--note "..."]       # checked-correct: stop flagging them
+
+Every decision is appended to the pipeline's corrections file with who, when, old and new value and
+the note (atomically). The data-change sensor then starts a run and the stale assets re-materialize.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from .labels import append_corrections
+from .spec import PipelineSpec, SpecError, load_spec
+from .storage import PipelinePaths, default_storage_root
+
+
+def _spec(args: argparse.Namespace) -> PipelineSpec:
+    path = Path(args.specs_dir) / f"{args.pipeline}.yaml"
+    if not path.exists():
+        raise SpecError(f"{path}: no spec for pipeline {args.pipeline!r} (looked in --specs-dir {args.specs_dir})")
+    return load_spec(path)
+
+
+def corrections_file(spec: PipelineSpec, storage_root: Path) -> Path:
+    if spec.labels.corrections_file:
+        return spec.resolve(spec.labels.corrections_file)
+    return PipelinePaths(storage_root, spec.name).default_corrections_file
+
+
+def review_queue(spec: PipelineSpec, storage_root: Path) -> pd.DataFrame:
+    path = corrections_file(spec, storage_root).parent / "review_queue.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no review queue yet; materialize {spec.name}/label_issues first "
+                                f"(sft-dagster run <spec> --select label_issues)")
+    return pd.read_csv(path, dtype={"example_id": str})
+
+
+def _author() -> str:
+    return os.environ.get("SFT_DAGSTER_USER") or getpass.getuser()
+
+
+def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | None) -> list[dict]:
+    by_id = queue.set_index("example_id")
+    unknown = [i for i in ids if i not in by_id.index]
+    if unknown:
+        raise KeyError(f"not in the review queue: {unknown}")
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for example_id in ids:
+        row = by_id.loc[example_id]
+        new_value = ""
+        if action == "relabel":
+            if pd.isna(row["suggested_label"]):
+                raise ValueError(f"{example_id}: cleanlab has no suggested label to accept; use drop or keep")
+            new_value = str(row["suggested_label"])
+        rows.append({"example_id": example_id, "action": action, "new_value": new_value, "note": note or "",
+                     "author": _author(), "timestamp": now, "old_value": str(row["given_label"])})
+    return rows
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    queue = review_queue(spec, Path(args.storage))
+    shown = queue.head(args.limit)[["example_id", "severity", "issue_types", "given_label", "suggested_label", "prompt"]]
+    shown = shown.assign(prompt=shown["prompt"].astype(str).str.slice(0, 70))
+    print(f"{len(queue)} rows in the review queue of {spec.name} (worst first); corrections go to "
+          f"{corrections_file(spec, Path(args.storage))}")
+    print(shown.to_string(index=False))
+    return 0
+
+
+def _apply(args: argparse.Namespace, action: str) -> int:
+    spec = _spec(args)
+    queue = review_queue(spec, Path(args.storage))
+    ids = list(args.ids or [])
+    if getattr(args, "all_above", None) is not None:
+        chosen = queue[(queue["severity"] >= args.all_above) & queue["is_label_issue"].astype(bool)]
+        ids += [i for i in chosen["example_id"] if i not in ids]
+    if not ids:
+        print("error: name example ids (or --all-above SCORE for accept)", file=sys.stderr)
+        return 2
+    rows = _decisions(queue, ids, action, args.note)
+    path = corrections_file(spec, Path(args.storage))
+    append_corrections(path, rows)
+    print(f"{action}: {len(rows)} decision(s) appended to {path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("pipeline", help="pipeline name (assets/<name>.yaml)")
+        p.add_argument("--specs-dir", default="assets")
+        p.add_argument("--storage", default=str(default_storage_root()), help="storage root (default ./.sft)")
+
+    review = subparsers.add_parser("review", help="print a pipeline's review queue (cleanlab findings)")
+    common(review)
+    review.add_argument("--limit", type=int, default=20)
+    review.set_defaults(func=cmd_review)
+
+    for name, action, help_text in (
+        ("accept", "relabel", "relabel rows to cleanlab's suggested label"),
+        ("drop", "drop", "send rows to the quarantine"),
+        ("keep", "keep", "mark rows checked-correct so they are not flagged again"),
+    ):
+        p = subparsers.add_parser(name, help=help_text)
+        common(p)
+        p.add_argument("ids", nargs="*", metavar="ID", help="example ids from the review queue")
+        p.add_argument("--note", default=None, help="why (kept in the audit trail)")
+        if name == "accept":
+            p.add_argument("--all-above", type=float, default=None, metavar="SCORE",
+                           help="also accept every queued label issue with severity >= SCORE")
+        p.set_defaults(func=lambda a, action=action: _apply(a, action))

@@ -1,0 +1,67 @@
+"""The data engineer's loop: review queue -> accept / drop / keep -> corrections file with audit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import yaml
+
+from sft_dagster.cli import main
+from sft_dagster.labels import read_corrections
+
+
+@pytest.fixture()
+def pipeline(tmp_path, monkeypatch):
+    specs = tmp_path / "assets"
+    specs.mkdir()
+    (specs / "shop.yaml").write_text(yaml.safe_dump({
+        "name": "shop", "task": {"type": "sentiment", "labels": ["negative", "positive"]},
+        "sources": [{"path": "x.jsonl"}],
+    }))
+    storage = tmp_path / "store"
+    labels = storage / "shop" / "labels"
+    labels.mkdir(parents=True)
+    pd.DataFrame({
+        "example_id": ["a1", "b2", "c3"], "prompt": ["great!", "awful", "ok"],
+        "given_label": ["negative", "positive", "positive"], "suggested_label": ["positive", "negative", None],
+        "label_score": [0.01, 0.2, 0.5], "is_label_issue": [True, True, False], "is_outlier": [False, False, True],
+        "is_near_duplicate": [False, False, False], "issue_types": ["label", "label", "outlier"],
+        "severity": [0.99, 0.8, 0.25], "source_file": ["x.jsonl"] * 3, "source_line": [1, 2, 3],
+    }).to_csv(labels / "review_queue.csv", index=False)
+    monkeypatch.setenv("SFT_DAGSTER_USER", "ana")
+    return {"specs": str(specs), "storage": str(storage), "corrections": labels / "corrections.csv"}
+
+
+def cli(pipeline, *args) -> int:
+    return main([*args, "--specs-dir", pipeline["specs"], "--storage", pipeline["storage"]])
+
+
+def test_review_prints_the_queue(pipeline, capsys):
+    assert cli(pipeline, "review", "shop") == 0
+    out = capsys.readouterr().out
+    assert "3 rows in the review queue" in out and out.index("a1") < out.index("b2")
+
+
+def test_accept_drop_keep_write_audited_decisions(pipeline):
+    assert cli(pipeline, "accept", "shop", "a1", "--note", "praise, not a complaint") == 0
+    assert cli(pipeline, "drop", "shop", "b2") == 0
+    assert cli(pipeline, "keep", "shop", "c3", "--note", "checked") == 0
+    rows = read_corrections(pipeline["corrections"]).set_index("example_id")
+    assert rows.loc["a1", ["action", "new_value", "old_value", "author", "note"]].tolist() == [
+        "relabel", "positive", "negative", "ana", "praise, not a complaint"]
+    assert rows.loc["b2", "action"] == "drop" and rows.loc["c3", "action"] == "keep"
+    assert rows["timestamp"].str.endswith("+00:00").all()
+
+
+def test_accept_all_above_takes_only_severe_label_issues(pipeline):
+    assert cli(pipeline, "accept", "shop", "--all-above", "0.9") == 0
+    rows = read_corrections(pipeline["corrections"])
+    assert rows["example_id"].tolist() == ["a1"]
+
+
+def test_unknown_id_and_missing_suggestion_are_clear_errors(pipeline, capsys):
+    assert cli(pipeline, "drop", "shop", "zz9") == 2
+    assert "not in the review queue: ['zz9']" in capsys.readouterr().err
+    assert cli(pipeline, "accept", "shop", "c3") == 2
+    assert "no suggested label" in capsys.readouterr().err
+    assert not pipeline["corrections"].exists()
