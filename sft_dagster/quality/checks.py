@@ -20,7 +20,7 @@ from .suite import CheckEntry, Suite, build_expectation
 FAILING_ROWS_SHOWN = 20
 DEFAULT_CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "</s>", "<s>", "[INST]", "[/INST]", "<|eot_id|>"]
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-_PHONE = re.compile(r"(?<!\d)(?:\+?\d[\s-]?){1}(?:\(?\d{2,4}\)?[\s-]?){2,4}\d{3,4}(?!\d)")
+_PHONE = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().-]{7,}\d(?!\w)")
 _CARD = re.compile(r"(?<!\d)(?:\d[ -]?){13,19}(?!\d)")
 
 
@@ -52,8 +52,9 @@ def contains_pii(text: str) -> str | None:
         digits = re.sub(r"\D", "", match.group())
         if 13 <= len(digits) <= 19 and luhn_valid(digits):
             return "card_number"
-    if _PHONE.search(text):
-        return "phone"
+    for match in _PHONE.finditer(text):
+        if 9 <= len(re.sub(r"\D", "", match.group())) <= 15:
+            return "phone"
     return None
 
 
