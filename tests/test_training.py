@@ -1,0 +1,155 @@
+"""The trainer on the tiny model: invariance, early stopping, full fine-tune, refusal, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from sft_dagster.spec import PipelineSpec
+from sft_dagster.training import latest_checkpoint, train
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def spec_for(model_dir: Path, **training) -> PipelineSpec:
+    return PipelineSpec.model_validate({
+        "name": "t",
+        "task": {"type": "sentiment", "labels": LABELS, "prompt_template": "Review: {prompt}"},
+        "sources": [{"path": "unused.jsonl"}],
+        "model": {"base": str(model_dir), "max_length": 128},
+        "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_ratio": 0.0,
+                     "lora": {"r": 4, "alpha": 8, "dropout": 0.0}} | training,
+    })
+
+
+def examples(n: int, offset: int = 0) -> pd.DataFrame:
+    words = {"negative": "awful broken", "neutral": "okay average", "positive": "great lovely"}
+    rows = [(f"id{i}", f"the item {i} is {words[LABELS[i % 3]]}" + " really" * (i % 4), LABELS[i % 3])
+            for i in range(offset, offset + n)]
+    return pd.DataFrame({"example_id": [r[0] for r in rows], "prompt": [r[1] for r in rows],
+                         "response": [r[2] for r in rows], "system": [None] * n})
+
+
+def losses(spec, model_dir, train_df, val_df, out):
+    history = []
+    result = train(spec, model_dir, train_df, val_df, out, device="cpu", log=lambda _: None,
+                   on_metrics=lambda m: history.append(m["train_loss"]))
+    return history, result
+
+
+def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
+    data = examples(8)
+    a, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4), tiny_model_dir,
+                  data, examples(3, 50), tmp_path / "a")
+    b, _ = losses(spec_for(tiny_model_dir, batch_size=1, gradient_accumulation_steps=8, epochs=4), tiny_model_dir,
+                  data, examples(3, 50), tmp_path / "b")
+    assert len(a) == len(b) == 4
+    # Loss normalised by the loss tokens of the whole window: same trajectory up to float rounding.
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
+    assert a[-1] < a[0]
+
+
+def test_lora_adapter_is_standard_peft_and_learns(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    history, result = losses(spec_for(tiny_model_dir, epochs=3, learning_rate=5e-3), tiny_model_dir, examples(24),
+                             examples(6, 100), tmp_path / "run")
+    assert (result.adapter_dir / "adapter_config.json").exists()
+    assert (result.adapter_dir / "adapter_model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) == result.metrics["trainable_parameters"]
+    assert result.metrics["val_loss"] < result.metrics["val_loss_history"][0]["val_loss"] or len(result.metrics["val_loss_history"]) == 1
+    assert history[-1] < history[0]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == result.metrics["steps"] == 18
+
+
+def test_full_fine_tune_saves_a_whole_model(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, result = losses(spec_for(tiny_model_dir, method="full", epochs=1), tiny_model_dir, examples(8), examples(3, 50),
+                       tmp_path / "full")
+    assert result.adapter_dir.name == "model"
+    tuned = AutoModelForCausalLM.from_pretrained(result.adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert result.metrics["trainable_parameters"] == sum(p.numel() for p in base.parameters())
+
+
+def test_early_stopping_keeps_best_weights(tiny_model_dir, tmp_path):
+    spec = spec_for(tiny_model_dir, learning_rate=0.5, epochs=10, eval_every_steps=1, early_stopping_patience=1,
+                    max_grad_norm=100.0, lr_scheduler="constant")
+    _, result = losses(spec, tiny_model_dir, examples(8), examples(6, 50), tmp_path / "es")
+    assert result.metrics["early_stopped"] is True
+    assert result.metrics["steps"] < result.metrics["optimizer_steps_planned"]
+    history = [h["val_loss"] for h in result.metrics["val_loss_history"]]
+    assert result.metrics["val_loss"] == min(history)
+
+
+def test_rows_that_would_be_truncated_are_refused(tiny_model_dir, tmp_path):
+    data = examples(4)
+    data.loc[2, "prompt"] = "very long " * 200
+    with pytest.raises(ValueError, match=r"would be truncated.*id2"):
+        train(spec_for(tiny_model_dir), tiny_model_dir, data, examples(2, 50), tmp_path / "x", device="cpu")
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: QLoRA runs for real (see test_qlora_on_cuda)")
+    with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
+        train(spec_for(tiny_model_dir, method="qlora"), tiny_model_dir, examples(4), examples(2, 50), tmp_path / "q",
+              device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_qlora_on_cuda(tiny_model_dir, tmp_path):
+    _, result = losses(spec_for(tiny_model_dir, method="qlora", epochs=1), tiny_model_dir, examples(8),
+                       examples(3, 50), tmp_path / "q")
+    assert (result.adapter_dir / "adapter_config.json").exists()
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from test_training import examples, spec_for
+    from sft_dagster.training import train
+    from pathlib import Path
+    def die(m):
+        if m["step"] == 7:
+            os.kill(os.getpid(), signal.SIGKILL)
+    spec = spec_for(Path({model!r}), epochs=3, checkpoint_every_steps=3, lora={{"r": 4, "alpha": 8, "dropout": 0.1}})
+    train(spec, Path({model!r}), examples(16), examples(4, 50), Path({out!r}), device="cpu", on_metrics=die)
+""")
+
+
+def test_resume_after_sigkill_loses_at_most_one_interval(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    spec = spec_for(tiny_model_dir, epochs=3, checkpoint_every_steps=3, lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    killed = tmp_path / "killed"
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir), out=str(killed))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert latest_checkpoint(killed / "checkpoints", json.loads(
+        (sorted((killed / "checkpoints").glob("step-*"))[-1] / "trainer_state.json").read_text())["fingerprint"]).name == "step-6"
+    assert not (killed / "adapter").exists()
+
+    resumed = train(spec, tiny_model_dir, examples(16), examples(4, 50), killed, device="cpu", log=lambda _: None)
+    assert resumed.metrics["resumed_from_step"] == 6 and resumed.metrics["steps"] == 12
+    straight = train(spec, tiny_model_dir, examples(16), examples(4, 50), tmp_path / "straight", device="cpu",
+                     log=lambda _: None)
+    a = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    b = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # the resumed run continues exactly where the killed one stopped
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
