@@ -138,7 +138,10 @@ def run_gx(entries: list[CheckEntry], df: pd.DataFrame, out_dir: Path | None) ->
         return []
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm noise in run logs
     batch = (
         context.data_sources.add_pandas("sft")
         .add_dataframe_asset(name="examples")
