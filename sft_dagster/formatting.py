@@ -70,11 +70,61 @@ def generation_prompt_ids(tokenizer, prompt: str, system: str | None, task: Task
     return _ids(tokenizer, build_messages(prompt, None, system, task), add_generation_prompt=True)
 
 
+_SLOTS = {"system": " \x00SYSTEM\x00 ", "prompt": " \x00PROMPT\x00 ", "response": " \x00RESPONSE\x00 "}
+
+
+class ConversationRenderer:
+    """Renders conversations as text, fast: the chat template runs once with placeholders.
+
+    The placeholder render is used only when the template provably copies content verbatim (the
+    placeholders, with their surrounding spaces, each appear exactly once); otherwise every row goes
+    through the chat template itself. Either way the text equals `apply_chat_template(tokenize=False)`.
+    """
+
+    def __init__(self, tokenizer, task: TaskSpec):
+        self.tokenizer, self.task = tokenizer, task
+        self._shapes: dict[tuple[bool, bool], str | None] = {}
+
+    def _template(self, with_system: bool, with_response: bool) -> str | None:
+        key = (with_system, with_response)
+        if key not in self._shapes:
+            user_slot = self.task.prompt_template.replace("{prompt}", "\x01")
+            messages = build_messages("\x01", _SLOTS["response"] if with_response else None,
+                                      _SLOTS["system"] if with_system else None, self.task)
+            for m in messages:  # the user turn keeps the template's own text around the prompt slot
+                m["content"] = m["content"].replace("\x01", _SLOTS["prompt"]) if m["role"] == "user" else m["content"]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not with_response)
+            used = [_SLOTS["prompt"]] + ([_SLOTS["system"]] if with_system else []) + ([_SLOTS["response"]] if with_response else [])
+            verbatim = all(text.count(slot) == 1 for slot in used) and user_slot.count("\x01") == 1
+            self._shapes[key] = text if verbatim else None
+        return self._shapes[key]
+
+    def render(self, prompt: str, response: str | None, system: str | None) -> str:
+        system_text = system if isinstance(system, str) and system else self.task.system
+        shape = self._template(bool(system_text), response is not None)
+        if shape is None:
+            return self.tokenizer.apply_chat_template(
+                build_messages(prompt, response, system, self.task), tokenize=False, add_generation_prompt=response is None)
+        text = shape.replace(_SLOTS["prompt"], str(prompt))
+        if system_text:
+            text = text.replace(_SLOTS["system"], system_text)
+        if response is not None:
+            text = text.replace(_SLOTS["response"], str(response))
+        return text
+
+
 def token_lengths(tokenizer, df: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
-    """Tokens per example (whole conversation) and per reply, in the base model's tokenizer."""
-    rows = []
-    for example_id, prompt, response, system in zip(df["example_id"], df["prompt"], df["response"], df["system"]):
-        messages = build_messages(prompt, response, system if isinstance(system, str) else None, task)
-        encoded = encode_example(tokenizer, messages, max_length=10**9)
-        rows.append((example_id, len(encoded.input_ids), encoded.n_loss_tokens))
-    return pd.DataFrame(rows, columns=["example_id", "n_tokens", "n_response_tokens"])
+    """Tokens per whole conversation and per reply, in the base model's tokenizer (batched).
+
+    `n_tokens` is exact (what training sees); `n_response_tokens` tokenizes the reply text on its own.
+    """
+    renderer = ConversationRenderer(tokenizer, task)
+    systems = [s if isinstance(s, str) else None for s in df["system"]]
+    full = [renderer.render(p, r, s) for p, r, s in zip(df["prompt"], df["response"], systems)]
+    prompts = [renderer.render(p, None, s) for p, s in zip(df["prompt"], systems)]
+    replies = [f[len(p):] if f.startswith(p) else f for f, p in zip(full, prompts)]
+    n_tokens = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]] if len(full) else []
+    eos = tokenizer.eos_token or ""
+    reply_ids = tokenizer([r.split(eos, 1)[0] + eos if eos in r else r for r in replies], add_special_tokens=False)["input_ids"] if len(replies) else []
+    return pd.DataFrame({"example_id": df["example_id"].to_numpy(), "n_tokens": n_tokens,
+                         "n_response_tokens": [len(ids) for ids in reply_ids]})

@@ -72,3 +72,19 @@ def test_template_without_prefix_property_fails_loudly(tokenizer):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<|im_start|>{% endif %}"
     with pytest.raises(TemplateError):
         encode_example(tok, build_messages("x", "positive", None, TASK), 512)
+
+
+@pytest.mark.parametrize("template_trims", [False, True])
+def test_fast_renderer_matches_the_chat_template(tokenizer, template_trims):
+    from sft_dagster.formatting import ConversationRenderer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    if template_trims:  # a template that edits content must fall back to rendering each row
+        tok.chat_template = tok.chat_template.replace("message['content']", "message['content'] | trim")
+    renderer = ConversationRenderer(tok, TASK)
+    cases = [("  spaced  ", "positive", None), ("{braces} and \\n", "negative", "Custom system"), ("x", None, None)]
+    for prompt, response, system in cases:
+        expected = tok.apply_chat_template(build_messages(prompt, response, system, TASK), tokenize=False,
+                                           add_generation_prompt=response is None)
+        assert renderer.render(prompt, response, system) == expected
+    assert (None in renderer._shapes.values()) is template_trims
