@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,35 +19,21 @@ import torch
 
 from .formatting import build_messages, encode_example, generation_prompt_ids
 from .spec import PipelineSpec, TaskSpec
+from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
 
 INVALID = "<invalid>"
 
 
-def autocast_context(device: str):
-    """bf16 autocast where the hardware has it (CUDA with bf16, CPUs with AVX512-BF16/AMX)."""
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def pick_device(requested: str = "auto") -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def normalise_label(text: str, labels: list[str]) -> str:
-    """First word of a generation, mapped onto the label set."""
+    """The label a generation names: its first word if that is a label, else the one label its first
+    line mentions ("The review is positive"). No label, or several, is an invalid answer."""
     first_line = text.strip().split("\n", 1)[0].strip().lower()
     words = re.findall(r"[\w-]+", first_line)
     lookup = {label.lower(): label for label in labels}
     if words and words[0] in lookup:
         return lookup[words[0]]
-    if first_line.rstrip(".!") in lookup:
-        return lookup[first_line.rstrip(".!")]
-    return INVALID
+    named = {lookup[w] for w in words if w in lookup}
+    return named.pop() if len(named) == 1 else INVALID
 
 
 def normalise_answer(text: str) -> str:
@@ -82,7 +67,8 @@ def _generation_metrics(expected: list[str], raw: list[str]) -> dict:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str) -> list[str]:
+def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
+             precision: str = "fp32") -> list[str]:
     """Greedy generations for each row's prompt (batched, left-padded)."""
     prompts = [generation_prompt_ids(tokenizer, p, s, task) for p, s in zip(df["prompt"], df["system"])]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -92,7 +78,7 @@ def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens:
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        with autocast_context(device):
+        with autocast(device, precision):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
@@ -102,35 +88,28 @@ def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens:
 
 
 @torch.no_grad()
-def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int, batch_size: int, device: str) -> float:
-    """Mean cross-entropy over response tokens (the same tokens that carry loss in training)."""
+def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int, batch_size: int, device: str,
+                  precision: str = "fp32") -> float:
+    """Mean cross-entropy over reply tokens: the same tokens and the same loss as training."""
     encoded = [
         encode_example(tokenizer, build_messages(p, r, s, task), max_length)
         for p, r, s in zip(df["prompt"], df["response"], df["system"])
     ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, count = 0.0, 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(encoded), batch_size):
-        batch = encoded[start : start + batch_size]
-        width = max(len(e.input_ids) for e in batch)
-        ids = torch.tensor([e.input_ids + [pad] * (width - len(e.input_ids)) for e in batch], device=device)
-        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch], device=device)
-        mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(e.input_ids) for e in batch], device=device)[:, None]).long()
-        with autocast_context(device):
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
-        )
-        total += float(loss)
-        count += int((shift_labels != -100).sum())
+        batch = collate(encoded[start : start + batch_size], pad, device)
+        with autocast(device, precision):
+            loss, n = summed_response_loss(model, batch)
+        total, count = total + float(loss), count + n
     return total / max(1, count)
 
 
 def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str) -> ModelScores:
     cfg, task = spec.evaluation, spec.task
-    raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device)
-    loss = response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device)
+    precision = pick_precision(spec.training.precision, device)
+    raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision)
+    loss = response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision)
     expected = test["response"].astype(str).tolist()
     if task.is_label_task:
         predictions = [normalise_label(r, task.labels) for r in raw]
@@ -233,7 +212,8 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     else:
         from peft import PeftModel
 
-        tuned_model = PeftModel.from_pretrained(base_model, adapter_dir).to(device).eval()
+        # Merged weights score exactly like the adapter and generate faster.
+        tuned_model = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload().to(device).eval()
     tuned = score_model(tuned_model, tokenizer, rows, spec, device)
     return build_report(rows, base, tuned, spec)
 

@@ -28,7 +28,9 @@ def spec(**evaluation) -> PipelineSpec:
 def test_label_normalisation():
     assert normalise_label(" Positive.\nBecause...", LABELS) == "positive"
     assert normalise_label("negative, clearly", LABELS) == "negative"
-    assert normalise_label("The review is positive", LABELS) == INVALID  # must answer with the label
+    assert normalise_label("The review is positive", LABELS) == "positive"
+    assert normalise_label("positive or negative?", LABELS) == "positive"  # the first word decides
+    assert normalise_label("Either negative or neutral", LABELS) == INVALID  # two labels named
     assert normalise_label("", LABELS) == INVALID
 
 

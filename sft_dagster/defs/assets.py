@@ -403,7 +403,8 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
         adapter_dir = Path(adapter_meta["adapter_dir"].value)
         test_df = read_table(paths.dir / "splits" / "test.parquet")
         inputs_hash = lineage_hash_of({"adapter": adapter_meta["lineage_hash"].value, "test": frame_hash(test_df),
-                                       "evaluation": spec.evaluation.model_dump(mode="json")})
+                                       "evaluation": spec.evaluation.model_dump(mode="json"),
+                                       "code_version": context.assets_def.code_versions_by_key[context.asset_key]})
         report_json = paths.reports_dir / "evaluation.json"
         previous = previous_metadata(context)
         if previous.get("inputs_hash") == inputs_hash and report_json.exists():
