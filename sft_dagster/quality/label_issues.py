@@ -70,18 +70,60 @@ def text_features(texts: pd.Series, seed: int = 0):
     return sparse, dense
 
 
+LBFGS_MAX_ROWS = 20_000  # above this, SGD: lbfgs logistic regression grows too slow for the gate
+EXACT_KNN_MAX_ROWS = 20_000  # above this, an HNSW index (near-linear) instead of exact search
+KNN_NEIGHBOURS = 10
+
+
 def out_of_fold_probabilities(sparse, labels: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Out-of-fold class probabilities; columns in sorted label order (the order Datalab uses)."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     classes = sorted(set(labels))
     smallest = min(int((labels == c).sum()) for c in classes)
     k = max(2, min(folds, smallest))
-    model = LogisticRegression(C=10.0, max_iter=1000)
+    if len(labels) <= LBFGS_MAX_ROWS:
+        model = LogisticRegression(C=10.0, max_iter=1000)
+    else:
+        model = SGDClassifier(loss="log_loss", alpha=1e-6, max_iter=20, tol=None, random_state=seed)
     probs = cross_val_predict(model, sparse, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
                               method="predict_proba")
     return probs, classes
+
+
+def knn_graph(dense: np.ndarray, k: int = KNN_NEIGHBOURS):
+    """k nearest neighbours (self excluded) as the sparse distance graph cleanlab takes.
+
+    Euclidean distance between L2-normalised vectors (the cosine ordering). Exact search for small
+    data, an HNSW index above EXACT_KNN_MAX_ROWS so the gate scales near-linearly with rows.
+    """
+    from scipy.sparse import csr_matrix
+
+    n = len(dense)
+    k = max(1, min(k, n - 1))
+    vectors = np.ascontiguousarray(dense / np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+    if n <= EXACT_KNN_MAX_ROWS:
+        from sklearn.neighbors import NearestNeighbors
+
+        distances, neighbours = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(vectors).kneighbors(vectors)
+        squared = distances**2
+    else:
+        # faiss is imported only here: its OpenMP runtime slows scikit-learn down in the same process.
+        import faiss
+
+        index = faiss.IndexHNSWFlat(vectors.shape[1], 16)
+        index.hnsw.efConstruction = 40
+        index.add(vectors)
+        index.hnsw.efSearch = 32
+        squared, neighbours = index.search(vectors, k + 1)
+    rows, cols, dists = [], [], []
+    for i in range(n):  # drop the row itself, wherever the search ranked it among equal points
+        keep = [(j, d) for j, d in zip(neighbours[i], squared[i]) if j != i and j >= 0][:k]
+        rows += [i] * len(keep)
+        cols += [j for j, _ in keep]
+        dists += [float(np.sqrt(max(d, 0.0))) for _, d in keep]
+    return csr_matrix((dists, (rows, cols)), shape=(n, n))
 
 
 def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed: int = 0) -> LabelIssueReport:
@@ -102,14 +144,15 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
         expected = list(LABEL_ISSUE_TYPES)
         probs, classes = out_of_fold_probabilities(sparse[valid], labels, cfg.folds, seed)
         lab = Datalab(data=pd.DataFrame({"label": labels}), label_name="label", verbosity=0)
-        lab.find_issues(pred_probs=probs, features=dense[valid], issue_types={t: {} for t in expected})
+        lab.find_issues(pred_probs=probs, features=dense[valid], knn_graph=knn_graph(dense[valid]),
+                        issue_types={t: {} for t in expected})
         issue_frame = lab.get_issues()
         summary["class_order"] = classes
         issue_frame.index = np.flatnonzero(valid)
     else:
         expected = list(GENERATION_ISSUE_TYPES)
         lab = Datalab(data=pd.DataFrame({"text": frame["prompt"].astype(str)}), verbosity=0)
-        lab.find_issues(features=dense, issue_types={t: {} for t in expected})
+        lab.find_issues(features=dense, knn_graph=knn_graph(dense), issue_types={t: {} for t in expected})
         issue_frame = lab.get_issues()
         issue_frame.index = frame.index
 
