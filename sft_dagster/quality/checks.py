@@ -58,6 +58,24 @@ def contains_pii(text: str) -> str | None:
     return None
 
 
+def normalized_text(values: pd.Series, ignore_digits: bool = False) -> pd.Series:
+    """Case, punctuation and whitespace folded away: the key of the near-duplicate and leakage checks."""
+    text = values.fillna("").astype(str).str.lower()
+    if ignore_digits:
+        text = text.str.replace(r"\d+", "0", regex=True)
+    return text.str.replace(r"[\W_]+", " ", regex=True).str.strip()
+
+
+def _split_frame(df: pd.DataFrame, splits: pd.DataFrame | None) -> pd.Series | None:
+    """Each row's split, from the `splits` frame (example_id, split) or the frame's own `split` column."""
+    if splits is not None:
+        lookup = splits.drop_duplicates("example_id").set_index("example_id")["split"]
+        return df["example_id"].map(lookup)
+    if "split" in df.columns:
+        return df["split"]
+    return None
+
+
 def _row_outcome(entry: CheckEntry, df: pd.DataFrame, failing: pd.Series, shown_column: str | None, extra: dict | None = None) -> CheckOutcome:
     """Outcome of a row-level check; `mostly` (share of rows that must pass) defaults to 1."""
     mostly = float(entry.kwargs.get("mostly", 1.0))
@@ -80,7 +98,8 @@ def _text_columns(entry: CheckEntry) -> list[str]:
 
 
 def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_lengths: pd.DataFrame | None,
-                  max_length: int | None) -> CheckOutcome:
+                  max_length: int | None, splits: pd.DataFrame | None = None,
+                  special_tokens: list[str] | None = None) -> CheckOutcome:
     kind, kw = entry.sft_check, entry.kwargs
     if kind == "token_length":
         if token_lengths is None or max_length is None:
@@ -99,6 +118,8 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         return _row_outcome(entry, df, failing, _text_columns(entry)[0])
     if kind == "control_tokens":
         tokens = list(kw.get("tokens", DEFAULT_CONTROL_TOKENS))
+        if kw.get("tokenizer_special_tokens", True):
+            tokens += [t for t in (special_tokens or []) if t and t not in tokens]
         pattern = "|".join(re.escape(t) for t in tokens)
         failing = pd.Series(False, index=df.index)
         for col in _text_columns(entry):
@@ -116,6 +137,44 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         outcome.passed = outcome.metadata["failing_rate"] <= max_rate
         outcome.metadata["max_rate"] = max_rate
         return outcome
+    if kind == "near_duplicates":
+        columns = _text_columns(entry)
+        key = normalized_text(df[columns[0]], kw.get("ignore_digits", False))
+        for col in columns[1:]:
+            key = key + "\x1f" + normalized_text(df[col], kw.get("ignore_digits", False))
+        # a repeat of an earlier row's normalised text that is not an exact repeat of it
+        failing = key.duplicated(keep="first") & ~df["content_hash"].duplicated(keep="first")
+        failing &= key.str.len() > 0
+        outcome = _row_outcome(entry, df, failing, columns[0])
+        max_rate = float(kw.get("max_rate", 0.0))
+        outcome.passed = outcome.metadata["failing_rate"] <= max_rate
+        outcome.metadata["max_rate"] = max_rate
+        return outcome
+    if kind == "split_leakage":
+        split = _split_frame(df, splits)
+        if split is None:
+            return CheckOutcome(entry.name, True, entry.blocking, entry.describe() + " (not evaluated: no splits yet)",
+                                {"evaluated": False, "reason": "no splits given; evaluated on split examples"})
+        column = kw.get("column", "prompt")
+        key = normalized_text(df[column], kw.get("ignore_digits", False))
+        split = split.astype("string").reset_index(drop=True)
+        key = key.reset_index(drop=True)
+        # an evaluation row whose text is also in an earlier split of TRAIN -> VALIDATION -> TEST
+        failing = pd.Series(False, index=key.index)
+        seen: set[str] = set()
+        by_split = {}
+        for name in ("train", "validation", "test"):
+            here = split == name
+            if name != "train":
+                hits = here & key.isin(seen) & key.str.len().gt(0)
+                by_split[name] = int(hits.sum())
+                failing |= hits
+            seen |= set(key[here])
+        unknown = int(split.isna().sum())
+        outcome = _row_outcome(entry, df.reset_index(drop=True), failing, column,
+                               {"evaluated": True, "leaked_rows_by_split": by_split, "rows_without_split": unknown})
+        outcome.passed = outcome.passed and unknown == 0
+        return outcome
     if kind == "pii":
         found = df[_text_columns(entry)].fillna("").astype(str).agg(" ".join, axis=1).map(contains_pii)
         outcome = _row_outcome(entry, df, found.notna(), "prompt",
@@ -125,6 +184,8 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         min_share = float(kw.get("min_share", 0.05))
         labels = df["response"][df["response"].isin(task.labels)] if task.labels else df["response"]
         shares = labels.value_counts(normalize=True)
+        if task.labels:  # a label of the task with no rows at all has share 0
+            shares = shares.reindex(task.labels, fill_value=0.0)
         rarest = float(shares.min()) if len(shares) else 0.0
         return CheckOutcome(entry.name, rarest >= min_share, entry.blocking, entry.describe(),
                             {"min_share": min_share, "rarest_share": round(rarest, 4),
@@ -181,13 +242,20 @@ def run_gx(entries: list[CheckEntry], df: pd.DataFrame, out_dir: Path | None) ->
 
 
 def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: pd.DataFrame | None = None,
-              max_length: int | None = None, out_dir: Path | None = None) -> list[CheckOutcome]:
-    """Every check of the suite on `df`, in the suite's order."""
+              max_length: int | None = None, splits: pd.DataFrame | None = None, out_dir: Path | None = None,
+              special_tokens: list[str] | None = None) -> list[CheckOutcome]:
+    """Every check of the suite on `df`, in the suite's order.
+
+    token_lengths: (example_id, n_tokens, n_response_tokens) from the trainer's tokenizer; without it
+    the token_length check fails (it cannot be skipped silently). splits: (example_id, split), or a
+    `split` column in `df`, for the leakage check. special_tokens: the tokenizer's special tokens,
+    added to the control_tokens check's list.
+    """
     gx_entries = [c for c in suite.checks if c.expectation]
     outcomes = {o.name: o for o in run_gx(gx_entries, df, out_dir)}
     for entry in suite.checks:
         if entry.sft_check:
-            outcomes[entry.name] = run_sft_check(entry, df, task, token_lengths, max_length)
+            outcomes[entry.name] = run_sft_check(entry, df, task, token_lengths, max_length, splits, special_tokens)
     ordered = [outcomes[c.name] for c in suite.checks]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)

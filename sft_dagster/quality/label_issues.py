@@ -26,7 +26,7 @@ HASH_CHUNK = 25_000
 EXACT_LR_MAX_ROWS = 20_000  # above: SGD logistic loss, a fixed number of epochs
 SGD_EPOCHS = 8
 KNN_K = 10
-EXACT_KNN_MAX_ROWS = 50_000  # above: faiss IVF (approximate, linear)
+EXACT_KNN_MAX_ROWS = 20_000  # above: faiss IVF (approximate, linear)
 IVF_CLUSTER_ROWS = 256
 IVF_MAX_LISTS = 4096
 IVF_PROBES = 4
@@ -178,33 +178,29 @@ def out_of_fold_probabilities(features, labels: np.ndarray, folds: int, seed: in
 def knn_graph(dense: np.ndarray, k: int = KNN_K, seed: int = 0):
     """The k-nearest-neighbour graph (Euclidean distances, self excluded) as cleanlab's CSR input.
 
-    Exact up to `EXACT_KNN_MAX_ROWS` rows; above, faiss IVF with clusters of ~`IVF_CLUSTER_ROWS`
-    rows (bounded work per query, so linear in the rows); sklearn when faiss is missing.
+    Exact (brute force) up to `EXACT_KNN_MAX_ROWS` rows; above, faiss IVF with clusters of
+    ~`IVF_CLUSTER_ROWS` rows searched in `IVF_PROBES` clusters (bounded work per query: linear).
     """
     import scipy.sparse as sp
 
     n = dense.shape[0]
     k = max(1, min(k, n - 1))
     x = np.ascontiguousarray(dense, dtype=np.float32)
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    if faiss is None:
+    if n <= EXACT_KNN_MAX_ROWS:
         from sklearn.neighbors import NearestNeighbors
 
-        dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+        dist, idx = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(x).kneighbors(x)
         dist = dist ** 2
     else:
+        # faiss is imported only here: its OpenMP runtime slows scikit-learn down in the same process.
+        import faiss
+
         faiss.omp_set_num_threads(N_JOBS)
-        if n <= EXACT_KNN_MAX_ROWS:
-            index = faiss.IndexFlatL2(x.shape[1])
-        else:
-            nlist = int(min(IVF_MAX_LISTS, max(1, n // IVF_CLUSTER_ROWS)))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(x.shape[1]), x.shape[1], nlist)
-            train = np.random.default_rng(seed).choice(n, min(n, max(nlist * 40, 10_000)), replace=False)
-            index.train(x[train])
-            index.nprobe = IVF_PROBES
+        nlist = int(min(IVF_MAX_LISTS, max(1, n // IVF_CLUSTER_ROWS)))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(x.shape[1]), x.shape[1], nlist)
+        train = np.random.default_rng(seed).choice(n, min(n, max(nlist * 40, 10_000)), replace=False)
+        index.train(x[train])
+        index.nprobe = IVF_PROBES
         index.add(x)
         dist, idx = index.search(x, k + 1)
     # Drop each row's own entry (or, among exact duplicates where it is not listed, the farthest).

@@ -34,9 +34,24 @@ SFT_CHECKS = {
     "label_in_set": "every label is one of the task's labels",
     "class_balance": "the rarest label has at least `min_share` of the rows",
     "exact_duplicates": "at most `max_rate` of rows repeat an earlier row exactly",
+    "near_duplicates": "at most `max_rate` of rows repeat an earlier row up to case, punctuation and spacing",
+    "split_leakage": "no validation/test prompt also appears (normalised) in an earlier split",
     "pii": "no e-mail addresses, phone numbers or payment card numbers",
 }
-ROW_LEVEL_SFT_CHECKS = {"token_length", "empty_text", "control_tokens", "label_in_set", "exact_duplicates", "pii"}
+ROW_LEVEL_SFT_CHECKS = {"token_length", "empty_text", "control_tokens", "label_in_set", "exact_duplicates",
+                        "near_duplicates", "split_leakage", "pii"}
+# Arguments each SFT check accepts (unknown ones fail at load time, like GX's).
+SFT_CHECK_KWARGS = {
+    "token_length": {"mostly"},
+    "empty_text": {"columns", "mostly"},
+    "control_tokens": {"columns", "mostly", "tokens", "tokenizer_special_tokens"},
+    "label_in_set": {"mostly"},
+    "class_balance": {"min_share"},
+    "exact_duplicates": {"max_rate"},
+    "near_duplicates": {"columns", "max_rate", "ignore_digits"},
+    "split_leakage": {"column", "ignore_digits", "mostly"},
+    "pii": {"columns", "mostly"},
+}
 
 
 class SuiteError(ValueError):
@@ -64,8 +79,14 @@ class CheckEntry(BaseModel):
     def _one_kind(self) -> "CheckEntry":
         if (self.expectation is None) == (self.sft_check is None):
             raise ValueError("give exactly one of `expectation` or `sft_check`")
-        if self.sft_check is not None and self.sft_check not in SFT_CHECKS:
-            raise ValueError(f"unknown sft_check {self.sft_check!r}; known: {sorted(SFT_CHECKS)}")
+        if self.sft_check is not None:
+            if self.sft_check not in SFT_CHECKS:
+                raise ValueError(f"unknown sft_check {self.sft_check!r}; known: {sorted(SFT_CHECKS)}")
+            unknown = sorted(set(self.kwargs) - SFT_CHECK_KWARGS[self.sft_check])
+            if unknown:
+                raise ValueError(f"bad arguments for {self.sft_check}: unknown {unknown}; "
+                                 f"accepted: {sorted(SFT_CHECK_KWARGS[self.sft_check])}")
+            _check_sft_values(self.sft_check, self.kwargs)
         if self.expectation is not None:
             build_expectation(self)  # raises on unknown names or bad arguments
         return self
@@ -77,6 +98,23 @@ class CheckEntry(BaseModel):
             return SFT_CHECKS[self.sft_check]
         args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.expectation}({args})"
+
+
+def _check_sft_values(kind: str, kwargs: dict[str, Any]) -> None:
+    for key in ("mostly", "max_rate", "min_share"):
+        if key in kwargs:
+            value = kwargs[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"bad arguments for {kind}: {key} must be a number in [0, 1], got {value!r}")
+    for key in ("columns", "tokens"):
+        if key in kwargs and (not isinstance(kwargs[key], list) or not kwargs[key]
+                              or not all(isinstance(v, str) and v for v in kwargs[key])):
+            raise ValueError(f"bad arguments for {kind}: {key} must be a non-empty list of strings")
+    for key in ("ignore_digits", "tokenizer_special_tokens"):
+        if key in kwargs and not isinstance(kwargs[key], bool):
+            raise ValueError(f"bad arguments for {kind}: {key} must be true or false")
+    if "column" in kwargs and not isinstance(kwargs["column"], str):
+        raise ValueError(f"bad arguments for {kind}: column must be a column name")
 
 
 def build_expectation(entry: CheckEntry):
