@@ -105,7 +105,8 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         if token_lengths is None or max_length is None:
             return CheckOutcome(entry.name, False, entry.blocking, entry.describe(),
                                 {"error": "token lengths were not computed (no tokenizer)"})
-        lengths = df[["example_id"]].merge(token_lengths, on="example_id", how="left")["n_tokens"]
+        lookup = token_lengths.drop_duplicates("example_id").set_index("example_id")["n_tokens"]
+        lengths = df["example_id"].map(lookup).reset_index(drop=True)
         failing = (lengths.isna() | (lengths > max_length)).to_numpy()
         shown = df.assign(n_tokens=lengths.to_numpy())
         return _row_outcome(entry, shown, pd.Series(failing, index=df.index), "n_tokens",
@@ -255,7 +256,11 @@ def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: 
     outcomes = {o.name: o for o in run_gx(gx_entries, df, out_dir)}
     for entry in suite.checks:
         if entry.sft_check:
-            outcomes[entry.name] = run_sft_check(entry, df, task, token_lengths, max_length, splits, special_tokens)
+            try:
+                outcomes[entry.name] = run_sft_check(entry, df, task, token_lengths, max_length, splits, special_tokens)
+            except KeyError as exc:  # a missing column fails the check (has_required_columns says which)
+                outcomes[entry.name] = CheckOutcome(entry.name, False, entry.blocking, entry.describe(),
+                                                    {"error": f"missing column {exc}"})
     ordered = [outcomes[c.name] for c in suite.checks]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
