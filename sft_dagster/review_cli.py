@@ -70,20 +70,24 @@ def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | Non
     return rows
 
 
+def _storage(args: argparse.Namespace) -> Path:
+    return Path(args.storage) if args.storage else default_storage_root()
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     spec = _spec(args)
-    queue = review_queue(spec, Path(args.storage))
+    queue = review_queue(spec, _storage(args))
     shown = queue.head(args.limit)[["example_id", "severity", "issue_types", "given_label", "suggested_label", "prompt"]]
     shown = shown.assign(prompt=shown["prompt"].astype(str).str.slice(0, 70))
     print(f"{len(queue)} rows in the review queue of {spec.name} (worst first); corrections go to "
-          f"{corrections_file(spec, Path(args.storage))}")
+          f"{corrections_file(spec, _storage(args))}")
     print(shown.to_string(index=False))
     return 0
 
 
 def _apply(args: argparse.Namespace, action: str) -> int:
     spec = _spec(args)
-    queue = review_queue(spec, Path(args.storage))
+    queue = review_queue(spec, _storage(args))
     ids = list(args.ids or [])
     if getattr(args, "all_above", None) is not None:
         chosen = queue[(queue["severity"] >= args.all_above) & queue["is_label_issue"].astype(bool)]
@@ -92,8 +96,11 @@ def _apply(args: argparse.Namespace, action: str) -> int:
         print("error: name example ids (or --all-above SCORE for accept)", file=sys.stderr)
         return 2
     rows = _decisions(queue, ids, action, args.note)
-    path = corrections_file(spec, Path(args.storage))
+    path = corrections_file(spec, _storage(args))
     append_corrections(path, rows)
+    for row in rows:  # the audit line of each decision, as written
+        print(f"who={row['author']} when={row['timestamp']} id={row['example_id']} action={row['action']} "
+              f"old={row['old_value']!r} new={row['new_value']!r} note={row['note']!r}")
     print(f"{action}: {len(rows)} decision(s) appended to {path}")
     return 0
 
@@ -102,7 +109,8 @@ def register(subparsers) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("pipeline", help="pipeline name (assets/<name>.yaml)")
         p.add_argument("--specs-dir", default="assets")
-        p.add_argument("--storage", default=str(default_storage_root()), help="storage root (default ./.sft)")
+        p.add_argument("--storage", default=None,
+                       help="storage root (default: $SFT_DAGSTER_STORAGE or ./.sft)")
 
     review = subparsers.add_parser("review", help="print a pipeline's review queue (cleanlab findings)")
     common(review)

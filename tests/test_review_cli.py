@@ -65,3 +65,36 @@ def test_unknown_id_and_missing_suggestion_are_clear_errors(pipeline, capsys):
     assert cli(pipeline, "accept", "shop", "c3") == 2
     assert "no suggested label" in capsys.readouterr().err
     assert not pipeline["corrections"].exists()
+
+
+def test_audit_lines_are_printed(pipeline, capsys):
+    assert cli(pipeline, "keep", "shop", "c3", "--note", "fine as is") == 0
+    out = capsys.readouterr().out
+    assert "who=ana" in out and "id=c3 action=keep old='positive'" in out and "note='fine as is'" in out
+
+
+def test_queue_sits_beside_a_spec_level_corrections_file_and_storage_from_env(tmp_path, monkeypatch, capsys):
+    specs = tmp_path / "assets"
+    specs.mkdir()
+    (specs / "shop.yaml").write_text(yaml.safe_dump({
+        "name": "shop", "task": {"type": "sentiment", "labels": ["negative", "positive"]},
+        "sources": [{"path": "x.jsonl"}], "labels": {"corrections_file": "../labels/fixes.csv"},
+    }))
+    (tmp_path / "labels").mkdir()
+    pd.DataFrame({"example_id": ["a1"], "prompt": ["great"], "given_label": ["negative"], "suggested_label": ["positive"],
+                  "label_score": [0.02], "is_label_issue": [True], "is_outlier": [False], "is_near_duplicate": [False],
+                  "issue_types": ["label"], "severity": [0.98], "source_file": ["x"], "source_line": [1]}
+                 ).to_csv(tmp_path / "labels" / "review_queue.csv", index=False)
+    monkeypatch.setenv("SFT_DAGSTER_STORAGE", str(tmp_path / "unused"))
+    monkeypatch.setenv("SFT_DAGSTER_USER", "bo")
+    assert main(["accept", "shop", "--all-above", "0.5", "--specs-dir", str(specs)]) == 0
+    rows = read_corrections(tmp_path / "labels" / "fixes.csv")
+    assert rows[["example_id", "action", "new_value", "old_value", "author"]].values.tolist() == [
+        ["a1", "relabel", "positive", "negative", "bo"]]
+    assert not (tmp_path / "unused").exists()
+
+
+def test_missing_queue_says_what_to_run(pipeline, capsys):
+    (pipeline["corrections"].parent / "review_queue.csv").unlink()
+    assert cli(pipeline, "review", "shop") == 2
+    assert "materialize shop/label_issues first" in capsys.readouterr().err
