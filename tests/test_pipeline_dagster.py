@@ -184,3 +184,17 @@ def test_definitions_validate_on_workspace():
     out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_training_through_pipes_and_torchrun(tmp_path, tiny_model_dir, instance):
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"training.launcher": "subprocess",
+                                                             "training.num_processes": 2, "training.epochs": 1}))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    result = run(defs, spec, instance, ["raw_examples", "label_corrections", "labelled_examples", "label_issues",
+                                        "curated_examples", "dataset_splits", "base_model", "fine_tuned_adapter"])
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    adapter = metadata(instance, spec, "fine_tuned_adapter")
+    assert adapter["metrics"]["processes"] == 2
+    assert (Path(adapter["adapter_dir"]) / "adapter_model.safetensors").exists()
+    logs = instance.all_logs(result.run_id)
+    assert any("launching:" in (e.user_message or "") and "torchrun" in e.user_message for e in logs)

@@ -372,7 +372,7 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
             from ..training.launch import launch_training_pipes
 
             result = launch_training_pipes(context, pipes_subprocess_client, spec, Path(resolved["path"]),
-                                           train_path, val_path, output_dir)
+                                           train_path, val_path, output_dir, device=device)
             adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
         else:
             result = training.train(spec, Path(resolved["path"]), train_df, val_df, output_dir, device=device,

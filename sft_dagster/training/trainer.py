@@ -37,6 +37,27 @@ class TrainingResult:
     metrics: dict = field(default_factory=dict)
 
 
+def distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Sum gradients over ranks: each rank's loss is already divided by the global token count."""
+    import torch.distributed as dist
+
+    if world == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
 def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,7 +241,10 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     from transformers import AutoTokenizer, get_scheduler
 
     cfg = spec.training
+    rank, world = distributed()
     device = pick_device(device)
+    if device == "cuda" and world > 1:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -274,13 +298,20 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 sum(sum(1 for lab in train_set[i].labels[1:] if lab != IGNORE_INDEX) for i in micro) for micro in group
             )
             loss_sum = 0.0
-            for micro in group:
+            for micro in group[rank::world]:  # each rank takes its share of the window's micro-batches
                 batch = collate([train_set[i] for i in micro], pad_id, device)
                 with autocast(device, precision):
                     loss, n = summed_response_loss(model, batch)
                 (loss / window_tokens).backward()
                 loss_sum += float(loss)
                 state["trained_tokens"] += int(batch["attention_mask"].sum())
+            _all_reduce_gradients(params, world)
+            if world > 1:
+                import torch.distributed as dist
+
+                summed = torch.tensor([loss_sum], dtype=torch.float64)
+                dist.all_reduce(summed)
+                loss_sum = float(summed)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
@@ -296,19 +327,27 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 log(f"step {step}/{total_steps}: train loss {state['train_loss']:.4f}, validation loss {val:.4f}")
                 if state["best_val"] is None or val < state["best_val"]:
                     state["best_val"], state["bad_evals"] = val, 0
-                    torch.save(_trainable_state(model), best_path)
+                    if rank == 0:
+                        torch.save(_trainable_state(model), best_path)
                 else:
                     state["bad_evals"] += 1
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                         log(f"early stopping: validation loss has not improved for {state['bad_evals']} evaluations")
                         early_stopped = True
-            if step % cfg.checkpoint_every_steps == 0 or early_stopped or step == total_steps:
+            if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or early_stopped or step == total_steps):
                 _save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state)
             if stop_after_steps is not None and step >= stop_after_steps:
                 return TrainingResult(adapter_dir=output_dir, method=cfg.method, metrics=dict(state))
             if early_stopped or step >= total_steps:
                 break
 
+    if world > 1:  # every rank waits for rank 0's files before reading them
+        import torch.distributed as dist
+
+        dist.barrier()
+        tokens = torch.tensor([state["trained_tokens"]], dtype=torch.int64)
+        dist.all_reduce(tokens)
+        state["trained_tokens"] = int(tokens)
     if best_path.exists():  # keep the weights with the best validation loss
         with torch.no_grad():
             named = dict(model.named_parameters())
@@ -316,19 +355,21 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 named[k].copy_(v.to(named[k].device))
     seconds = time.perf_counter() - start_time
     out = output_dir / ("model" if cfg.method == "full" else "adapter")
-    shutil.rmtree(out, ignore_errors=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if cfg.method == "full":
-        tokenizer.save_pretrained(out)
+    if rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+        model.save_pretrained(out, safe_serialization=True)
+        if cfg.method == "full":
+            tokenizer.save_pretrained(out)
     metrics = {
         "method": cfg.method, "device": device, "precision": precision, "steps": step, "optimizer_steps_planned": total_steps,
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
         "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
         "tokens_per_second": round(state["trained_tokens"] / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
-        "trainable_parameters": sum(p.numel() for p in params),
+        "trainable_parameters": sum(p.numel() for p in params), "processes": world,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if rank == 0:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
 
 

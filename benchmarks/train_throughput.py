@@ -1,0 +1,182 @@
+"""sft_dagster's trainer vs TRL's SFTTrainer: same model, data, LoRA, batch size and optimizer steps.
+
+Each trainer runs in its own subprocess (so peak RSS is its own), on SmolLM2-135M-Instruct (the
+embedded default) with LoRA r=16 on all linear layers, the same examples (Banking77 intents from
+../shared/datasets when present, else the demo reviews), batch 8, the same number of optimizer steps.
+TRL runs at its defaults (prompt-completion data, completion-only loss, no packing); `--trl-packing`
+adds its packing mode as a third run. Prints JSON: trained (non-padding) tokens/s, peak RSS, final
+validation loss (the same response-token loss for both), the ratios, and tokens/s as a fraction of
+the measured fp32 and bf16 matmul rates of this machine.
+
+    .venv/bin/python benchmarks/train_throughput.py --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+BANKING = ROOT.parent / "shared" / "datasets" / "banking77" / "train.csv"
+PROMPT = "Which banking intent is this customer message? Answer with the intent name.\n\nMessage: {prompt}"
+
+
+def dataset(n_train: int, n_val: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    if BANKING.exists():
+        raw = pd.read_csv(BANKING).sample(frac=1.0, random_state=0)
+        df = pd.DataFrame({"prompt": raw["text"], "response": raw["category"]})
+        source = "banking77"
+    else:
+        from sft_dagster.demo_data import generate_demo_dataset
+
+        out = ROOT / ".sft" / "bench_demo"
+        generate_demo_dataset(out)
+        raw = pd.read_json(out / "reviews_2026_10.jsonl", lines=True).dropna()
+        df = pd.DataFrame({"prompt": raw["text"], "response": raw["label"]})
+        source = "demo reviews"
+    df = df.assign(example_id=[f"e{i}" for i in range(len(df))], system=None).reset_index(drop=True)
+    return df.iloc[:n_train], df.iloc[n_train : n_train + n_val], source
+
+
+def spec(model_dir: str, steps: int, labels: list[str]):
+    from sft_dagster.spec import PipelineSpec
+
+    return PipelineSpec.model_validate({
+        "name": "bench", "task": {"type": "classification", "labels": labels, "prompt_template": PROMPT},
+        "sources": [{"path": "unused"}], "model": {"base": model_dir, "max_length": 256},
+        "training": {"method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+                     "batch_size": 8, "max_steps": steps, "epochs": 100, "learning_rate": 2e-4, "warmup_ratio": 0.0,
+                     "lr_scheduler": "linear", "early_stopping_patience": None, "checkpoint_every_steps": 10_000,
+                     "eval_every_steps": steps},
+    })
+
+
+def val_loss(model, tokenizer, s, val: pd.DataFrame) -> float:
+    from sft_dagster.evaluation import response_loss
+
+    return response_loss(model.eval(), tokenizer, val, s.task, s.model.max_length, 16, "cpu")
+
+
+def run_ours(args) -> dict:
+    from sft_dagster.training import train
+
+    train_df, val_df, _ = dataset(args.examples, args.val)
+    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])))
+    result = train(s, Path(args.model_dir), train_df, val_df, Path(args.out) / "ours", device="cpu", log=lambda _: None)
+    m = result.metrics
+    return {"trained_tokens": m["trained_tokens"], "seconds": m["seconds"], "tokens_per_second": m["tokens_per_second"],
+            "val_loss": m["val_loss"], "steps": m["steps"]}
+
+
+def run_trl(args, packing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    train_df, val_df, _ = dataset(args.examples, args.val)
+    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])))
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    data = Dataset.from_list([
+        {"prompt": [{"role": "user", "content": PROMPT.format(prompt=p)}], "completion": [{"role": "assistant", "content": r}]}
+        for p, r in zip(train_df["prompt"], train_df["response"])
+    ])
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    config = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=8, max_steps=args.steps,
+                       learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, logging_steps=args.steps,
+                       save_strategy="no", report_to=[], packing=packing, use_cpu=True, seed=0,
+                       include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {"trained_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_second": round(tokens / seconds, 1),
+            "val_loss": val_loss(trainer.model, tokenizer, s, val_df), "steps": trainer.state.global_step}
+
+
+def matmul_rates() -> dict:
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        out[f"{name}_gflops"] = round(10 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9, 1)
+    return out
+
+
+def child(args) -> None:
+    result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_packing": lambda a: run_trl(a, True)}[args.child](args)
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--val", type=int, default=64)
+    parser.add_argument("--model-dir", default=None)
+    parser.add_argument("--out", default=str(ROOT / ".sft" / "bench_train"))
+    parser.add_argument("--trl-packing", action="store_true")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.model_dir is None:
+        from sft_dagster.models import resolve_base_model
+        from sft_dagster.spec import ModelSpec
+
+        args.model_dir = str(resolve_base_model(ModelSpec(), ROOT / ".sft" / "models").path)
+    if args.child:
+        child(args)
+        return
+    runs = ["ours", "trl"] + (["trl_packing"] if args.trl_packing else [])
+    results = {}
+    for name in runs:
+        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--examples", str(args.examples),
+               "--val", str(args.val), "--model-dir", args.model_dir, "--out", args.out]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+        results[name] = json.loads(line[len("RESULT "):])
+    ours, trl = results["ours"], results["trl"]
+    rates = matmul_rates()
+    # LoRA step FLOPs per token ~ 4 x non-embedding parameters (forward + input gradients; the frozen
+    # weights get no weight gradients); the tied 49k x 576 output layer only where loss is computed.
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(args.model_dir)
+    h = cfg.hidden_size
+    linear_params = cfg.num_hidden_layers * (2 * h * h + 2 * h * h * cfg.num_key_value_heads / cfg.num_attention_heads
+                                             + 3 * h * cfg.intermediate_size)
+    flops_per_token = 4 * linear_params
+    report = {
+        "model": Path(args.model_dir).name, "data": dataset(args.examples, args.val)[2], "steps": args.steps, "batch_size": 8,
+        "results": results,
+        "tokens_per_second_ratio_vs_trl": round(ours["tokens_per_second"] / trl["tokens_per_second"], 2),
+        "peak_rss_ratio_vs_trl": round(ours["peak_rss_mib"] / trl["peak_rss_mib"], 2),
+        "val_loss_ours_minus_trl": round(ours["val_loss"] - trl["val_loss"], 4),
+        "matmul": rates,
+        "approx_flops_per_trained_token": int(flops_per_token),
+        "ours_fraction_of_fp32_matmul_rate": round(ours["tokens_per_second"] * flops_per_token / (rates["fp32_gflops"] * 1e9), 3),
+        "ours_fraction_of_bf16_matmul_rate": round(ours["tokens_per_second"] * flops_per_token / (rates["bf16_gflops"] * 1e9), 3),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
