@@ -150,6 +150,7 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: int = Field(50, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    export_merged: bool = False  # also write the adapter folded into the base weights (for serving)
     num_processes: int = Field(1, ge=1)
     launcher: Literal["in_process", "subprocess"] = "in_process"
     seed: int = 0

@@ -73,6 +73,24 @@ def test_lora_adapter_is_standard_peft_and_learns(tiny_model_dir, tmp_path):
     assert metrics["steps"] == result.metrics["steps"] == 18
 
 
+def test_merged_export_equals_adapter_outputs(tiny_model_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_dagster.training import merge_adapter
+
+    _, result = losses(spec_for(tiny_model_dir, epochs=1, learning_rate=1e-2), tiny_model_dir, examples(8),
+                       examples(3, 50), tmp_path / "m")
+    merged_dir = merge_adapter(tiny_model_dir, result.adapter_dir, tmp_path / "merged")
+    assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "model.safetensors").exists()
+    ids = torch.tensor([[1, 5, 9, 12, 7]])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(ids).logits
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(ids).logits
+    assert torch.allclose(merged, adapted, atol=1e-4) and not torch.allclose(merged, base, atol=1e-4)
+
+
 def test_full_fine_tune_saves_a_whole_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

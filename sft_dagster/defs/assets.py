@@ -379,6 +379,9 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
                                     log=context.log.info)
             adapter_dir, metrics = result.adapter_dir, result.metrics
         (Path(adapter_dir) / "sft_dagster_lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
+        if spec.training.export_merged and spec.training.method != "full":
+            merged = training.merge_adapter(Path(resolved["path"]), Path(adapter_dir), output_dir / "merged")
+            context.add_asset_metadata({"merged_model_dir": dg.MetadataValue.path(str(merged))})
         return dg.MaterializeResult(
             data_version=dg.DataVersion(lineage_hash),
             metadata={"lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(str(adapter_dir)),

@@ -403,3 +403,18 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     plan["estimated_seconds"] = round(n_tokens * epochs / tokens_per_second, 1)
     plan["measured_tokens_per_second"] = round(tokens_per_second, 1)
     return plan
+
+
+def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """Fold a LoRA adapter into the base weights: one safetensors model for serving, no peft needed."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).merge_and_unload()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
