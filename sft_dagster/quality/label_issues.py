@@ -23,8 +23,9 @@ SVD_FIT_ROWS = 20_000  # the SVD is fitted on a sample of at most this many rows
 FOLD_DIMS = 2**15  # hashed columns folded to this width before the SVD
 HASH_FEATURES = 2**20  # per analyzer (word, char)
 HASH_CHUNK = 25_000
-EXACT_LR_MAX_ROWS = 20_000  # above: SGD logistic loss, a fixed number of epochs
+PARALLEL_MIN_ROWS = 5_000  # folds run on N_JOBS processes above this
 SGD_EPOCHS = 8
+SGD_C = 10.0  # alpha = 1 / (C * rows), clipped to [1e-6, 1e-3]
 KNN_K = 10
 EXACT_KNN_MAX_ROWS = 20_000  # above: faiss IVF (approximate, linear)
 IVF_CLUSTER_ROWS = 256
@@ -152,10 +153,11 @@ def _minilm_path():
 def out_of_fold_probabilities(features, labels: np.ndarray, folds: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Out-of-fold class probabilities; columns in sorted label order (the order Datalab uses).
 
-    Up to `EXACT_LR_MAX_ROWS` rows: multinomial logistic regression. Above: logistic loss by SGD
-    (a fixed number of epochs, linear in the rows), folds run in parallel.
+    Logistic loss fitted by SGD for a fixed number of epochs (linear in the rows), with the L2
+    strength of a logistic regression with C=`SGD_C` (alpha = 1 / (C * rows)); folds in parallel.
+    Only the hashed columns in use are kept: the coefficient matrix is classes x used columns.
     """
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
+    from sklearn.linear_model import SGDClassifier
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
     classes = sorted(set(labels.tolist()))
@@ -163,14 +165,12 @@ def out_of_fold_probabilities(features, labels: np.ndarray, folds: int, seed: in
         raise ValueError(f"cleanlab needs at least two distinct labels, got {classes}")
     smallest = min(int((labels == c).sum()) for c in classes)
     k = max(2, min(folds, smallest))
-    if len(labels) <= EXACT_LR_MAX_ROWS:
-        model = LogisticRegression(C=10.0, max_iter=1000)
-        if hasattr(features, "indices"):  # only the hashed columns in use: lbfgs time grows with the width
-            features = features[:, np.unique(features.indices)]
-    else:
-        model = SGDClassifier(loss="log_loss", alpha=1e-5, max_iter=SGD_EPOCHS, tol=None, random_state=seed)
+    if hasattr(features, "indices"):
+        features = features[:, np.unique(features.indices)]
+    alpha = float(np.clip(1.0 / (SGD_C * len(labels)), 1e-6, 1e-3))
+    model = SGDClassifier(loss="log_loss", alpha=alpha, max_iter=SGD_EPOCHS, tol=None, random_state=seed)
     probs = cross_val_predict(model, features, labels, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
-                              method="predict_proba", n_jobs=N_JOBS if len(labels) > EXACT_LR_MAX_ROWS else None)
+                              method="predict_proba", n_jobs=N_JOBS if len(labels) > PARALLEL_MIN_ROWS else None)
     probs = np.clip(probs, 1e-6, None)
     return probs / probs.sum(axis=1, keepdims=True), classes
 
