@@ -191,3 +191,14 @@ def test_non_iid_catches_sorted_data():
     report = find_label_issues(df, TASK, CleanlabSpec(folds=3))
     assert report.summary["non_iid_p_value"] < 0.01
     assert not {o.name: o for o in report.gate_outcomes(CleanlabSpec())}["non_iid"].passed
+
+
+def test_gate_fails_when_label_issues_were_not_evaluated():
+    flags = pd.DataFrame({"example_id": ["a"], "is_label_issue": [False]})
+    summary = {"issue_types_expected": ["label", "outlier"], "issue_types_checked": ["outlier"],
+               "missing_issue_types": ["label"], "label_issue_rate": 0.0}
+    gates = {o.name: o for o in LabelIssueReport(pd.DataFrame(), flags, summary).gate_outcomes(CleanlabSpec())}
+    assert not gates["label_issue_rate"].passed and not gates["issue_types_evaluated"].passed
+    gates = {o.name: o for o in LabelIssueReport(pd.DataFrame(), flags, {"issue_types_expected": ["label"]})
+             .gate_outcomes(CleanlabSpec())}  # an empty summary passes nothing
+    assert not any(o.passed for o in gates.values())

@@ -1,9 +1,10 @@
 """cleanlab on labelled examples: label errors, outliers and near duplicates, as a review queue.
 
-Label tasks: out-of-fold predicted probabilities from a quick text classifier (TF-IDF word and
-character n-grams + logistic regression, k folds), then cleanlab's `Datalab` for label, outlier,
-near_duplicate, class_imbalance and non_iid issues. Generation tasks: outliers and near duplicates on
-the same features. Rows a data engineer marked `keep` (reviewed) are never flagged as label issues.
+Label tasks: out-of-fold predicted probabilities from a quick text classifier (hashed TF-IDF word
+and character n-grams + logistic loss by SGD, k folds; or sentence embeddings), then cleanlab's
+`Datalab` for label, outlier, near_duplicate, class_imbalance and non_iid issues on a bounded kNN
+graph we build (exact below 20k rows, faiss IVF above). Generation tasks: outliers and near
+duplicates on the same features of prompt + response. Cost is linear in the rows. Rows a data engineer marked `keep` (reviewed) are never flagged as label issues.
 """
 
 from __future__ import annotations
@@ -42,28 +43,44 @@ class LabelIssueReport:
     summary: dict
 
     def gate_outcomes(self, cfg: CleanlabSpec) -> list[CheckOutcome]:
+        """Blocking: label issue rate within the spec's limit, every expected issue type evaluated.
+        Warnings: class imbalance, non-iid order. Anything not evaluated fails; nothing passes by default."""
         s = self.summary
-        flagged = self.flags.loc[self.flags["is_label_issue"], "example_id"].astype(str).tolist()
-        rate = s.get("label_issue_rate", 0.0)
-        missing = s.get("missing_issue_types", [])
-        outcomes = [
-            CheckOutcome("label_issue_rate", rate <= cfg.max_label_issue_rate, True,
-                         f"label issue rate {rate:.4f} vs the allowed {cfg.max_label_issue_rate}",
-                         {"label_issue_rate": rate, "label_issue_count": s.get("label_issue_count", 0),
-                          "max_label_issue_rate": cfg.max_label_issue_rate},
-                         failing_ids=flagged, failing_rows=self.review_queue.head(20)),
-            CheckOutcome("issue_types_evaluated", not missing, True,
-                         "every expected cleanlab issue type was evaluated" if not missing
-                         else f"cleanlab did not evaluate {missing}: a skipped check is a failed gate",
-                         {"checked": s.get("issue_types_checked", []), "missing": missing}),
-        ]
-        if "class_imbalance" in s.get("issue_types_expected", []):
-            outcomes.append(CheckOutcome("class_imbalance", not s.get("class_imbalance_issue", False), False,
-                                         "no class is far rarer than the others", {"rarest_class": s.get("rarest_class")}))
-        if "non_iid" in s.get("issue_types_expected", []):
+        expected = s.get("issue_types_expected", [])
+        missing = list(s.get("missing_issue_types", [])) if "missing_issue_types" in s else list(expected) or ["<unknown>"]
+        label_flags = self.flags["is_label_issue"].astype(bool) if "is_label_issue" in self.flags else pd.Series(dtype=bool)
+        flagged = self.flags.loc[label_flags, "example_id"].astype(str).tolist() if len(label_flags) else []
+        rate = s.get("label_issue_rate")
+        label_evaluated = rate is not None and "label" not in missing
+        queue = self.review_queue
+        shown = queue[queue["is_label_issue"].astype(bool)].head(20) if "is_label_issue" in queue else queue.head(0)
+        outcomes = []
+        if "label" in expected or rate is not None:
+            outcomes.append(CheckOutcome(
+                "label_issue_rate", label_evaluated and rate <= cfg.max_label_issue_rate, True,
+                f"label issue rate {rate:.4f} vs the allowed {cfg.max_label_issue_rate}" if label_evaluated
+                else "label issues were not evaluated: a skipped check is a failed gate",
+                {"label_issue_rate": rate, "label_issue_count": s.get("label_issue_count"),
+                 "max_label_issue_rate": cfg.max_label_issue_rate},
+                failing_ids=flagged, failing_rows=shown))
+        outcomes.append(CheckOutcome(
+            "issue_types_evaluated", not missing, True,
+            "every expected cleanlab issue type was evaluated" if not missing
+            else f"cleanlab did not evaluate {missing}: a skipped check is a failed gate",
+            {"expected": expected, "checked": s.get("issue_types_checked", []), "missing": missing}))
+        if "class_imbalance" in expected:
+            evaluated = "class_imbalance" not in missing and "class_imbalance_issue" in s
+            outcomes.append(CheckOutcome(
+                "class_imbalance", evaluated and not s["class_imbalance_issue"], False,
+                "no class is far rarer than the others" if evaluated else "class imbalance was not evaluated",
+                {"rarest_class": s.get("rarest_class"), "evaluated": evaluated}))
+        if "non_iid" in expected:
             p = s.get("non_iid_p_value")
-            outcomes.append(CheckOutcome("non_iid", p is None or p >= NON_IID_MIN_P, False,
-                                         "row order looks independent (cleanlab non_iid p-value)", {"p_value": p}))
+            evaluated = "non_iid" not in missing and p is not None
+            outcomes.append(CheckOutcome(
+                "non_iid", evaluated and p >= NON_IID_MIN_P, False,
+                f"row order looks independent (cleanlab non_iid p-value {p:.4g} vs {NON_IID_MIN_P})" if evaluated
+                else "non-iid order was not evaluated", {"p_value": p, "min_p_value": NON_IID_MIN_P}))
         return outcomes
 
 
