@@ -24,9 +24,11 @@ demo: setup
 	$(BIN)/sft-dagster run assets/demo_sentiment.yaml
 
 test: setup
+	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/python -m pytest -q
 
 validate: setup
+	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
 ui: setup

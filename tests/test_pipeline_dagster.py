@@ -180,9 +180,9 @@ def test_cli_rejects_a_bad_spec_before_running(tmp_path):
     assert not (tmp_path / "home").exists()
 
 
-def test_definitions_validate_on_workspace():
+def test_definitions_validate_on_workspace(tmp_path):
     out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
-                         cwd=ROOT, capture_output=True, text=True)
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
     assert out.returncode == 0, out.stdout + out.stderr
 
 
