@@ -72,3 +72,8 @@ def test_fingerprint_changes_with_content(tmp_path):
     a = load_spec(write(tmp_path, VALID, "a.yaml"))
     b = load_spec(write(tmp_path, VALID + "training:\n  epochs: 3\n", "b.yaml"))
     assert a.fingerprint() != b.fingerprint()
+
+
+def test_example_specs_load():
+    names = sorted(load_spec(p).name for p in (ROOT / "examples").glob("*.yaml"))
+    assert names == ["banking77", "gsm8k"]
