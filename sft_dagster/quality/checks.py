@@ -32,7 +32,7 @@ class CheckOutcome:
     description: str
     metadata: dict = field(default_factory=dict)
     failing_ids: list[str] = field(default_factory=list)
-    failing_rows: pd.DataFrame | None = None
+    failing_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def luhn_valid(digits: str) -> bool:

@@ -25,7 +25,7 @@ FOLD_DIMS = 2**15  # hashed columns folded to this width before the SVD
 HASH_FEATURES = 2**20  # per analyzer (word, char)
 HASH_CHUNK = 25_000
 PARALLEL_MIN_ROWS = 5_000  # folds run on N_JOBS processes above this
-SGD_EPOCHS = 8
+SGD_EPOCHS = 5
 SGD_C = 10.0  # alpha = 1 / (C * rows), clipped to [1e-6, 1e-3]
 KNN_K = 10
 EXACT_KNN_MAX_ROWS = 20_000  # above: faiss IVF (approximate, linear)
@@ -90,7 +90,7 @@ def _hash_chunk(texts: list[str]):
 
     common = dict(n_features=HASH_FEATURES, alternate_sign=False, norm=None, dtype=np.float32)
     words = HashingVectorizer(ngram_range=(1, 2), **common)
-    chars = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5), **common)
+    chars = HashingVectorizer(analyzer="char_wb", ngram_range=(4, 4), **common)
     return sp.hstack([words.transform(texts), chars.transform(texts)], format="csr")
 
 
@@ -105,7 +105,7 @@ def _fold_columns(sparse, dims: int):
 
 
 def text_features(texts: pd.Series, seed: int = 0):
-    """Sparse TF-IDF over hashed word 1-2 grams and char 3-5 grams, and a bounded dense projection.
+    """Sparse TF-IDF over hashed word 1-2 grams and char 4-grams (within word boundaries), and a bounded dense projection.
 
     Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
     hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
@@ -122,7 +122,9 @@ def text_features(texts: pd.Series, seed: int = 0):
     parts = (Parallel(n_jobs=N_JOBS)(delayed(_hash_chunk)(c) for c in chunks) if len(chunks) > 1
              else [_hash_chunk(chunks[0])])
     counts = sp.vstack(parts, format="csr")
-    sparse = TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32)
+    del parts
+    sparse = TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32, copy=False)
+    del counts
     folded = _fold_columns(sparse, FOLD_DIMS)
     rng = np.random.default_rng(seed)
     fit_rows = rng.choice(sparse.shape[0], SVD_FIT_ROWS, replace=False) if sparse.shape[0] > SVD_FIT_ROWS else slice(None)
