@@ -126,11 +126,26 @@ class LoraSpec(_Strict):
     use_dora: bool = False
 
 
+SEARCHABLE = {"learning_rate", "batch_size", "epochs", "max_steps", "weight_decay", "warmup_ratio",
+              "gradient_accumulation_steps", "lr_scheduler", "lora.r", "lora.alpha", "lora.dropout"}
+
+
 class SearchSpec(_Strict):
     strategy: Literal["none", "grid", "bayesian"] = "none"
-    trials: int = Field(4, ge=1)
-    # parameter -> list of values (grid) or [low, high] (bayesian)
+    trials: int = Field(4, ge=1)  # grid: at most this many combinations; bayesian: this many trials
+    # parameter -> list of values (grid and bayesian choices) or [low, high] numbers (bayesian range)
     space: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _space(self) -> "SearchSpec":
+        unknown = sorted(set(self.space) - SEARCHABLE)
+        if unknown:
+            raise ValueError(f"search.space: cannot search {unknown}; searchable: {sorted(SEARCHABLE)}")
+        if self.strategy != "none" and not self.space:
+            raise ValueError("search.space is empty")
+        if any(len(v) == 0 for v in self.space.values()):
+            raise ValueError("search.space: every parameter needs at least one value")
+        return self
 
 
 class TrainingSpec(_Strict):

@@ -171,3 +171,26 @@ def test_resume_after_sigkill_loses_at_most_one_interval(tiny_model_dir, tmp_pat
     assert a.keys() == b.keys()
     for key in a:  # the resumed run continues exactly where the killed one stopped
         assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_grid_and_bayesian_search_pick_the_best_trial(tiny_model_dir, tmp_path):
+    from sft_dagster.training.search import search_hyperparameters
+
+    spec = spec_for(tiny_model_dir, epochs=1, search={"strategy": "grid", "space": {"learning_rate": [1e-5, 1e-2]}})
+    best, trials = search_hyperparameters(spec, tiny_model_dir, examples(8), examples(4, 50), tmp_path / "g",
+                                          device="cpu", log=lambda _: None)
+    assert [t["learning_rate"] for t in trials] == [1e-5, 1e-2]
+    assert best == {"learning_rate": min(trials, key=lambda t: t["val_loss"])["learning_rate"]}
+    spec = spec_for(tiny_model_dir, epochs=1, search={"strategy": "bayesian", "trials": 3,
+                                                       "space": {"learning_rate": [1e-4, 1e-2], "lora.r": [2, 8]}})
+    best, trials = search_hyperparameters(spec, tiny_model_dir, examples(8), examples(4, 50), tmp_path / "b",
+                                          device="cpu", log=lambda _: None)
+    assert len(trials) == 3 and all(1e-4 <= t["learning_rate"] <= 1e-2 and 2 <= t["lora.r"] <= 8 for t in trials)
+    assert (tmp_path / "b" / "trial-2" / "adapter" / "adapter_config.json").exists()
+
+
+def test_search_space_is_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot search"):
+        spec_for(Path("."), search={"strategy": "grid", "space": {"colour": ["red"]}})

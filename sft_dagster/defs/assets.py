@@ -368,14 +368,23 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
         context.log.info(f"pre-flight: {json.dumps(plan)}")
         context.add_asset_metadata({"preflight": dg.MetadataValue.json(plan)})
         device = compute.resolved_device()
+        train_spec = spec
+        if spec.training.search.strategy != "none":
+            from ..training.search import search_hyperparameters, with_overrides
+
+            best, trials = search_hyperparameters(spec, Path(resolved["path"]), train_df, val_df,
+                                                  output_dir / "search", device=device, log=context.log.info)
+            train_spec = with_overrides(spec, best)
+            context.add_asset_metadata({"search_best": dg.MetadataValue.json(best),
+                                        "search_trials": preview(pd.DataFrame(trials), n=100)})
         if spec.training.launcher == "subprocess" or spec.training.num_processes > 1:
             from ..training.launch import launch_training_pipes
 
-            result = launch_training_pipes(context, pipes_subprocess_client, spec, Path(resolved["path"]),
+            result = launch_training_pipes(context, pipes_subprocess_client, train_spec, Path(resolved["path"]),
                                            train_path, val_path, output_dir, device=device)
             adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
         else:
-            result = training.train(spec, Path(resolved["path"]), train_df, val_df, output_dir, device=device,
+            result = training.train(train_spec, Path(resolved["path"]), train_df, val_df, output_dir, device=device,
                                     log=context.log.info)
             adapter_dir, metrics = result.adapter_dir, result.metrics
         (Path(adapter_dir) / "sft_dagster_lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
