@@ -138,7 +138,8 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
     def suite_outcomes(df: pd.DataFrame, paths: PipelinePaths, out_dir: Path | None):
         tokenizer = tokenizer_for(paths)
         lengths = token_lengths(tokenizer, df, spec.task)
-        return run_suite(df, suite, task=spec.task, token_lengths=lengths, max_length=spec.model.max_length, out_dir=out_dir)
+        return run_suite(df, suite, task=spec.task, token_lengths=lengths, max_length=spec.model.max_length, out_dir=out_dir,
+                         special_tokens=list(tokenizer.all_special_tokens))
 
     # 1. raw examples --------------------------------------------------------------------------
     @dg.asset(key=K("raw_examples"), group_name=group, kinds={"pandas", "parquet"}, tags=tags,
