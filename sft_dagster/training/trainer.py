@@ -58,6 +58,27 @@ def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
+def release_freed_memory_to_os() -> None:
+    """Make glibc return large freed blocks to the OS (CPU training only).
+
+    Batches of varying length leave glibc's heap fragmented, so a process's resident memory keeps the
+    high-water mark of every shape it has seen. Serving large blocks from mmap (freed back at once,
+    a setting that persists for the process) keeps resident memory near what the current step needs;
+    called once before training, with one trim of what loading/encoding left behind.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations from 64 KiB up use mmap
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
 def pick_device(requested: str = "auto") -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,7 +151,7 @@ def _causal_lm(model):
 def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of token losses over loss positions, computing vocabulary logits only there."""
     lm = _causal_lm(model)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
     logits = lm.lm_head(hidden[:, :-1][positions]).float()
@@ -254,6 +275,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     val_set = encode_frame(tokenizer, val_df, spec)
     if not train_set:
         raise ValueError("the train split is empty")
+    if not device.startswith("cuda"):
+        release_freed_memory_to_os()
     model = load_model(spec, model_dir, device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
