@@ -165,6 +165,9 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: int = Field(50, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
+    # A micro-batch padded beyond this many tokens is run in smaller pieces: the same gradients (the
+    # loss is normalised over the whole step), a lower activation-memory peak.
+    max_tokens_per_micro_batch: int = Field(768, ge=16)
     export_merged: bool = False  # also write the adapter folded into the base weights (for serving)
     num_processes: int = Field(1, ge=1)
     launcher: Literal["in_process", "subprocess"] = "in_process"

@@ -51,7 +51,11 @@ def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
                   data, examples(3, 50), tmp_path / "a")
     b, _ = losses(spec_for(tiny_model_dir, batch_size=1, gradient_accumulation_steps=8, epochs=4), tiny_model_dir,
                   data, examples(3, 50), tmp_path / "b")
-    assert len(a) == len(b) == 4
+    c, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4,
+                           max_tokens_per_micro_batch=16), tiny_model_dir, data, examples(3, 50), tmp_path / "c")
+    assert len(a) == len(b) == len(c) == 4
+    # A token budget that splits every batch into single rows changes memory, not the trajectory.
+    assert torch.allclose(torch.tensor(a), torch.tensor(c), rtol=1e-4, atol=1e-5), (a, c)
     # Loss normalised by the loss tokens of the whole window: same trajectory up to float rounding.
     assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
     assert a[-1] < a[0]

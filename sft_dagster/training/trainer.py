@@ -131,6 +131,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
+def split_by_token_budget(micro: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Halve a micro-batch (sorted by length) until each piece's padded size fits the budget."""
+    if len(micro) <= 1 or len(micro) * max(lengths[i] for i in micro) <= budget:
+        return [micro]
+    ordered = sorted(micro, key=lambda i: lengths[i])
+    half = len(ordered) // 2
+    return split_by_token_budget(ordered[:half], lengths, budget) + split_by_token_budget(ordered[half:], lengths, budget)
+
+
 def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -284,7 +293,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     total_steps = optimizer_steps(len(train_set), spec)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    micro_per_epoch = length_grouped_batches([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.seed)
+    lengths = [len(e.input_ids) for e in train_set]
+    micro_per_epoch = length_grouped_batches(lengths, cfg.batch_size, cfg.seed)
     steps_per_epoch = math.ceil(len(micro_per_epoch) / cfg.gradient_accumulation_steps)
     eval_every = cfg.eval_every_steps or steps_per_epoch
 
@@ -321,8 +331,10 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 sum(sum(1 for lab in train_set[i].labels[1:] if lab != IGNORE_INDEX) for i in micro) for micro in group
             )
             loss_sum = 0.0
-            for micro in group[rank::world]:  # each rank takes its share of the window's micro-batches
-                batch = collate([train_set[i] for i in micro], pad_id, device)
+            pieces = [piece for micro in group[rank::world]  # each rank takes its share of the window
+                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch)]
+            for piece in pieces:
+                batch = collate([train_set[i] for i in piece], pad_id, device)
                 with autocast(device, precision):
                     loss, n = summed_response_loss(model, batch)
                 (loss / window_tokens).backward()
