@@ -143,6 +143,9 @@ def main() -> None:
     if args.child:
         child(args)
         return
+    import shutil
+
+    shutil.rmtree(args.out, ignore_errors=True)  # each run trains from scratch
     runs = ["ours", "trl"] + (["trl_packing"] if args.trl_packing else [])
     results = {}
     for name in runs:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,20 +10,9 @@ import pytest
 
 from sft_dagster.quality import SuiteError, find_label_issues, load_suite, run_suite
 from sft_dagster.quality.checks import contains_pii
-from sft_dagster.schema import content_hash
 from sft_dagster.spec import CleanlabSpec, TaskSpec
 
-ROOT = Path(__file__).resolve().parents[1]
-TASK = TaskSpec(type="sentiment", labels=["negative", "neutral", "positive"])
-
-
-def frame(rows: list[tuple[str, str]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=["prompt", "response"])
-    df["system"] = None
-    df["content_hash"] = [content_hash(None, p, r) for p, r in rows]
-    df["example_id"] = [f"id{i}" for i in range(len(rows))]
-    df["source_file"], df["source_line"] = "f.jsonl", range(1, len(rows) + 1)
-    return df
+from test_quality_checks import ROOT, TASK, frame  # noqa: E402  (one row-frame builder for both files)
 
 
 def outcomes_by_name(df, suite="sentiment", **kw):

@@ -237,7 +237,9 @@ def _save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, st
     torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(state))
-    os.replace(tmp, ckpt_root / f"step-{step}")
+    target = ckpt_root / f"step-{step}"
+    shutil.rmtree(target, ignore_errors=True)  # a stale checkpoint of another run (other fingerprint)
+    os.replace(tmp, target)
     for old in sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
 
