@@ -326,7 +326,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     step = state["step"]
     while step < total_steps and not early_stopped:
         epoch, offset = divmod(step, steps_per_epoch)
-        batches = length_grouped_batches([len(e.input_ids) for e in train_set], cfg.batch_size, cfg.seed + epoch)
+        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
         groups = [batches[i : i + cfg.gradient_accumulation_steps] for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
         for group in groups[offset:]:
             window_tokens = sum(
