@@ -103,7 +103,13 @@ def labelled_reviews(n: int = 300, errors: int = 15, seed: int = 0):
     return df, {f"id{i}" for i in flipped}
 
 
-def test_cleanlab_finds_planted_label_errors():
+def test_cleanlab_finds_planted_label_errors(monkeypatch):
+    import multiprocessing
+
+    def no_fork(*args, **kwargs):  # a fork()ed pool inside a threaded Dagster process can deadlock
+        raise AssertionError("cleanlab started a multiprocessing pool")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_fork)
     df, planted = labelled_reviews()
     report = find_label_issues(df, TASK, CleanlabSpec(folds=5))
     flagged = set(report.flags.loc[report.flags["is_label_issue"], "example_id"])

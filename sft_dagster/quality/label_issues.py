@@ -240,6 +240,13 @@ def knn_graph(dense: np.ndarray, k: int = KNN_K, seed: int = 0):
     return sp.csr_matrix((dist.ravel(), idx.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
 
 
+def _label_issue_options() -> dict:
+    """cleanlab prunes label issues in a fork()ed multiprocessing pool by default; a fork of a process
+    with running threads (Dagster's, torch's) can deadlock in the child (seen in the test suite).
+    A fresh dict per call: cleanlab writes its confident joint into the kwargs it is given."""
+    return {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}}
+
+
 def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed: int = 0) -> LabelIssueReport:
     """cleanlab findings for every row of `df` (see the module docstring)."""
     from cleanlab import Datalab
@@ -266,7 +273,8 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
         if list(lab.class_names) != classes:  # never score against shifted columns
             raise RuntimeError(f"pred_probs columns {classes} do not match Datalab's class order {list(lab.class_names)}")
         graph = knn_graph(dense[valid], KNN_K, seed)
-        lab.find_issues(pred_probs=probs, knn_graph=graph, issue_types={t: {} for t in expected})
+        issue_types = {t: {} for t in expected} | {"label": _label_issue_options()}
+        lab.find_issues(pred_probs=probs, knn_graph=graph, issue_types=issue_types)
         issue_frame = lab.get_issues()
         summary["class_order"] = classes
         issue_frame.index = np.flatnonzero(valid)
