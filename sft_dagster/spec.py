@@ -167,7 +167,11 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool = False
     # A micro-batch padded beyond this many tokens is run in smaller pieces: the same gradients (the
     # loss is normalised over the whole step), a lower activation-memory peak.
-    max_tokens_per_micro_batch: int = Field(768, ge=16)
+    max_tokens_per_micro_batch: int = Field(1024, ge=16)
+    # Padding-free packing: the examples of a micro-batch are concatenated into one row, positions
+    # restarting per example, attention kept inside each example. No padding, but the attention
+    # kernel (sdpa without varlen support) still spends work on the masked-out blocks.
+    packing: bool = False
     export_merged: bool = False  # also write the adapter folded into the base weights (for serving)
     num_processes: int = Field(1, ge=1)
     launcher: Literal["in_process", "subprocess"] = "in_process"

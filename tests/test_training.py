@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from tiny_model import build_tiny_model
 
 from sft_dagster.spec import PipelineSpec
 from sft_dagster.training import latest_checkpoint, train
@@ -38,9 +39,9 @@ def examples(n: int, offset: int = 0) -> pd.DataFrame:
                          "response": [r[2] for r in rows], "system": [None] * n})
 
 
-def losses(spec, model_dir, train_df, val_df, out):
+def losses(spec, model_dir, train_df, val_df, out, device="cpu"):
     history = []
-    result = train(spec, model_dir, train_df, val_df, out, device="cpu", log=lambda _: None,
+    result = train(spec, model_dir, train_df, val_df, out, device=device, log=lambda _: None,
                    on_metrics=lambda m: history.append(m["train_loss"]))
     return history, result
 
@@ -53,12 +54,45 @@ def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
                   data, examples(3, 50), tmp_path / "b")
     c, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4,
                            max_tokens_per_micro_batch=16), tiny_model_dir, data, examples(3, 50), tmp_path / "c")
-    assert len(a) == len(b) == len(c) == 4
+    d, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4, packing=True),
+                  tiny_model_dir, data, examples(3, 50), tmp_path / "d")
+    assert len(a) == len(b) == len(c) == len(d) == 4
+    # Packing the batch into one padding-free row: same trajectory.
+    assert torch.allclose(torch.tensor(a), torch.tensor(d), rtol=1e-4, atol=1e-5), (a, d)
     # A token budget that splits every batch into single rows changes memory, not the trajectory.
     assert torch.allclose(torch.tensor(a), torch.tensor(c), rtol=1e-4, atol=1e-5), (a, c)
     # Loss normalised by the loss tokens of the whole window: same trajectory up to float rounding.
     assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
     assert a[-1] < a[0]
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+    from sft_dagster.training.trainer import collate, collate_packed, summed_response_loss
+
+    spec = spec_for(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows = examples(3)
+    encoded = [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
+               for p, r in zip(rows["prompt"], rows["response"])]
+    with torch.no_grad():
+        packed = collate_packed(encoded, "cpu")
+        # As the trainer calls it: without a KV cache (transformers only honours packed position ids then).
+        hidden = model.model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                             use_cache=False).last_hidden_state[0]
+        start = 0
+        for e in encoded:
+            alone = model.model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0]
+            # Each example's states in the packed row equal its states alone: nothing leaks across.
+            assert torch.allclose(hidden[start : start + len(e.input_ids)], alone, atol=1e-5)
+            start += len(e.input_ids)
+        packed_loss, packed_n = summed_response_loss(model, packed)
+        padded_loss, padded_n = summed_response_loss(model, collate(encoded, tokenizer.pad_token_id, "cpu"))
+    assert packed_n == padded_n == sum(e.n_loss_tokens for e in encoded)
+    assert torch.allclose(packed_loss, padded_loss, rtol=1e-5)
 
 
 def test_lora_adapter_is_standard_peft_and_learns(tiny_model_dir, tmp_path):
@@ -124,18 +158,43 @@ def test_rows_that_would_be_truncated_are_refused(tiny_model_dir, tmp_path):
         train(spec_for(tiny_model_dir), tiny_model_dir, data, examples(2, 50), tmp_path / "x", device="cpu")
 
 
-def test_qlora_without_cuda_is_a_clear_error(tiny_model_dir, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: QLoRA runs for real (see test_qlora_on_cuda)")
-    with pytest.raises(RuntimeError, match="qlora needs a CUDA GPU"):
-        train(spec_for(tiny_model_dir, method="qlora"), tiny_model_dir, examples(4), examples(2, 50), tmp_path / "q",
-              device="cpu")
+def test_qlora_trains_adapters_over_a_4bit_base_on_cpu(tmp_path):
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sft_dagster.training.trainer import load_model
+
+    # bitsandbytes' CPU kernels quantise in blocks of 64 input features (SmolLM2: 576 and 1536).
+    tiny_model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
+    spec = spec_for(tiny_model_dir, method="qlora", epochs=6, learning_rate=1e-2)
+    model = load_model(spec, tiny_model_dir, "cpu")
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # every linear layer of both decoder layers is 4-bit NF4
+    assert quantized[0].weight.quant_type == "nf4"
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    history, result = losses(spec, tiny_model_dir, examples(8), examples(3, 50), tmp_path / "q")
+    assert sum(history[-4:]) / 4 < history[0] - 0.25, history  # it learns
+    assert result.metrics["method"] == "qlora"
+    # A standard peft adapter: it loads on the full-precision base too (how it is evaluated and merged).
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), result.adapter_dir)
+    assert any("lora_A" in n for n, _ in tuned.named_parameters())
+
+
+def test_qlora_on_cpu_refuses_widths_its_kernels_cannot_quantise(tiny_model_dir):
+    from sft_dagster.training.trainer import load_model
+
+    with pytest.raises(ValueError, match="multiples of 64.*32 inputs: use method lora"):
+        load_model(spec_for(tiny_model_dir, method="qlora"), tiny_model_dir, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_on_cuda(tiny_model_dir, tmp_path):
+    tiny_model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
     _, result = losses(spec_for(tiny_model_dir, method="qlora", epochs=1), tiny_model_dir, examples(8),
-                       examples(3, 50), tmp_path / "q")
+                       examples(3, 50), tmp_path / "q", device="cuda")
+    assert result.metrics["device"] == "cuda" and result.metrics["precision"] == "bf16"
     assert (result.adapter_dir / "adapter_config.json").exists()
 
 

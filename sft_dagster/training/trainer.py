@@ -9,6 +9,7 @@ early stopping and the best weights are kept, and checkpoints every N steps let 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ import torch
 
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
 from ..spec import PipelineSpec
+from .fast_lora import use_fast_lora
 
 CHECKPOINTS_KEPT = 2
 
@@ -58,24 +60,26 @@ def _all_reduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
         dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
-def release_freed_memory_to_os() -> None:
-    """Make glibc return large freed blocks to the OS (CPU training only).
-
-    Batches of varying length leave glibc's heap fragmented, so a process's resident memory keeps the
-    high-water mark of every shape it has seen. Serving large blocks from mmap (freed back at once,
-    a setting that persists for the process) keeps resident memory near what the current step needs;
-    called once before training, with one trim of what loading/encoding left behind.
-    """
+@functools.cache
+def _libc():
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: allocations from 64 KiB up use mmap
-    if hasattr(libc, "malloc_trim"):
+    try:  # the symbols already loaded into this process (libc among them); no subprocess, no search
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def release_freed_memory_to_os() -> None:
+    """Hand the pages glibc keeps for freed blocks back to the OS (CPU training, after each step).
+
+    Batches of varying length leave glibc's heap holding the high-water mark of every shape seen, so
+    resident memory creeps up step after step. One `malloc_trim` per optimizer step keeps it at what a
+    step needs; serving every large block from mmap instead (M_MMAP_THRESHOLD) also caps the peak
+    inside a step but was measured 28% slower (page faults on every activation; BENCHMARKS.md).
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
@@ -131,16 +135,22 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def split_by_token_budget(micro: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """Halve a micro-batch (sorted by length) until each piece's padded size fits the budget."""
-    if len(micro) <= 1 or len(micro) * max(lengths[i] for i in micro) <= budget:
+def split_by_token_budget(micro: list[int], lengths: list[int], budget: int, packed: bool = False) -> list[list[int]]:
+    """Halve a micro-batch (sorted by length) until each piece's size fits the budget.
+
+    A piece's size is its padded size (rows x longest row), or its token count when packed.
+    """
+    size = sum(lengths[i] for i in micro) if packed else len(micro) * max(lengths[i] for i in micro)
+    if len(micro) <= 1 or size <= budget:
         return [micro]
     ordered = sorted(micro, key=lambda i: lengths[i])
     half = len(ordered) // 2
-    return split_by_token_budget(ordered[:half], lengths, budget) + split_by_token_budget(ordered[half:], lengths, budget)
+    return (split_by_token_budget(ordered[:half], lengths, budget, packed)
+            + split_by_token_budget(ordered[half:], lengths, budget, packed))
 
 
 def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Right-padded rows with an attention mask."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -152,6 +162,20 @@ def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[st
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
 
+def collate_packed(examples: list[EncodedExample], device: str) -> dict[str, torch.Tensor]:
+    """One row, no padding: position ids restart at 0 for each example and no attention mask is given,
+    so transformers builds a block-diagonal causal mask from the position ids (each token sees only its
+    own example; it does so only when no KV cache is passed, hence `use_cache=False` in the loss). An
+    example's first token is a prompt token (no loss), so the previous example's last
+    position never predicts across the boundary."""
+    if any(e.labels[0] != IGNORE_INDEX for e in examples):
+        raise ValueError("packing needs every example to start with a prompt token that carries no loss")
+    ids = torch.tensor([t for e in examples for t in e.input_ids])
+    labels = torch.tensor([t for e in examples for t in e.labels])
+    positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples])
+    return {"input_ids": ids[None].to(device), "labels": labels[None].to(device), "position_ids": positions[None].to(device)}
+
+
 def _causal_lm(model):
     """The transformers model under any peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -160,7 +184,8 @@ def _causal_lm(model):
 def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of token losses over loss positions, computing vocabulary logits only there."""
     lm = _causal_lm(model)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
     logits = lm.lm_head(hidden[:, :-1][positions]).float()
@@ -185,19 +210,21 @@ def validation_loss(model, examples: list[EncodedExample], batch_size: int, pad_
 
 
 def load_model(spec: PipelineSpec, model_dir: Path, device: str):
-    """The base model prepared for the spec's method (lora, qlora or full)."""
+    """The base model prepared for the spec's method (lora, qlora or full).
+
+    QLoRA quantises the frozen base to 4-bit NF4 with bitsandbytes (on CUDA and, with its CPU backend,
+    on CPU); the LoRA adapters stay in full precision and compute in bf16 or fp32 as picked for the run.
+    """
     from transformers import AutoModelForCausalLM
 
     method = spec.training.method
     kwargs: dict = {"dtype": torch.float32}
     if method == "qlora":
-        if not device.startswith("cuda"):
-            raise RuntimeError("training.method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); use lora on CPU")
         from transformers import BitsAndBytesConfig
 
+        compute = torch.bfloat16 if pick_precision(spec.training.precision, device) == "bf16" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
@@ -210,12 +237,21 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str):
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if method == "qlora" and not device.startswith("cuda"):
+        import bitsandbytes as bnb
+
+        odd = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % 64]
+        if odd:  # bitsandbytes' CPU kernels work on blocks of 64 input features
+            raise ValueError(f"training.method qlora on CPU needs layer widths that are multiples of 64; "
+                             f"{odd[0]} has {model.get_submodule(odd[0]).in_features} inputs: use method lora")
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
     lora = spec.training.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    model = get_peft_model(model, config)
+    use_fast_lora(model)  # same maths, cheaper dropout on CPU (see fast_lora.py)
+    return model
 
 
 def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path) -> str:
@@ -334,14 +370,15 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             )
             loss_sum = 0.0
             pieces = [piece for micro in group[rank::world]  # each rank takes its share of the window
-                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch)]
+                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch, cfg.packing)]
             for piece in pieces:
-                batch = collate([train_set[i] for i in piece], pad_id, device)
+                rows = [train_set[i] for i in piece]
+                batch = collate_packed(rows, device) if cfg.packing else collate(rows, pad_id, device)
                 with autocast(device, precision):
                     loss, n = summed_response_loss(model, batch)
                 (loss / window_tokens).backward()
-                loss_sum += float(loss)
-                state["trained_tokens"] += int(batch["attention_mask"].sum())
+                loss_sum += float(loss.detach())
+                state["trained_tokens"] += sum(lengths[i] for i in piece)
             _all_reduce_gradients(params, world)
             if world > 1:
                 import torch.distributed as dist
@@ -353,6 +390,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if not device.startswith("cuda"):
+                release_freed_memory_to_os()
             step += 1
             state["step"], state["train_loss"] = step, loss_sum / window_tokens
             state["seconds"] = time.perf_counter() - start_time
@@ -422,8 +461,6 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     steps = optimizer_steps(len(encoded), spec)
     plan = {"n_examples": len(encoded), "n_tokens": n_tokens, "n_loss_tokens": sum(e.n_loss_tokens for e in encoded),
             "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": precision}
-    if spec.training.method == "qlora" and not device.startswith("cuda"):
-        return plan | {"estimated_seconds": None}
     model = load_model(spec, model_dir, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
