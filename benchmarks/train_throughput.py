@@ -3,12 +3,13 @@
 Each trainer runs in its own subprocess (so peak RSS is its own), on SmolLM2-135M-Instruct (the
 embedded default) with LoRA r=16 on all linear layers, the same examples (Banking77 intents from
 ../shared/datasets when present, else the demo reviews), batch 8, the same number of optimizer steps.
-TRL runs at its defaults (prompt-completion data, completion-only loss, no packing); `--trl-packing`
-adds its packing mode as a third run. Prints JSON: trained (non-padding) tokens/s, peak RSS, final
-validation loss (the same response-token loss for both), the ratios, and tokens/s as a fraction of
-the measured fp32 and bf16 matmul rates of this machine.
+TRL runs at its defaults (prompt-completion data, completion-only loss, no packing); `--packing`
+adds both trainers' packing modes as further runs, `--qlora` a QLoRA run of sft_dagster's trainer.
+Prints JSON: trained (non-padding) tokens/s, peak RSS, final validation loss (the same
+response-token loss for all), the ratios, and tokens/s as a fraction of the measured fp32 and bf16
+matmul rates of this machine. Validation passes are not counted in either trainer's time.
 
-    .venv/bin/python benchmarks/train_throughput.py --steps 30
+    .venv/bin/python benchmarks/train_throughput.py --steps 30 --packing --qlora
 """
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def dataset(n_train: int, n_val: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return df.iloc[:n_train], df.iloc[n_train : n_train + n_val], source
 
 
-def spec(model_dir: str, steps: int, labels: list[str]):
+def spec(model_dir: str, steps: int, labels: list[str], method: str = "lora", packing: bool = False):
     from sft_dagster.spec import PipelineSpec
 
     return PipelineSpec.model_validate({
         "name": "bench", "task": {"type": "classification", "labels": labels, "prompt_template": PROMPT},
         "sources": [{"path": "unused"}], "model": {"base": model_dir, "max_length": 256},
-        "training": {"method": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "training": {"method": method, "packing": packing, "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
                      "batch_size": 8, "max_steps": steps, "epochs": 100, "learning_rate": 2e-4, "warmup_ratio": 0.0,
                      "lr_scheduler": "linear", "early_stopping_patience": None, "checkpoint_every_steps": 10_000,
                      "eval_every_steps": steps},
@@ -64,15 +65,16 @@ def val_loss(model, tokenizer, s, val: pd.DataFrame) -> float:
     return response_loss(model.eval(), tokenizer, val, s.task, s.model.max_length, 16, "cpu")
 
 
-def run_ours(args) -> dict:
+def run_ours(args, method: str = "lora", packing: bool = False) -> dict:
     from sft_dagster.training import train
 
     train_df, val_df, _ = dataset(args.examples, args.val)
-    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])))
-    result = train(s, Path(args.model_dir), train_df, val_df, Path(args.out) / "ours", device="cpu", log=lambda _: None)
+    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])), method, packing)
+    out = Path(args.out) / f"ours_{method}{'_packing' if packing else ''}"
+    result = train(s, Path(args.model_dir), train_df, val_df, out, device="cpu", log=lambda _: None)
     m = result.metrics
-    return {"trained_tokens": m["trained_tokens"], "seconds": m["seconds"], "tokens_per_second": m["tokens_per_second"],
-            "val_loss": m["val_loss"], "steps": m["steps"]}
+    return {"trained_tokens": m["trained_tokens"], "seconds": round(m["seconds"] - m["validation_seconds"], 2),
+            "tokens_per_second": m["tokens_per_second"], "val_loss": m["val_loss"], "steps": m["steps"]}
 
 
 def run_trl(args, packing: bool) -> dict:
@@ -120,7 +122,8 @@ def matmul_rates() -> dict:
 
 
 def child(args) -> None:
-    result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_packing": lambda a: run_trl(a, True)}[args.child](args)
+    result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_packing": lambda a: run_trl(a, True),
+              "ours_packing": lambda a: run_ours(a, packing=True), "ours_qlora": lambda a: run_ours(a, "qlora")}[args.child](args)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print("RESULT " + json.dumps(result))
 
@@ -132,7 +135,8 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=64)
     parser.add_argument("--model-dir", default=None)
     parser.add_argument("--out", default=str(ROOT / ".sft" / "bench_train"))
-    parser.add_argument("--trl-packing", action="store_true")
+    parser.add_argument("--packing", action="store_true", help="also run both trainers in packing mode")
+    parser.add_argument("--qlora", action="store_true", help="also run sft_dagster's trainer with QLoRA")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_dir is None:
@@ -146,7 +150,7 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)  # each run trains from scratch
-    runs = ["ours", "trl"] + (["trl_packing"] if args.trl_packing else [])
+    runs = ["ours", "trl"] + (["ours_packing", "trl_packing"] if args.packing else []) + (["ours_qlora"] if args.qlora else [])
     results = {}
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--examples", str(args.examples),

@@ -340,7 +340,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     ckpt_root.mkdir(parents=True, exist_ok=True)
     fingerprint = _run_fingerprint(spec, train_set, model_dir)
     state = {"fingerprint": fingerprint, "step": 0, "trained_tokens": 0, "best_val": None, "bad_evals": 0,
-             "val_history": [], "train_loss": None, "seconds": 0.0}
+             "val_history": [], "train_loss": None, "seconds": 0.0, "validation_seconds": 0.0}
     resumed_from = None
     if (ckpt := latest_checkpoint(ckpt_root, fingerprint)) is not None:
         saved = torch.load(ckpt / "state.pt", weights_only=False)
@@ -398,7 +398,9 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             if on_metrics:
                 on_metrics({"step": step, "train_loss": state["train_loss"], "lr": scheduler.get_last_lr()[0]})
             if step % eval_every == 0 or step == total_steps:
+                eval_start = time.perf_counter()
                 val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, precision)
+                state["validation_seconds"] = state.get("validation_seconds", 0.0) + time.perf_counter() - eval_start
                 state["val_history"].append({"step": step, "val_loss": val})
                 log(f"step {step}/{total_steps}: train loss {state['train_loss']:.4f}, validation loss {val:.4f}")
                 if state["best_val"] is None or val < state["best_val"]:
@@ -440,7 +442,9 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "method": cfg.method, "device": device, "precision": precision, "steps": step, "optimizer_steps_planned": total_steps,
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
         "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
-        "tokens_per_second": round(state["trained_tokens"] / max(seconds, 1e-9), 1), "seconds": round(seconds, 2),
+        # Throughput of the training steps; validation passes are timed separately.
+        "tokens_per_second": round(state["trained_tokens"] / max(seconds - state.get("validation_seconds", 0.0), 1e-9), 1),
+        "seconds": round(seconds, 2), "validation_seconds": round(state.get("validation_seconds", 0.0), 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
     }
