@@ -8,6 +8,8 @@ adds both trainers' packing modes as further runs, `--qlora` a QLoRA run of sft_
 Prints JSON: trained (non-padding) tokens/s, peak RSS, final validation loss (the same
 response-token loss for all), the ratios, and tokens/s as a fraction of the measured fp32 and bf16
 matmul rates of this machine. Validation passes are not counted in either trainer's time.
+`--device cuda` runs both on the GPU in bf16 (autocast for sft_dagster, `bf16=True` for TRL) and adds
+peak GPU memory and MFU (tokens/s x FLOPs per token over the measured bf16 matmul rate of the GPU).
 
     .venv/bin/python benchmarks/train_throughput.py --steps 30 --packing --qlora
 """
@@ -62,7 +64,7 @@ def spec(model_dir: str, steps: int, labels: list[str], method: str = "lora", pa
 def val_loss(model, tokenizer, s, val: pd.DataFrame) -> float:
     from sft_dagster.evaluation import response_loss
 
-    return response_loss(model.eval(), tokenizer, val, s.task, s.model.max_length, 16, "cpu")
+    return response_loss(model.eval(), tokenizer, val, s.task, s.model.max_length, 16, str(model.device))
 
 
 def run_ours(args, method: str = "lora", packing: bool = False) -> dict:
@@ -71,7 +73,7 @@ def run_ours(args, method: str = "lora", packing: bool = False) -> dict:
     train_df, val_df, _ = dataset(args.examples, args.val)
     s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])), method, packing)
     out = Path(args.out) / f"ours_{method}{'_packing' if packing else ''}"
-    result = train(s, Path(args.model_dir), train_df, val_df, out, device="cpu", log=lambda _: None)
+    result = train(s, Path(args.model_dir), train_df, val_df, out, device=args.device, log=lambda _: None)
     m = result.metrics
     return {"trained_tokens": m["trained_tokens"], "seconds": round(m["seconds"] - m["validation_seconds"], 2),
             "tokens_per_second": m["tokens_per_second"], "val_loss": m["val_loss"], "steps": m["steps"]}
@@ -92,10 +94,15 @@ def run_trl(args, packing: bool) -> dict:
         for p, r in zip(train_df["prompt"], train_df["response"])
     ])
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    config = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=8, max_steps=args.steps,
+    # Packed, TRL fills each of the 8 rows to max_length (its default 1024 would make a step ~14x the
+    # unpacked tokens): rows of model.max_length and a third of the steps keep the token count close.
+    steps = max(1, args.steps // 3) if packing else args.steps
+    extra = {"max_length": s.model.max_length} if packing else {}
+    config = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=8, max_steps=steps,
                        learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, logging_steps=args.steps,
-                       save_strategy="no", report_to=[], packing=packing, use_cpu=True, seed=0,
-                       include_num_input_tokens_seen="non_padding", dataloader_num_workers=0)
+                       save_strategy="no", report_to=[], packing=packing, use_cpu=args.device == "cpu", seed=0,
+                       bf16=args.device == "cuda",
+                       include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, **extra)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"))
@@ -107,17 +114,21 @@ def run_trl(args, packing: bool) -> dict:
             "val_loss": val_loss(trainer.model, tokenizer, s, val_df), "steps": trainer.state.global_step}
 
 
-def matmul_rates() -> dict:
+def matmul_rates(device: str) -> dict:
     import torch
 
-    out = {}
+    out, size, reps = {}, (8192 if device == "cuda" else 2048), (50 if device == "cuda" else 10)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
         a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(10):
+        for _ in range(reps):
             a @ b
-        out[f"{name}_gflops"] = round(10 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9, 1)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        out[f"{name}_gflops"] = round(reps * 2 * size**3 / (time.perf_counter() - start) / 1e9, 1)
     return out
 
 
@@ -125,6 +136,10 @@ def child(args) -> None:
     result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_packing": lambda a: run_trl(a, True),
               "ours_packing": lambda a: run_ours(a, packing=True), "ours_qlora": lambda a: run_ours(a, "qlora")}[args.child](args)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if args.device == "cuda":
+        import torch
+
+        result["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     print("RESULT " + json.dumps(result))
 
 
@@ -137,6 +152,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / ".sft" / "bench_train"))
     parser.add_argument("--packing", action="store_true", help="also run both trainers in packing mode")
     parser.add_argument("--qlora", action="store_true", help="also run sft_dagster's trainer with QLoRA")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_dir is None:
@@ -154,14 +170,15 @@ def main() -> None:
     results = {}
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--examples", str(args.examples),
-               "--val", str(args.val), "--model-dir", args.model_dir, "--out", args.out]
+               "--val", str(args.val), "--model-dir", args.model_dir, "--out", args.out, "--device", args.device]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
         results[name] = json.loads(line[len("RESULT "):])
+        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     ours, trl = results["ours"], results["trl"]
-    rates = matmul_rates()
+    rates = matmul_rates(args.device)
     # LoRA step FLOPs per token ~ 4 x non-embedding parameters (forward + input gradients; the frozen
     # weights get no weight gradients); the tied 49k x 576 output layer only where loss is computed.
     from transformers import AutoConfig
@@ -172,7 +189,7 @@ def main() -> None:
                                              + 3 * h * cfg.intermediate_size)
     flops_per_token = 4 * linear_params
     report = {
-        "model": Path(args.model_dir).name, "data": dataset(args.examples, args.val)[2], "steps": args.steps, "batch_size": 8,
+        "model": Path(args.model_dir).name, "device": args.device, "data": dataset(args.examples, args.val)[2], "steps": args.steps, "batch_size": 8,
         "results": results,
         "tokens_per_second_ratio_vs_trl": round(ours["tokens_per_second"] / trl["tokens_per_second"], 2),
         "peak_rss_ratio_vs_trl": round(ours["peak_rss_mib"] / trl["peak_rss_mib"], 2),
