@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .formatting import build_messages, encode_example, generation_prompt_ids
+from .formatting import build_messages, column_or_none, encode_example, generation_prompt_ids
 from .spec import PipelineSpec, TaskSpec
 from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
 
@@ -70,7 +70,8 @@ def _generation_metrics(expected: list[str], raw: list[str]) -> dict:
 def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
              precision: str = "fp32") -> list[str]:
     """Greedy generations for each row's prompt (batched, left-padded)."""
-    prompts = [generation_prompt_ids(tokenizer, p, s, task) for p, s in zip(df["prompt"], df["system"])]
+    prompts = [generation_prompt_ids(tokenizer, p, s, task, h)
+               for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -92,8 +93,8 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
                   precision: str = "fp32") -> float:
     """Mean cross-entropy over reply tokens: the same tokens and the same loss as training."""
     encoded = [
-        encode_example(tokenizer, build_messages(p, r, s, task), max_length)
-        for p, r, s in zip(df["prompt"], df["response"], df["system"])
+        encode_example(tokenizer, build_messages(p, r, s, task, h), max_length)
+        for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, count = 0.0, 0

@@ -1,13 +1,16 @@
 """Examples -> chat messages -> token ids with a loss mask, through the base model's chat template.
 
-Only the assistant's reply carries loss: its content and its end-of-turn token (so the tuned model
-learns to stop), not the newline the template adds after it. Nothing is truncated silently:
+Only the assistant's replies carry loss: their content and end-of-turn token (so the tuned model
+learns to stop), not the newline the template adds after them. A multi-turn chat keeps its earlier
+turns in `history` (JSON); every assistant turn in it carries loss too, as in TRL's assistant-only loss. Nothing is truncated silently:
 `encode_example` reports `truncated`, the quality gate flags such rows and the trainer refuses them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import json
 
 import pandas as pd
 
@@ -20,11 +23,21 @@ class TemplateError(ValueError):
     """The tokenizer's chat template does not render a prompt as a prefix of the full conversation."""
 
 
-def build_messages(prompt: str, response: str | None, system: str | None, task: TaskSpec) -> list[dict]:
+def history_turns(history) -> list[dict]:
+    """The earlier turns of a multi-turn chat (a JSON list of {role, content}); [] when there are none."""
+    if history is None or (isinstance(history, float) and pd.isna(history)) or history is pd.NA:
+        return []
+    turns = json.loads(history) if isinstance(history, str) else list(history)
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def build_messages(prompt: str, response: str | None, system: str | None, task: TaskSpec, history=None) -> list[dict]:
+    """system?, earlier turns, the user turn (the task's prompt template applied), the reply if given."""
     messages = []
     system_text = system if isinstance(system, str) and system else task.system
     if system_text:
         messages.append({"role": "system", "content": system_text})
+    messages += history_turns(history)
     messages.append({"role": "user", "content": task.prompt_template.format(prompt=prompt)})
     if response is not None:
         messages.append({"role": "assistant", "content": str(response)})
@@ -50,24 +63,27 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
 
 
 def encode_example(tokenizer, messages: list[dict], max_length: int) -> EncodedExample:
-    """Token ids of the whole conversation and labels that are IGNORE_INDEX outside the reply."""
+    """Token ids of the whole conversation and labels that are IGNORE_INDEX outside the assistant turns."""
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's reply")
-    prompt_ids = _ids(tokenizer, messages[:-1], add_generation_prompt=True)
     full_ids = _ids(tokenizer, messages, add_generation_prompt=False)
-    if full_ids[: len(prompt_ids)] != prompt_ids:
-        raise TemplateError("the chat template does not render the prompt as a prefix of the conversation")
-    reply = full_ids[len(prompt_ids) :]
-    # The reply ends at the end-of-turn token; anything the template adds after it carries no loss.
+    labels = [IGNORE_INDEX] * len(full_ids)
     eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
-    end = reply.index(eos) + 1 if eos is not None and eos in reply else len(reply)
-    labels = [IGNORE_INDEX] * len(prompt_ids) + reply[:end] + [IGNORE_INDEX] * (len(reply) - end)
+    for turn in (i for i, m in enumerate(messages) if m["role"] == "assistant"):
+        before = _ids(tokenizer, messages[:turn], add_generation_prompt=True)
+        through = full_ids if turn == len(messages) - 1 else _ids(tokenizer, messages[: turn + 1], add_generation_prompt=False)
+        if through[: len(before)] != before or full_ids[: len(through)] != through:
+            raise TemplateError("the chat template does not render each turn as a prefix of the conversation")
+        reply = through[len(before) :]
+        # The reply ends at the end-of-turn token; anything the template adds after it carries no loss.
+        end = reply.index(eos) + 1 if eos is not None and eos in reply else len(reply)
+        labels[len(before) : len(before) + end] = reply[:end]
     truncated = len(full_ids) > max_length
     return EncodedExample(input_ids=full_ids[:max_length], labels=labels[:max_length], truncated=truncated)
 
 
-def generation_prompt_ids(tokenizer, prompt: str, system: str | None, task: TaskSpec) -> list[int]:
-    return _ids(tokenizer, build_messages(prompt, None, system, task), add_generation_prompt=True)
+def generation_prompt_ids(tokenizer, prompt: str, system: str | None, task: TaskSpec, history=None) -> list[int]:
+    return _ids(tokenizer, build_messages(prompt, None, system, task, history), add_generation_prompt=True)
 
 
 _SLOTS = {"system": " \x00SYSTEM\x00 ", "prompt": " \x00PROMPT\x00 ", "response": " \x00RESPONSE\x00 "}
@@ -99,18 +115,25 @@ class ConversationRenderer:
             self._shapes[key] = text if verbatim else None
         return self._shapes[key]
 
-    def render(self, prompt: str, response: str | None, system: str | None) -> str:
+    def render(self, prompt: str, response: str | None, system: str | None, history=None) -> str:
         system_text = system if isinstance(system, str) and system else self.task.system
-        shape = self._template(bool(system_text), response is not None)
+        turns = history_turns(history)
+        shape = None if turns else self._template(bool(system_text), response is not None)
         if shape is None:
             return self.tokenizer.apply_chat_template(
-                build_messages(prompt, response, system, self.task), tokenize=False, add_generation_prompt=response is None)
+                build_messages(prompt, response, system, self.task, turns), tokenize=False,
+                add_generation_prompt=response is None)
         text = shape.replace(_SLOTS["prompt"], str(prompt))
         if system_text:
             text = text.replace(_SLOTS["system"], system_text)
         if response is not None:
             text = text.replace(_SLOTS["response"], str(response))
         return text
+
+
+def column_or_none(df: pd.DataFrame, column: str) -> list:
+    """A column's values, or None for every row of a frame written before the column existed."""
+    return list(df[column]) if column in df.columns else [None] * len(df)
 
 
 def token_lengths(tokenizer, df: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
@@ -120,8 +143,9 @@ def token_lengths(tokenizer, df: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
     """
     renderer = ConversationRenderer(tokenizer, task)
     systems = [s if isinstance(s, str) else None for s in df["system"]]
-    full = [renderer.render(p, r, s) for p, r, s in zip(df["prompt"], df["response"], systems)]
-    prompts = [renderer.render(p, None, s) for p, s in zip(df["prompt"], systems)]
+    histories = column_or_none(df, "history")
+    full = [renderer.render(p, r, s, h) for p, r, s, h in zip(df["prompt"], df["response"], systems, histories)]
+    prompts = [renderer.render(p, None, s, h) for p, s, h in zip(df["prompt"], systems, histories)]
     replies = [f[len(p):] if f.startswith(p) else f for f, p in zip(full, prompts)]
     n_tokens = [len(ids) for ids in tokenizer(full, add_special_tokens=False)["input_ids"]] if len(full) else []
     eos = tokenizer.eos_token or ""

@@ -112,7 +112,7 @@ def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
 
 
 def _from_messages(messages: Any) -> tuple[dict[str, str | None], str | None]:
-    """A chat `messages` list -> (system, prompt, response). Only single-exchange chats for now."""
+    """A chat `messages` list -> system, history (earlier turns, JSON), prompt (last user turn), response."""
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
@@ -121,13 +121,19 @@ def _from_messages(messages: Any) -> tuple[dict[str, str | None], str | None]:
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         return {}, "messages is not a list of {role, content} objects"
     roles = [m.get("role") for m in messages]
-    system = None
+    system, offset = None, 0
     if roles and roles[0] == "system":
+        offset = 1
         system = messages[0].get("content")
         messages, roles = messages[1:], roles[1:]
-    if roles != ["user", "assistant"]:
-        return {}, f"messages must be [system?, user, assistant], got roles {roles} (multi-turn chats are not supported yet)"
-    return {"system": system, "prompt": messages[0].get("content"), "response": messages[1].get("content")}, None
+    if not roles or roles != ["user", "assistant"] * (len(roles) // 2):
+        return {}, f"messages must be [system?, user, assistant, (user, assistant)...], got roles {roles}"
+    for i, m in enumerate(messages[:-2]):
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return {}, f"messages[{i + offset}].content is empty or not text"
+    history = [{"role": m["role"], "content": m["content"]} for m in messages[:-2]]
+    return {"system": system, "history": json.dumps(history, ensure_ascii=False) if history else None,
+            "prompt": messages[-2].get("content"), "response": messages[-1].get("content")}, None
 
 
 def _canonical(record: Any, source: SourceSpec) -> tuple[dict[str, Any], str | None]:
@@ -145,6 +151,7 @@ def _canonical(record: Any, source: SourceSpec) -> tuple[dict[str, Any], str | N
     else:
         for name in ("prompt", "response", "system"):
             fields[name] = record.get(mapping[name])
+        fields["history"] = None
     for name in ("prompt", "response", "system"):
         if name == "system" and fields.get(name) is None:
             continue
@@ -208,7 +215,10 @@ def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[d
 
 def assign_example_ids(df: pd.DataFrame) -> pd.DataFrame:
     """Stable ids from content; the N-th repeat of identical content gets "~N" appended."""
-    hashes = [content_hash(s, p, r) for s, p, r in zip(df["system"], df["prompt"], df["response"])]
+    histories = df["history"] if "history" in df else [None] * len(df)
+    # History joins the hash only when present, so single-exchange ids stay what they always were.
+    hashes = [content_hash(s, p, r) if not isinstance(h, str) else content_hash(s, p, r, h)
+              for s, p, r, h in zip(df["system"], df["prompt"], df["response"], histories)]
     df = df.assign(content_hash=hashes)
     repeat = df.groupby("content_hash").cumcount()
     df["example_id"] = df["content_hash"].where(repeat == 0, df["content_hash"] + "~" + repeat.astype(str))
@@ -228,8 +238,9 @@ def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             per_file[str(path)] = {"rows_read": len(rows) + len(bad), "kept": len(rows), "quarantined": len(bad)}
     examples = pd.DataFrame(kept, columns=[c for c in EXAMPLE_COLUMNS if c not in ("example_id", "content_hash")])
     examples["system"] = examples["system"].astype("object")
+    examples["history"] = examples["history"].astype("object")
     examples = assign_example_ids(examples)[EXAMPLE_COLUMNS]
-    for col in ("example_id", "content_hash", "prompt", "response", "system", "source_file", "metadata"):
+    for col in ("example_id", "content_hash", "prompt", "response", "system", "history", "source_file", "metadata"):
         examples[col] = examples[col].astype("string")
     examples["source_line"] = examples["source_line"].astype("int64")
     quarantine = pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)

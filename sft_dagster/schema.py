@@ -15,10 +15,11 @@ import pandas as pd
 # Canonical examples (output of ingest). For label tasks `response` holds the label.
 EXAMPLE_COLUMNS = [
     "example_id",  # content hash, with "~N" appended for the N-th repeat of identical content
-    "content_hash",  # hash of (system, prompt, response): equal for exact duplicates
+    "content_hash",  # hash of (system, prompt, response[, history]): equal for exact duplicates
     "prompt",
     "response",
     "system",  # may be null
+    "history",  # a multi-turn chat's earlier turns: JSON list of {role, content}; null for one exchange
     "source_file",
     "source_line",  # 1-based line (JSONL/CSV data line) or row number (Parquet)
     "metadata",  # JSON object of the source's other columns

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from transformers import AutoTokenizer
@@ -48,6 +50,27 @@ def test_loss_is_on_the_reply_and_its_end_of_turn_only(tokenizer):
     # The newline the template adds after <|im_end|> carries no loss.
     assert encoded.labels[-1] == IGNORE_INDEX and tokenizer.decode(encoded.input_ids[-1:]) == "\n"
     assert not encoded.truncated and encoded.n_loss_tokens == len(loss_ids)
+
+
+def test_every_assistant_turn_of_a_chat_carries_loss(tokenizer):
+    history = json.dumps([{"role": "user", "content": "Review: okay kettle"}, {"role": "assistant", "content": "negative"}])
+    messages = build_messages("great kettle", "positive", None, TASK, history)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    encoded = encode_example(tokenizer, messages, max_length=512)
+    spans, current = [], []
+    for token, label in zip(encoded.input_ids, encoded.labels):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    assert spans == ["negative<|im_end|>", "positive<|im_end|>"]
+    # Generation continues the whole chat, and token lengths count the whole chat.
+    prompt_ids = generation_prompt_ids(tokenizer, "great kettle", None, TASK, history)
+    assert encoded.input_ids[: len(prompt_ids)] == prompt_ids
+    df = pd.DataFrame({"example_id": ["c"], "prompt": ["great kettle"], "response": ["positive"], "system": [None],
+                       "history": [history]})
+    assert token_lengths(tokenizer, df, TASK)["n_tokens"].tolist() == [len(encoded.input_ids)]
 
 
 def test_truncation_is_reported_not_hidden(tokenizer):

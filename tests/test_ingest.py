@@ -71,12 +71,28 @@ def test_no_matching_file(tmp_path):
 
 
 def test_messages_column(tmp_path):
+    def turn(role, content):
+        return {"role": role, "content": content}
+
     chats = [
-        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]},
+        {"messages": [turn("system", "be brief"), turn("user", "hi"), turn("assistant", "hello")]},
+        {"messages": [turn("user", "a"), turn("assistant", "b"), turn("user", "c")]},
+        {"messages": [turn("user", "2+2?"), turn("assistant", "4"), turn("user", "times 3?"), turn("assistant", "12")]},
+        {"messages": [turn("user", "x?"), turn("assistant", "4"), turn("user", "times 3?"), turn("assistant", "12")]},
+        {"messages": [turn("user", "q"), turn("assistant", ""), turn("user", "again"), turn("assistant", "ok")]},
     ]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n")
     spec = make_spec(tmp_path, [{"path": "c.jsonl", "columns": {"messages": "messages"}}])
-    examples, quarantine, _ = ingest(spec)
+    examples, quarantine, stats = ingest(spec)
+    assert stats["rows_read"] == 5 == len(examples) + len(quarantine)
     assert examples.iloc[0][["system", "prompt", "response"]].tolist() == ["be brief", "hi", "hello"]
-    assert "multi-turn" in quarantine.iloc[0]["reason"]
+    assert pd.isna(examples.iloc[0]["history"])
+    # Multi-turn: the last exchange is prompt/response, the earlier turns are kept as history.
+    chat = examples.iloc[1]
+    assert chat[["prompt", "response"]].tolist() == ["times 3?", "12"]
+    assert json.loads(chat["history"]) == [turn("user", "2+2?"), turn("assistant", "4")]
+    # Same last exchange, other history: a different example, not a duplicate.
+    assert examples.iloc[2]["content_hash"] != chat["content_hash"]
+    reasons = quarantine.sort_values("source_line")["reason"].tolist()
+    assert "got roles ['user', 'assistant', 'user']" in reasons[0]
+    assert reasons[1] == "messages[1].content is empty or not text"

@@ -95,6 +95,24 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     assert torch.allclose(packed_loss, padded_loss, rtol=1e-5)
 
 
+def test_multi_turn_chats_train_on_the_whole_conversation(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+
+    data = examples(4)
+    data["history"] = [None, json.dumps([{"role": "user", "content": "Review: fine"}, {"role": "assistant", "content": "neutral"}]),
+                       None, json.dumps([{"role": "user", "content": "Review: bad"}, {"role": "assistant", "content": "negative"}])]
+    spec = spec_for(tiny_model_dir, epochs=1, batch_size=4)
+    _, result = losses(spec, tiny_model_dir, data, examples(2, 50), tmp_path / "chat")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    encoded = [encode_example(tokenizer, build_messages(r.prompt, r.response, None, spec.task, r.history), 128)
+               for r in data.itertuples()]
+    assert result.metrics["trained_tokens"] == sum(len(e.input_ids) for e in encoded)
+    assert [e.n_loss_tokens > 0 for e in encoded] == [True] * 4
+    assert encoded[1].n_loss_tokens > encoded[0].n_loss_tokens  # both assistant turns carry loss
+
+
 def test_lora_adapter_is_standard_peft_and_learns(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -349,7 +349,8 @@ def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
         train_path, val_path = paths.dir / "splits" / "train.parquet", paths.dir / "splits" / "validation.parquet"
         train_df, val_df = read_table(train_path), read_table(val_path)
         lineage = {
-            "training_data_hash": frame_hash(pd.concat([train_df, val_df])[["example_id", "prompt", "response", "system", "split"]]),
+            "training_data_hash": frame_hash(pd.concat([train_df, val_df])[
+                ["example_id", "prompt", "response", "system", "split"] + (["history"] if "history" in train_df else [])]),
             "base_model_hash": resolved["model_hash"],
             "tokenizer_hash": resolved["tokenizer_hash"],
             "spec_fingerprint": spec.fingerprint(),

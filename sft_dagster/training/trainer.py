@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, column_or_none, encode_example
 from ..spec import PipelineSpec
 from .fast_lora import use_fast_lora
 
@@ -107,8 +107,9 @@ def autocast(device: str, precision: str):
 def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec) -> list[EncodedExample]:
     """Encode every row; refuse (never silently truncate) rows that do not fit or carry no loss."""
     encoded, refused = [], []
-    for example_id, prompt, response, system in zip(df["example_id"], df["prompt"], df["response"], df["system"]):
-        messages = build_messages(prompt, response, system if isinstance(system, str) else None, spec.task)
+    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
+    for example_id, prompt, response, system, history in rows:
+        messages = build_messages(prompt, response, system if isinstance(system, str) else None, spec.task, history)
         example = encode_example(tokenizer, messages, spec.model.max_length)
         if example.truncated or example.n_loss_tokens == 0:
             refused.append(str(example_id))
