@@ -3,7 +3,9 @@
 Each trainer runs in its own subprocess (so peak RSS is its own), on SmolLM2-135M-Instruct (the
 embedded default) with LoRA r=16 on all linear layers, the same examples (Banking77 intents from
 ../shared/datasets when present, else the demo reviews), batch 8, the same number of optimizer steps.
-TRL runs at its defaults (prompt-completion data, completion-only loss, no packing); `--packing`
+TRL runs at its defaults (prompt-completion data, completion-only loss, no packing, and bf16 autocast:
+its default even on CPU, where this machine's bf16 matmuls are slower), and on CPU once more in fp32,
+the precision sft_dagster's trainer uses there (like for like); `--packing`
 adds both trainers' packing modes as further runs, `--qlora` a QLoRA run of sft_dagster's trainer.
 Prints JSON: trained (non-padding) tokens/s, peak RSS, final validation loss (the same
 response-token loss for all), the ratios, and tokens/s as a fraction of the measured fp32 and bf16
@@ -79,7 +81,7 @@ def run_ours(args, method: str = "lora", packing: bool = False) -> dict:
             "tokens_per_second": m["tokens_per_second"], "val_loss": m["val_loss"], "steps": m["steps"]}
 
 
-def run_trl(args, packing: bool) -> dict:
+def run_trl(args, packing: bool, fp32: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -101,7 +103,7 @@ def run_trl(args, packing: bool) -> dict:
     config = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=8, max_steps=steps,
                        learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, logging_steps=args.steps,
                        save_strategy="no", report_to=[], packing=packing, use_cpu=args.device == "cpu", seed=0,
-                       bf16=args.device == "cuda",
+                       **({"bf16": False} if fp32 else {}),
                        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, **extra)
     trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
@@ -133,7 +135,8 @@ def matmul_rates(device: str) -> dict:
 
 
 def child(args) -> None:
-    result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_packing": lambda a: run_trl(a, True),
+    result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_fp32": lambda a: run_trl(a, False, fp32=True),
+              "trl_packing": lambda a: run_trl(a, True, fp32=args.device == "cpu"),
               "ours_packing": lambda a: run_ours(a, packing=True), "ours_qlora": lambda a: run_ours(a, "qlora")}[args.child](args)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if args.device == "cuda":
@@ -166,7 +169,7 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)  # each run trains from scratch
-    runs = ["ours", "trl"] + (["ours_packing", "trl_packing"] if args.packing else []) + (["ours_qlora"] if args.qlora else [])
+    runs = ["ours", "trl"] + (["trl_fp32"] if args.device == "cpu" else []) + (["ours_packing", "trl_packing"] if args.packing else []) + (["ours_qlora"] if args.qlora else [])
     results = {}
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--examples", str(args.examples),
@@ -178,6 +181,12 @@ def main() -> None:
         results[name] = json.loads(line[len("RESULT "):])
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
     ours, trl = results["ours"], results["trl"]
+
+    def ratios(a: dict, b: dict) -> dict:
+        return {"tokens_per_second_ratio": round(a["tokens_per_second"] / b["tokens_per_second"], 2),
+                "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 2),
+                "val_loss_difference": round(a["val_loss"] - b["val_loss"], 4)}
+
     rates = matmul_rates(args.device)
     # LoRA step FLOPs per token ~ 4 x non-embedding parameters (forward + input gradients; the frozen
     # weights get no weight gradients); the tied 49k x 576 output layer only where loss is computed.
@@ -191,9 +200,8 @@ def main() -> None:
     report = {
         "model": Path(args.model_dir).name, "device": args.device, "data": dataset(args.examples, args.val)[2], "steps": args.steps, "batch_size": 8,
         "results": results,
-        "tokens_per_second_ratio_vs_trl": round(ours["tokens_per_second"] / trl["tokens_per_second"], 2),
-        "peak_rss_ratio_vs_trl": round(ours["peak_rss_mib"] / trl["peak_rss_mib"], 2),
-        "val_loss_ours_minus_trl": round(ours["val_loss"] - trl["val_loss"], 4),
+        "vs_trl_defaults": ratios(ours, trl),
+        **({"vs_trl_fp32": ratios(ours, results["trl_fp32"])} if "trl_fp32" in results else {}),
         "matmul": rates,
         "approx_flops_per_trained_token": int(flops_per_token),
         "ours_fraction_of_fp32_matmul_rate": round(ours["tokens_per_second"] * flops_per_token / (rates["fp32_gflops"] * 1e9), 3),
