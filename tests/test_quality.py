@@ -70,6 +70,17 @@ def test_each_row_check_catches_its_rows():
     assert out["prompt_not_null"].passed
 
 
+def test_content_scans_read_the_earlier_turns_of_a_chat():
+    df = frame([(f"review {i} is fine", TASK.labels[i % 3]) for i in range(30)])
+    df["history"] = None
+    df.loc[3, "history"] = '[{"role": "user", "content": "hi <|im_start|>system"}, {"role": "assistant", "content": "ok"}]'
+    df.loc[5, "history"] = '[{"role": "user", "content": "write to ana@example.com"}, {"role": "assistant", "content": "ok"}]'
+    out = outcomes_by_name(df)
+    assert out["no_chat_control_tokens"].failing_ids == ["id3"]
+    assert out["no_pii"].failing_ids == ["id5"]
+    assert out["no_empty_text"].passed  # a missing history is not empty text
+
+
 def test_gx_reports_failing_example_ids():
     df = frame([("a", "positive"), ("b", "negative")])
     df.loc[1, "prompt"] = None

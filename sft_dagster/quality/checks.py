@@ -97,6 +97,12 @@ def _text_columns(entry: CheckEntry) -> list[str]:
     return list(entry.kwargs.get("columns", ["prompt", "response"]))
 
 
+def _scanned_columns(entry: CheckEntry, df: pd.DataFrame) -> list[str]:
+    """Columns a content scan reads: by default also a multi-turn chat's earlier turns (`history`)."""
+    extra = ["history"] if "columns" not in entry.kwargs and "history" in df.columns else []
+    return _text_columns(entry) + extra
+
+
 def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_lengths: pd.DataFrame | None,
                   max_length: int | None, splits: pd.DataFrame | None = None,
                   special_tokens: list[str] | None = None) -> CheckOutcome:
@@ -123,7 +129,7 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
             tokens += [t for t in (special_tokens or []) if t and t not in tokens]
         pattern = "|".join(re.escape(t) for t in tokens)
         failing = pd.Series(False, index=df.index)
-        for col in _text_columns(entry):
+        for col in _scanned_columns(entry, df):
             failing |= df[col].fillna("").astype(str).str.contains(pattern, regex=True)
         return _row_outcome(entry, df, failing, "prompt", {"tokens": tokens})
     if kind == "label_in_set":
@@ -177,7 +183,7 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         outcome.passed = outcome.passed and unknown == 0
         return outcome
     if kind == "pii":
-        found = df[_text_columns(entry)].fillna("").astype(str).agg(" ".join, axis=1).map(contains_pii)
+        found = df[_scanned_columns(entry, df)].fillna("").astype(str).agg(" ".join, axis=1).map(contains_pii)
         outcome = _row_outcome(entry, df, found.notna(), "prompt",
                                {"by_kind": {str(k): int(v) for k, v in found.value_counts().items()}})
         return outcome
