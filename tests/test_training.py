@@ -113,6 +113,20 @@ def test_multi_turn_chats_train_on_the_whole_conversation(tiny_model_dir, tmp_pa
     assert encoded[1].n_loss_tokens > encoded[0].n_loss_tokens  # both assistant turns carry loss
 
 
+def test_gradient_checkpointing_changes_memory_not_the_trajectory(tiny_model_dir, tmp_path):
+    # With dropout on: recomputed forward passes must draw the same dropout masks.
+    lora = {"r": 4, "alpha": 8, "dropout": 0.1}
+    a, _ = losses(spec_for(tiny_model_dir, epochs=2, lora=lora), tiny_model_dir, examples(8), examples(3, 50), tmp_path / "a")
+    b, _ = losses(spec_for(tiny_model_dir, epochs=2, lora=lora, gradient_checkpointing=True), tiny_model_dir,
+                  examples(8), examples(3, 50), tmp_path / "b")
+    assert len(a) == len(b) == 4
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
+    from sft_dagster.training.trainer import load_model
+
+    spec = spec_for(tiny_model_dir, lora=lora, gradient_checkpointing=True)
+    assert load_model(spec, tiny_model_dir, "cpu").get_base_model().is_gradient_checkpointing
+
+
 def test_lora_adapter_is_standard_peft_and_learns(tiny_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
