@@ -17,7 +17,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .formatting import build_messages, column_or_none, encode_example, generation_prompt_ids
+from .formatting import build_messages, encode_example, generation_prompt_ids
+from .schema import column_or_none
 from .spec import PipelineSpec, TaskSpec
 from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
 

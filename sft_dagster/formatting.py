@@ -2,18 +2,19 @@
 
 Only the assistant's replies carry loss: their content and end-of-turn token (so the tuned model
 learns to stop), not the newline the template adds after them. A multi-turn chat keeps its earlier
-turns in `history` (JSON); every assistant turn in it carries loss too, as in TRL's assistant-only loss. Nothing is truncated silently:
-`encode_example` reports `truncated`, the quality gate flags such rows and the trainer refuses them.
+turns in `history` (JSON); every assistant turn in it carries loss too, as in TRL's assistant-only
+loss. Nothing is truncated silently: `encode_example` reports `truncated`, the quality gate flags
+such rows and the trainer refuses them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import json
+from dataclasses import dataclass
 
 import pandas as pd
 
+from .schema import column_or_none
 from .spec import TaskSpec
 
 IGNORE_INDEX = -100
@@ -24,11 +25,12 @@ class TemplateError(ValueError):
 
 
 def history_turns(history) -> list[dict]:
-    """The earlier turns of a multi-turn chat (a JSON list of {role, content}); [] when there are none."""
-    if history is None or (isinstance(history, float) and pd.isna(history)) or history is pd.NA:
+    """The earlier turns of a multi-turn chat (JSON text or a list of {role, content}); [] for a null."""
+    if isinstance(history, str):
+        history = json.loads(history)
+    if not isinstance(history, list):
         return []
-    turns = json.loads(history) if isinstance(history, str) else list(history)
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
+    return [{"role": t["role"], "content": t["content"]} for t in history]
 
 
 def build_messages(prompt: str, response: str | None, system: str | None, task: TaskSpec, history=None) -> list[dict]:
@@ -129,11 +131,6 @@ class ConversationRenderer:
         if response is not None:
             text = text.replace(_SLOTS["response"], str(response))
         return text
-
-
-def column_or_none(df: pd.DataFrame, column: str) -> list:
-    """A column's values, or None for every row of a frame written before the column existed."""
-    return list(df[column]) if column in df.columns else [None] * len(df)
 
 
 def token_lengths(tokenizer, df: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow.parquet as pq
 
-from .schema import EXAMPLE_COLUMNS, QUARANTINE_COLUMNS, content_hash
+from .schema import EXAMPLE_COLUMNS, QUARANTINE_COLUMNS, column_or_none, content_hash
 from .spec import PipelineSpec, SourceSpec
 
 REQUIRED = ("prompt", "response")
@@ -215,7 +215,7 @@ def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[d
 
 def assign_example_ids(df: pd.DataFrame) -> pd.DataFrame:
     """Stable ids from content; the N-th repeat of identical content gets "~N" appended."""
-    histories = df["history"] if "history" in df else [None] * len(df)
+    histories = column_or_none(df, "history")
     # History joins the hash only when present, so single-exchange ids stay what they always were.
     hashes = [content_hash(s, p, r) if not isinstance(h, str) else content_hash(s, p, r, h)
               for s, p, r, h in zip(df["system"], df["prompt"], df["response"], histories)]

@@ -36,6 +36,11 @@ LABEL_COLUMNS = [
 QUARANTINE_COLUMNS = ["example_id", "stage", "reason", "source_file", "source_line", "record"]
 
 
+def column_or_none(df: pd.DataFrame, column: str) -> list:
+    """A column's values, or None for every row of a frame written before the column existed."""
+    return list(df[column]) if column in df.columns else [None] * len(df)
+
+
 def content_hash(*parts: Any) -> str:
     blob = json.dumps([("" if p is None or (isinstance(p, float) and pd.isna(p)) else str(p)) for p in parts])
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]

@@ -25,7 +25,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, column_or_none, encode_example
+from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..schema import column_or_none
 from ..spec import PipelineSpec
 from .fast_lora import use_fast_lora
 
@@ -241,10 +242,10 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str):
     if method == "qlora" and not device.startswith("cuda"):
         import bitsandbytes as bnb
 
-        odd = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % 64]
+        odd = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % 64]
         if odd:  # bitsandbytes' CPU kernels work on blocks of 64 input features
             raise ValueError(f"training.method qlora on CPU needs layer widths that are multiples of 64; "
-                             f"{odd[0]} has {model.get_submodule(odd[0]).in_features} inputs: use method lora")
+                             f"{odd[0][0]} has {odd[0][1]} inputs: use method lora")
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
     lora = spec.training.lora
@@ -401,7 +402,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             if step % eval_every == 0 or step == total_steps:
                 eval_start = time.perf_counter()
                 val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, precision)
-                state["validation_seconds"] = state.get("validation_seconds", 0.0) + time.perf_counter() - eval_start
+                state["validation_seconds"] += time.perf_counter() - eval_start
                 state["val_history"].append({"step": step, "val_loss": val})
                 log(f"step {step}/{total_steps}: train loss {state['train_loss']:.4f}, validation loss {val:.4f}")
                 if state["best_val"] is None or val < state["best_val"]:
@@ -444,8 +445,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
         "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
         # Throughput of the training steps; validation passes are timed separately.
-        "tokens_per_second": round(state["trained_tokens"] / max(seconds - state.get("validation_seconds", 0.0), 1e-9), 1),
-        "seconds": round(seconds, 2), "validation_seconds": round(state.get("validation_seconds", 0.0), 2),
+        "tokens_per_second": round(state["trained_tokens"] / max(seconds - state["validation_seconds"], 1e-9), 1),
+        "seconds": round(seconds, 2), "validation_seconds": round(state["validation_seconds"], 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
     }
