@@ -20,19 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/sft-dagster run assets/demo_sentiment.yaml
 
 test: setup
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/python -m pytest -q
 
 validate: setup
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/dagster definitions validate -w workspace.yaml
 
 ui: setup
-	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/dagster dev -w workspace.yaml
 
 clean:

@@ -13,22 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from . import review_cli
-
-DEFAULT_DAGSTER_HOME = ".dagster_home"
-
-
-def ensure_dagster_home() -> Path:
-    home = Path(os.environ.get("DAGSTER_HOME") or DEFAULT_DAGSTER_HOME).resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").touch(exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
-
+from .instance import ensure_dagster_home
 
 def _latest_metadata(instance, key) -> dict:
     event = instance.get_latest_materialization_event(key)
@@ -59,7 +48,8 @@ def run_summary(instance, spec, result) -> dict:
     if report_path and Path(report_path).with_suffix(".json").exists():
         report = json.loads(Path(report_path).with_suffix(".json").read_text())
         evaluation = {"primary_metric": report["primary_metric"], "base": report["base"], "tuned": report["tuned"],
-                      "corrected_view": report.get("corrected_view")}
+                      "champion": report.get("champion"), "champion_version": report.get("champion_version"),
+                      "promotion": report.get("promotion"), "corrected_view": report.get("corrected_view")}
     return {
         "pipeline": spec.name,
         "run_id": result.run_id,
@@ -107,7 +97,11 @@ def _print_summary(s: dict) -> None:
     ev = s["evaluation"]
     if ev:
         m = ev["primary_metric"]
-        print(f"{m}: base {ev['base'][m]:.3f}  ->  fine-tuned {ev['tuned'][m]:.3f}  ({ev['tuned'][m] - ev['base'][m]:+.3f})")
+        champion = (f"champion {ev['champion_version']} {ev['champion'][m]:.3f}" if ev.get("champion")
+                    else "no champion yet")
+        print(f"{m}: base {ev['base'][m]:.3f}  |  {champion}  |  candidate {ev['tuned'][m]:.3f}")
+        if ev.get("promotion"):
+            print(f"promotion: {'promote' if ev['promotion']['promote'] else 'not promoted'}: {ev['promotion']['reason']}")
     for name, path in s["artefacts"].items():
         if path:
             print(f"{name}: {path}")
@@ -138,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             known = sorted(k.path[-1] for k in graph.get_all_asset_keys() if k.path[0] == spec.name)
             print(f"error: --select: unknown stage(s) {unknown}; stages are {known}", file=sys.stderr)
             return 2
-        selection = list(dg.AssetSelection.assets(*keys).upstream().resolve(graph))
+        selection = list(dg.AssetSelection.assets(*keys).upstream().required_multi_asset_neighbors().resolve(graph))
     instance = dg.DagsterInstance.get()
     result = job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False,
                                     tags={"sft_dagster/launched_by": "cli"})

@@ -60,7 +60,7 @@ def curate(
         reason[hit] = (
             "label issue: given " + df.loc[hit, "response"].astype(str)
             + ", suggested " + df.loc[hit, "suggested_label"].astype(str)
-            + f" (label score " + df.loc[hit, "label_score"].round(3).astype(str) + ")"
+            + " (label score " + df.loc[hit, "label_score"].round(3).astype(str) + ")"
         )
     if policy.near_duplicates == "drop":
         hit = trainable & df["is_near_duplicate"] & reason.isna()

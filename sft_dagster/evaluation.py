@@ -9,6 +9,8 @@ view (suggested labels on flagged rows) is reported beside it, never instead of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ import pandas as pd
 import torch
 
 from .formatting import build_messages, encode_example, generation_prompt_ids
-from .schema import column_or_none
+from .schema import column_or_none, frame_hash
 from .spec import PipelineSpec, TaskSpec
 from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
 
@@ -123,56 +125,56 @@ def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device
     return ModelScores(predictions=predictions, raw_outputs=raw, loss=loss, metrics=metrics)
 
 
-def _slices(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, task: TaskSpec) -> dict:
-    """Error analysis: the task metric per label (label tasks) and per prompt-length quartile."""
-    correct = lambda s: pd.Series(  # noqa: E731
-        [p == e for p, e in zip(s.predictions, test["response"])] if task.is_label_task
-        else [normalise_answer(p) == normalise_answer(e) for p, e in zip(s.raw_outputs, test["response"])],
-        index=test.index,
-    )
-    frame = pd.DataFrame({"base": correct(base), "tuned": correct(tuned)})
+def _correct(scores: ModelScores, test: pd.DataFrame, task: TaskSpec) -> pd.Series:
+    if task.is_label_task:
+        hits = [p == e for p, e in zip(scores.predictions, test["response"])]
+    else:
+        hits = [normalise_answer(p) == normalise_answer(e) for p, e in zip(scores.raw_outputs, test["response"])]
+    return pd.Series(hits, index=test.index)
+
+
+def _slices(test: pd.DataFrame, models: dict[str, ModelScores], task: TaskSpec) -> dict:
+    """Error analysis: the task metric per label (label tasks) and per prompt-length quartile, per model."""
+    frame = pd.DataFrame({name: _correct(scores, test, task) for name, scores in models.items()})
+
+    def table(groups) -> dict:
+        return {str(k): {"n": int(len(g)), **{name: float(g[name].mean()) for name in models}} for k, g in groups}
+
     out: dict = {}
     if task.is_label_task:
-        out["by_label"] = {
-            str(k): {"n": int(len(g)), "base": float(g["base"].mean()), "tuned": float(g["tuned"].mean())}
-            for k, g in frame.groupby(test["response"].astype(str))
-        }
+        out["by_label"] = table(frame.groupby(test["response"].astype(str)))
     length = test["prompt"].str.len()
     buckets = pd.qcut(length, q=min(4, max(1, length.nunique())), duplicates="drop")
-    out["by_prompt_length"] = {
-        str(k): {"n": int(len(g)), "base": float(g["base"].mean()), "tuned": float(g["tuned"].mean())}
-        for k, g in frame.groupby(buckets, observed=True)
-    }
+    out["by_prompt_length"] = table(frame.groupby(buckets, observed=True))
     return out
 
 
-def _corrected_view(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, task: TaskSpec) -> dict | None:
+def _corrected_view(test: pd.DataFrame, models: dict[str, ModelScores], task: TaskSpec) -> dict | None:
     if not task.is_label_task or "is_label_issue" not in test:
         return None
     flagged = test["is_label_issue"].fillna(False).astype(bool) & test["suggested_label"].notna()
     corrected = test["response"].where(~flagged, test["suggested_label"]).astype(str).tolist()
-    return {
-        "relabelled_rows": int(flagged.sum()),
-        "base": _label_metrics(corrected, base.predictions, task.labels),
-        "tuned": _label_metrics(corrected, tuned.predictions, task.labels),
-    }
+    return {"relabelled_rows": int(flagged.sum()),
+            **{name: _label_metrics(corrected, scores.predictions, task.labels) for name, scores in models.items()}}
 
 
 def primary_metric(task: TaskSpec) -> str:
     return "accuracy" if task.is_label_task else "exact_match"
 
 
-def build_report(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, spec: PipelineSpec) -> dict:
+def _difference(a: dict, b: dict) -> dict:
+    return {k: a[k] - b[k] for k in b if isinstance(b[k], float) and isinstance(a.get(k), float)}
+
+
+def build_report(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, spec: PipelineSpec,
+                 champion: ModelScores | None = None, champion_version: str | None = None) -> dict:
+    """Base model, the current champion (the promoted version, when there is one) and the candidate
+    (`tuned`), scored on the same test rows."""
     task = spec.task
-    improvement = {k: tuned.metrics[k] - base.metrics[k] for k in base.metrics if isinstance(base.metrics[k], float)}
+    models = {"base": base, **({"champion": champion} if champion is not None else {}), "tuned": tuned}
     samples = [
-        {
-            "example_id": str(row.example_id),
-            "prompt": str(row.prompt),
-            "expected": str(row.response),
-            "base": base.raw_outputs[i].strip(),
-            "tuned": tuned.raw_outputs[i].strip(),
-        }
+        {"example_id": str(row.example_id), "prompt": str(row.prompt), "expected": str(row.response),
+         **{name: scores.raw_outputs[i].strip() for name, scores in models.items()}}
         for i, row in enumerate(test.head(spec.evaluation.num_samples).itertuples())
     ]
     report = {
@@ -181,12 +183,15 @@ def build_report(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, spec
         "primary_metric": primary_metric(task),
         "n_test": len(test),
         "base": base.metrics,
+        "champion": champion.metrics if champion is not None else None,
+        "champion_version": champion_version if champion is not None else None,
         "tuned": tuned.metrics,
-        "improvement": improvement,
-        "slices": _slices(test, base, tuned, task),
+        "improvement": _difference(tuned.metrics, base.metrics),
+        "improvement_over_champion": _difference(tuned.metrics, champion.metrics) if champion is not None else None,
+        "slices": _slices(test, models, task),
         "samples": samples,
     }
-    if (view := _corrected_view(test, base, tuned, task)) is not None:
+    if (view := _corrected_view(test, models, task)) is not None:
         report["corrected_view"] = view
     return report
 
@@ -199,52 +204,128 @@ def test_rows(test: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
     return rows
 
 
-def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.DataFrame, device: str = "auto") -> dict:
-    """Score the base model, then the fine-tuned one, on the same test rows."""
+def load_tuned_model(model_dir: Path, adapter_dir: Path, method: str, device: str, base=None):
+    """A fine-tuned model as it is served: a full model directory, or a LoRA/QLoRA adapter merged into the
+    full-precision base (merged weights score exactly like the adapter and generate faster)."""
+    from transformers import AutoModelForCausalLM
+
+    if method == "full":
+        return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).to(device).eval()
+    from peft import PeftModel
+
+    base = base if base is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(device).eval()
+
+
+def _scores_cached(cache_dir: Path | None, key: dict, compute) -> ModelScores:
+    """Scores of a model that did not change (the base model, the champion) are computed once per test
+    split and evaluation settings, then read back: a nightly run scores only the new candidate."""
+    if cache_dir is None:
+        return compute()
+    from . import atomic
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = cache_dir / f"{digest}.json"
+    if path.exists():
+        return ModelScores(**json.loads(path.read_text()))
+    scores = compute()
+    atomic.write_json(path, {"predictions": scores.predictions, "raw_outputs": scores.raw_outputs,
+                             "loss": scores.loss, "metrics": scores.metrics})
+    return scores
+
+
+def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.DataFrame, device: str = "auto",
+             method: str | None = None, adapter_id: str | None = None, champion: dict | None = None,
+             cache_dir: Path | None = None, cache_key: dict | None = None) -> dict:
+    """Score the base model, the champion (when given) and the fine-tuned candidate on the same test rows.
+
+    adapter_id: the candidate's lineage hash. champion: `{"version", "adapter_dir", "method", "lineage_hash"}`
+    of the currently promoted model. cache_dir/cache_key: where and under what identity (base model
+    hashes, code version) scores are cached, per model (the base, or an adapter by its lineage hash):
+    a nightly run scores only what is new, and a champion's scores are the ones it had as a candidate.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)
+    method = method or spec.training.method
     rows = test_rows(test, spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    base = score_model(base_model, tokenizer, rows, spec, device)
-    if spec.training.method == "full":
-        del base_model
-        tuned_model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).to(device).eval()
-    else:
-        from peft import PeftModel
+    identity = {"rows": frame_hash(rows[["example_id", "prompt", "response"]]), "task": spec.task.model_dump(mode="json"),
+                "evaluation": spec.evaluation.model_dump(mode="json"), "max_length": spec.model.max_length,
+                "precision": pick_precision(spec.training.precision, device), **(cache_key or {})}
 
-        # Merged weights score exactly like the adapter and generate faster.
-        tuned_model = PeftModel.from_pretrained(base_model, adapter_dir).merge_and_unload().to(device).eval()
-    tuned = score_model(tuned_model, tokenizer, rows, spec, device)
-    return build_report(rows, base, tuned, spec)
+    def scores_of(directory: Path | None, model_method: str, model_id: str | None) -> ModelScores:
+        def compute() -> ModelScores:
+            if directory is None:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+            else:
+                model = load_tuned_model(model_dir, directory, model_method, device)
+            return score_model(model, tokenizer, rows, spec, device)
+
+        if directory is not None and model_id is None:
+            return compute()
+        return _scores_cached(cache_dir, identity | {"model": model_id or "base"}, compute)
+
+    base = scores_of(None, "", None)
+    champion_scores = None
+    if champion is not None:
+        champion_scores = scores_of(Path(champion["adapter_dir"]), champion["method"], champion["lineage_hash"])
+    tuned = scores_of(adapter_dir, method, adapter_id)
+    return build_report(rows, base, tuned, spec, champion_scores, champion["version"] if champion else None)
+
+
+def write_report(directory: Path, report: dict) -> None:
+    """`evaluation.json` and `evaluation.md` in `directory`, each written atomically."""
+    from . import atomic
+
+    atomic.write_json(directory / "evaluation.json", report)
+    atomic.write_text(directory / "evaluation.md", render_markdown(report))
+
+
+def read_report(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _columns(report: dict) -> list[tuple[str, str]]:
+    """(key, heading) of each scored model, in report order."""
+    champion = report.get("champion")
+    return [("base", "base"), *([("champion", f"champion {report.get('champion_version')}")] if champion else []),
+            ("tuned", "candidate")]
+
+
 def render_markdown(report: dict) -> str:
+    cols = _columns(report)
+    heading = " | ".join(h for _, h in cols)
+    rule = "|".join("---" for _ in range(len(cols) + 2))
     metrics = list(report["base"])
     lines = [
         f"# Evaluation report: {report['pipeline']}",
         "",
         f"Task: {report['task']}; test rows: {report['n_test']}; primary metric: **{report['primary_metric']}**.",
         "",
-        "| metric | base | fine-tuned | change |",
-        "|---|---|---|---|",
-        *(f"| {m} | {_fmt(report['base'][m])} | {_fmt(report['tuned'][m])} | {_fmt(report['improvement'].get(m, ''))} |" for m in metrics),
+        f"| metric | {heading} | change vs {'champion' if report.get('champion') else 'base'} |",
+        f"|{rule}|",
     ]
+    reference = report.get("improvement_over_champion") or report["improvement"]
+    for m in metrics:
+        values = " | ".join(_fmt((report[k] or {}).get(m, "")) for k, _ in cols)
+        lines.append(f"| {m} | {values} | {_fmt(reference.get(m, ''))} |")
+    if decision := report.get("promotion"):
+        lines += ["", f"**Promotion: {'promote' if decision['promote'] else 'do not promote'}.** {decision['reason']}"]
     if view := report.get("corrected_view"):
-        lines += [
-            "",
-            f"Corrected view ({view['relabelled_rows']} test rows flagged by cleanlab scored against the suggested label): "
-            f"base accuracy {_fmt(view['base']['accuracy'])}, fine-tuned {_fmt(view['tuned']['accuracy'])}.",
-        ]
+        scored = ", ".join(f"{h} {_fmt(view[k]['accuracy'])}" for k, h in cols if k in view)
+        lines += ["", f"Corrected view ({view['relabelled_rows']} test rows flagged by cleanlab scored against the "
+                      f"suggested label), accuracy: {scored}."]
     for name, table in report["slices"].items():
-        lines += ["", f"## Error analysis {name.replace('_', ' ')}", "", "| slice | n | base | fine-tuned |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['n']} | {_fmt(v['base'])} | {_fmt(v['tuned'])} |" for k, v in table.items()]
-    lines += ["", "## Sample generations", "", "| prompt | expected | base | fine-tuned |", "|---|---|---|---|"]
+        lines += ["", f"## Error analysis {name.replace('_', ' ')}", "", f"| slice | n | {heading} |",
+                  f"|{rule}|"]
+        lines += [f"| {k} | {v['n']} | " + " | ".join(_fmt(v.get(c, '')) for c, _ in cols) + " |" for k, v in table.items()]
     cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
-    lines += [f"| {cell(s['prompt'])} | {cell(s['expected'])} | {cell(s['base'])} | {cell(s['tuned'])} |" for s in report["samples"]]
+    lines += ["", "## Sample generations", "", f"| prompt | expected | {heading} |", f"|{rule}|"]
+    lines += [f"| {cell(s['prompt'])} | {cell(s['expected'])} | " + " | ".join(cell(s.get(c, '')) for c, _ in cols) + " |"
+              for s in report["samples"]]
     return "\n".join(lines) + "\n"

@@ -15,12 +15,11 @@ file doubles as an append-only audit log. Edits are atomic (write a temp file, t
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from . import atomic
 from .schema import quarantine_rows
 
 CORRECTION_COLUMNS = ["example_id", "action", "new_value", "note", "author", "timestamp", "old_value"]
@@ -76,22 +75,16 @@ def append_corrections(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            if existing:
-                fh.write(existing if existing.endswith("\n") else existing + "\n")
-            writer = csv.DictWriter(fh, fieldnames=CORRECTION_COLUMNS, extrasaction="raise")
-            if not existing:
-                writer.writeheader()
-            for row in rows:
-                if row.get("action") not in ACTIONS:
-                    raise CorrectionsError(f"{path}: action: {row.get('action')!r} is not one of {list(ACTIONS)}")
-                writer.writerow({c: row.get(c, "") for c in CORRECTION_COLUMNS})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic.atomic_file(path, "w", newline="", encoding="utf-8") as fh:
+        if existing:
+            fh.write(existing if existing.endswith("\n") else existing + "\n")
+        writer = csv.DictWriter(fh, fieldnames=CORRECTION_COLUMNS, extrasaction="raise")
+        if not existing:
+            writer.writeheader()
+        for row in rows:
+            if row.get("action") not in ACTIONS:
+                raise CorrectionsError(f"{path}: action: {row.get('action')!r} is not one of {list(ACTIONS)}")
+            writer.writerow({c: row.get(c, "") for c in CORRECTION_COLUMNS})
     # Validate what we wrote, so a bad edit never lingers unnoticed.
     read_corrections(path)
 

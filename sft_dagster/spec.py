@@ -188,8 +188,11 @@ class EvaluationSpec(_Strict):
 
 class PromotionSpec(_Strict):
     metric: str = "accuracy"
-    # The fine-tuned model must beat the base model by at least this much on `metric`.
+    # The candidate must beat the current promoted model (the champion; the base model before the first
+    # promotion) by at least this much on `metric`, and must not be worse on the task's primary metric.
     min_improvement: float = 0.0
+    # `base`: compare with the base model only (e.g. after switching to another base model).
+    compare_with: Literal["champion", "base"] = "champion"
     registry: str | None = None  # default: <storage root>/registry
 
 

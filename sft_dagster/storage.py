@@ -38,6 +38,10 @@ class PipelinePaths:
         return self.dir / "quality"
 
     @property
+    def splits_dir(self) -> Path:
+        return self.dir / "splits"
+
+    @property
     def training_dir(self) -> Path:
         return self.dir / "training"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ def run(defs: dg.Definitions, spec, instance, stages: list[str] | None = None):
     job = defs.resolve_job_def(job_name(spec))
     selection = None
     if stages:
-        selection = [dg.AssetKey([spec.name, s]) for s in stages]
+        keys = [dg.AssetKey([spec.name, s]) for s in stages]
+        selection = list(dg.AssetSelection.assets(*keys).required_multi_asset_neighbors().resolve(defs.resolve_asset_graph()))
     return job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
 
 
@@ -96,12 +98,13 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
     result = run(defs, spec, instance)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert materialized(result) == {
-        "raw_examples", "label_corrections", "labelled_examples", "label_issues", "curated_examples", "quarantine",
-        "dataset_splits", "base_model", "fine_tuned_adapter", "evaluation_report", "promoted_model",
+        "raw_examples", "ingest_quarantine", "label_corrections", "labelled_examples", "labels_quarantine",
+        "label_issues", "curated_examples", "curation_quarantine", "quarantine", "dataset_splits", "base_model",
+        "fine_tuned_adapter", "evaluation_report", "promoted_model",
     }
     checks = check_results(result)
     assert checks["quarantine:rows_accounted_for"] and checks["dataset_splits:no_leakage_across_splits"]
-    assert checks["evaluation_report:beats_base_model"]
+    assert checks["evaluation_report:beats_champion"]
 
     raw = metadata(instance, spec, "raw_examples")
     quarantine = pd.read_parquet(storage / spec.name / "tables" / "quarantine.parquet")
@@ -131,20 +134,36 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
 
 
 def test_failed_blocking_gate_stops_training_across_runs(tmp_path, tiny_model_dir, instance):
-    # Zero tolerance for label issues: the planted errors fail the blocking cleanlab gate.
-    spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"quality.cleanlab.max_label_issue_rate": 0.0}))
+    data_stages = ["raw_examples", "label_corrections", "labelled_examples", "label_issues", "curated_examples",
+                   "quarantine", "dataset_splits"]
+    # Data that passed its gates once: splits exist on disk from that run.
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir))
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
-    first = run(defs, spec, instance)
-    assert check_results(first)["label_issues:label_issue_rate"] is False
-    assert "fine_tuned_adapter" not in materialized(first)
-    assert "evaluation_report" not in materialized(first)
+    assert run(defs, spec, instance, data_stages).success
 
-    # A later run that selects only the training stage is refused by the cross-run guard.
-    second = run(defs, spec, instance, stages=["fine_tuned_adapter"])
+    # Zero tolerance for label issues: the planted errors now fail the blocking cleanlab gate, and the
+    # stages below it are skipped inside the run.
+    strict = load_spec(write_spec(tmp_path, tiny_model_dir, **{"quality.cleanlab.max_label_issue_rate": 0.0}))
+    defs = build_definitions([strict], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    first = run(defs, strict, instance)
+    assert check_results(first)["label_issues:label_issue_rate"] is False
+    assert not materialized(first) & {"curated_examples", "fine_tuned_adapter", "evaluation_report"}
+
+    # A later run that selects only the training stage finds the old splits but is refused by the cross-run guard.
+    second = run(defs, strict, instance, stages=["fine_tuned_adapter"])
     assert not second.success
     failure = "\n".join(str(e.event_specific_data.error) for e in second.all_events if e.event_type_value == "STEP_FAILURE")
     assert "label_issues:label_issue_rate is FAILED" in failure
     assert instance.get_latest_materialization_event(dg.AssetKey([spec.name, "fine_tuned_adapter"])) is None
+
+
+def test_a_stage_whose_inputs_were_never_materialized_says_so(tmp_path, tiny_model_dir, instance):
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    result = run(defs, spec, instance, stages=["fine_tuned_adapter"])
+    assert not result.success
+    failure = "\n".join(str(e.event_specific_data.error) for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert re.search(r"tiny_sentiment/(dataset_splits|base_model) has never been materialized", failure), failure
 
 
 def test_corrections_file_change_flows_through(tmp_path, tiny_model_dir, instance):
@@ -191,7 +210,8 @@ def test_training_through_pipes_and_torchrun(tmp_path, tiny_model_dir, instance)
                                                              "training.num_processes": 2, "training.epochs": 1}))
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
     result = run(defs, spec, instance, ["raw_examples", "label_corrections", "labelled_examples", "label_issues",
-                                        "curated_examples", "dataset_splits", "base_model", "fine_tuned_adapter"])
+                                        "curated_examples", "quarantine", "dataset_splits", "base_model",
+                                        "fine_tuned_adapter"])
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     adapter = metadata(instance, spec, "fine_tuned_adapter")
     assert adapter["metrics"]["processes"] == 2

@@ -1,6 +1,8 @@
 import json
 
-from sft_dagster.registry import latest_version, promote, promotion_decision
+import pytest
+
+from sft_dagster.registry import champion, latest_version, promote, promotion_decision
 
 
 def report(base: float, tuned: float) -> dict:
@@ -9,11 +11,11 @@ def report(base: float, tuned: float) -> dict:
 
 
 def test_promotion_decision_margin_and_direction():
-    assert promotion_decision(report(0.5, 0.6), "accuracy", 0.05)[0]
-    assert not promotion_decision(report(0.5, 0.52), "accuracy", 0.05)[0]
-    assert promotion_decision(report(0.5, 0.5), "loss", 0.5)[0]  # lower loss is better
-    ok, why = promotion_decision(report(0.5, 0.6), "bleu", 0.0)
-    assert not ok and "not in the evaluation report" in why
+    assert promotion_decision(report(0.5, 0.6), "accuracy", 0.05)["promote"]
+    assert not promotion_decision(report(0.5, 0.52), "accuracy", 0.05)["promote"]
+    assert promotion_decision(report(0.5, 0.5), "loss", 0.5)["promote"]  # lower loss is better
+    decision = promotion_decision(report(0.5, 0.6), "bleu", 0.0)
+    assert not decision["promote"] and "not in the evaluation report" in decision["reason"]
 
 
 def test_promote_versions_and_is_idempotent(tmp_path):
@@ -21,12 +23,42 @@ def test_promote_versions_and_is_idempotent(tmp_path):
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     registry = tmp_path / "registry" / "demo"
-    v1 = promote(adapter, registry, report(0.4, 0.8), {"training_data_hash": "a"}, "ok")
+    ok = {"promote": True, "reason": "ok"}
+    v1 = promote(adapter, registry, report(0.4, 0.8), {"training_data_hash": "a"}, ok)
     assert v1.name == "v1" and latest_version(registry) == v1
     assert (v1 / "adapter_model.safetensors").read_bytes() == b"weights"
-    assert "accuracy: base 0.4000, fine-tuned 0.8000" in (v1 / "MODEL_CARD.md").read_text()
+    assert "accuracy: base 0.4000, candidate 0.8000 (first promotion" in (v1 / "MODEL_CARD.md").read_text()
     assert json.loads((v1 / "lineage.json").read_text()) == {"training_data_hash": "a"}
-    assert promote(adapter, registry, report(0.4, 0.8), {"training_data_hash": "a"}, "ok") == v1
-    v2 = promote(adapter, registry, report(0.4, 0.9), {"training_data_hash": "b"}, "ok")
+    assert promote(adapter, registry, report(0.4, 0.8), {"training_data_hash": "a"}, ok) == v1
+    v2 = promote(adapter, registry, report(0.4, 0.9), {"training_data_hash": "b"}, ok)
     assert v2.name == "v2" and latest_version(registry) == v2
     assert not list(registry.glob(".*tmp*"))
+    assert champion(registry)["version"] == "v2" and champion(registry)["lineage"] == {"training_data_hash": "b"}
+
+
+def champion_report(tuned: dict, champion: dict | None, primary: str = "accuracy") -> dict:
+    return {"task": "sentiment", "n_test": 10, "primary_metric": primary, "base": {"accuracy": 0.3, "loss": 2.0},
+            "tuned": tuned, "champion": champion, "champion_version": "v3" if champion else None}
+
+
+def test_promotion_decision_against_the_champion():
+    champion = {"accuracy": 0.80, "loss": 1.0}
+    # Beats the base model easily, but not the champion by the margin: not promoted.
+    decision = promotion_decision(champion_report({"accuracy": 0.81, "loss": 0.9}, champion), "accuracy", 0.05)
+    assert decision["promote"] is False and decision["compared_with"] == "champion v3"
+    assert decision["gain"] == pytest.approx(0.01)
+    assert promotion_decision(champion_report({"accuracy": 0.86, "loss": 0.9}, champion), "accuracy", 0.05)["promote"]
+    # Better loss (the promotion metric) but worse on the primary metric: never promoted.
+    worse = promotion_decision(champion_report({"accuracy": 0.79, "loss": 0.5}, champion), "loss", 0.1)
+    assert worse["promote"] is False and "worse on the primary metric accuracy" in worse["reason"]
+    # No champion yet: the base model is the reference.
+    first = promotion_decision(champion_report({"accuracy": 0.36, "loss": 1.9}, None), "accuracy", 0.05)
+    assert first["promote"] and first["compared_with"] == "base model"
+    # The candidate is the champion (unchanged inputs): nothing to do, and no alert.
+    same = promotion_decision(champion_report({"accuracy": 0.8, "loss": 1.0}, None) | {"candidate_is_champion": True,
+                                                                                      "champion_version": "v3"}, "accuracy", 0.05)
+    assert same["promote"] and "current champion v3" in same["reason"]
+    # A champion that could not be scored blocks promotion instead of being skipped.
+    unknown = promotion_decision(champion_report({"accuracy": 0.9, "loss": 0.5}, None) | {"champion_error": "other base"},
+                                 "accuracy", 0.0)
+    assert unknown["promote"] is False and "could not be scored" in unknown["reason"]

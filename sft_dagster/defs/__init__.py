@@ -9,9 +9,11 @@ import dagster as dg
 
 from ..spec import PipelineSpec, load_specs
 from ..storage import default_storage_root
-from .assets import PipelineDefs, build_pipeline_assets
+from .common import PipelineDefs
+from .pipeline import build_pipeline_assets
 from .automation import data_change_sensor, failed_gate_sensor, nightly_schedule, pipeline_job
-from .resources import ComputeResource, ParquetIOManager, SFTStorage
+from .common import JSON_IO
+from .resources import ComputeResource, JsonIOManager, ParquetIOManager, SFTStorage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +57,7 @@ def build_definitions(
             "storage": SFTStorage(root=root),
             "compute": ComputeResource(device=device),
             "io_manager": ParquetIOManager(root=root),
+            JSON_IO: JsonIOManager(root=root),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),
         },
     )

@@ -11,7 +11,9 @@ import dagster as dg
 from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..spec import PipelineSpec
-from .assets import PipelineDefs, corrections_path
+from .common import PipelineDefs
+from .evaluation import PROMOTION_CHECK
+from .shared import corrections_path
 from .resources import SFTStorage
 
 
@@ -48,7 +50,7 @@ def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
         for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True)):
             stat = Path(path).stat()
             files[path] = [stat.st_size, stat.st_mtime_ns]
-    corrections = corrections_path(spec, storage.paths(spec.name))
+    corrections = corrections_path(spec, storage)
     if corrections.exists():
         stat = corrections.stat()
         files[str(corrections)] = [stat.st_size, stat.st_mtime_ns]
@@ -84,7 +86,7 @@ def failed_gate_sensor(pipelines: list[PipelineDefs]) -> dg.SensorDefinition:
     logged and appended to `<storage root>/alerts.jsonl` (point a log shipper or a hook at it).
     """
     check_keys = [key for p in pipelines for key in p.blocking_checks] + [
-        dg.AssetCheckKey(p.key("evaluation_report"), "beats_base_model") for p in pipelines
+        p.check_key("evaluation_report", PROMOTION_CHECK) for p in pipelines
     ]
 
     @dg.sensor(name="failed_quality_gate_sensor", minimum_interval_seconds=60,

@@ -7,13 +7,13 @@ and the UI can show them.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .. import atomic
 from ..spec import TaskSpec
 from .suite import CheckEntry, Suite, build_expectation
 
@@ -227,7 +227,7 @@ def run_gx(entries: list[CheckEntry], df: pd.DataFrame, out_dir: Path | None) ->
     result = batch.validate(suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["example_id"]})
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "gx_validation.json").write_text(json.dumps(result.to_json_dict(), indent=1, default=str))
+        atomic.write_json(out_dir / "gx_validation.json", result.to_json_dict(), indent=1)
     by_name = {entry.name: entry for entry in entries}
     outcomes = []
     for res in result.results:
@@ -278,7 +278,7 @@ def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: 
         for outcome in ordered:
             path = out_dir / f"{outcome.name}.csv"
             if outcome.failing_ids:
-                pd.DataFrame({"example_id": outcome.failing_ids}).to_csv(path, index=False)
+                atomic.write_csv(path, pd.DataFrame({"example_id": outcome.failing_ids}))
             else:
                 path.unlink(missing_ok=True)  # no list left over from an earlier run
     return ordered

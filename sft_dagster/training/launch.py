@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from .. import atomic
 from ..spec import PipelineSpec
 
 
@@ -28,7 +29,7 @@ def launch_training_pipes(context: dg.AssetExecutionContext, pipes_client: dg.Pi
     """Train in a child process (torchrun when num_processes > 1); logs stream back through Pipes."""
     output_dir.mkdir(parents=True, exist_ok=True)
     spec_json = output_dir / "spec.json"
-    spec_json.write_text(json.dumps(spec.model_dump(mode="json")))
+    atomic.write_json(spec_json, spec.model_dump(mode="json"))
     command = worker_command(spec, spec_json, model_dir, train_path, val_path, output_dir, device)
     context.log.info(f"launching: {' '.join(command)}")
     invocation = pipes_client.run(command=command, context=context)

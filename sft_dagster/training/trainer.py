@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .. import atomic
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
 from ..schema import column_or_none
 from ..spec import PipelineSpec
@@ -269,15 +269,11 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _save_checkpoint(ckpt_root: Path, step: int, model, optimizer, scheduler, state: dict) -> None:
-    tmp = ckpt_root / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps(state))
-    target = ckpt_root / f"step-{step}"
-    shutil.rmtree(target, ignore_errors=True)  # a stale checkpoint of another run (other fingerprint)
-    os.replace(tmp, target)
+    # Replaces a stale checkpoint of another run (other fingerprint) with the same step number.
+    with atomic.atomic_dir(ckpt_root / f"step-{step}") as tmp:
+        torch.save({"trainable": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
     for old in sorted(ckpt_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -345,7 +341,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
              "val_history": [], "train_loss": None, "seconds": 0.0, "validation_seconds": 0.0}
     resumed_from = None
     if (ckpt := latest_checkpoint(ckpt_root, fingerprint)) is not None:
-        saved = torch.load(ckpt / "state.pt", weights_only=False)
+        saved = torch.load(ckpt / "state.pt", weights_only=True)  # tensors and plain containers only
         with torch.no_grad():
             named = dict(model.named_parameters())
             for k, v in saved["trainable"].items():
@@ -408,7 +404,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 if state["best_val"] is None or val < state["best_val"]:
                     state["best_val"], state["bad_evals"] = val, 0
                     if rank == 0:
-                        torch.save(_trainable_state(model), best_path)
+                        atomic.torch_save(best_path, _trainable_state(model))
                 else:
                     state["bad_evals"] += 1
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
@@ -431,15 +427,15 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     if best_path.exists():  # keep the weights with the best validation loss
         with torch.no_grad():
             named = dict(model.named_parameters())
-            for k, v in torch.load(best_path).items():
+            for k, v in torch.load(best_path, weights_only=True).items():
                 named[k].copy_(v.to(named[k].device))
     seconds = time.perf_counter() - start_time
     out = output_dir / ("model" if cfg.method == "full" else "adapter")
     if rank == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        model.save_pretrained(out, safe_serialization=True)
-        if cfg.method == "full":
-            tokenizer.save_pretrained(out)
+        with atomic.atomic_dir(out) as tmp:  # readers see the previous complete adapter or the new one
+            model.save_pretrained(tmp, safe_serialization=True)
+            if cfg.method == "full":
+                tokenizer.save_pretrained(tmp)
     metrics = {
         "method": cfg.method, "device": device, "precision": precision, "steps": step, "optimizer_steps_planned": total_steps,
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
@@ -451,7 +447,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
     }
     if rank == 0:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic.write_json(output_dir / "metrics.json", metrics)
     return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
 
 
@@ -491,10 +487,7 @@ def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic.atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
     return out_dir

@@ -1,0 +1,133 @@
+"""Atomic writes: every file and folder the pipeline publishes appears whole or not at all.
+
+A reader (a later stage, another run, the CLI, a person) sees the old content or the new one, never
+half of a file: content goes to a uniquely named temp file in the same folder, is flushed and fsynced,
+then renamed over the target (`os.replace`, atomic on POSIX within one filesystem). Folders (adapters,
+checkpoints, registry versions) are built under a temp name and renamed into place the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """Open a temp file beside `path`; on a clean exit it replaces `path` (fsynced), on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_file(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any, **dumps_kwargs) -> Path:
+    dumps_kwargs = {"indent": 2, "default": str} | dumps_kwargs
+    return write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
+
+
+def write_parquet(path: str | Path, df) -> Path:
+    """A DataFrame as Parquet (pyarrow), atomically."""
+    with atomic_file(path, "wb") as fh:
+        df.to_parquet(fh, engine="pyarrow", index=False)
+    return Path(path)
+
+
+def write_csv(path: str | Path, df) -> Path:
+    with atomic_file(path, "w", encoding="utf-8", newline="") as fh:
+        df.to_csv(fh, index=False)
+    return Path(path)
+
+
+def torch_save(path: str | Path, obj: Any) -> Path:
+    import torch
+
+    with atomic_file(path, "wb") as fh:
+        torch.save(obj, fh)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temp name beside `path`; on a clean exit it replaces `path`.
+
+    An existing `path` is first moved aside and removed after the new folder is in place, so at every
+    moment `path` is either the complete old folder, absent for the instant between two renames, or the
+    complete new one; never a mix. On error the temp folder is removed and `path` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with contextlib.suppress(OSError):
+                fd = os.open(f, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.old"
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temps(directory: str | Path) -> int:
+    """Delete temp files and folders a killed writer left behind in `directory` (not recursive)."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for p in directory.glob(".*.tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed += 1
+    for p in directory.glob(".*.old"):
+        shutil.rmtree(p, ignore_errors=True)
+        removed += 1
+    return removed

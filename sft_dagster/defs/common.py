@@ -1,0 +1,120 @@
+"""What every stage module of the Dagster layer shares: the pipeline's key space, metadata helpers.
+
+Each `defs/<stage>.py` has one `build(p: PipelineDefs)` that adds that stage's assets and checks to
+`p`. Data travels between assets as inputs (DataFrames as Parquet through `ParquetIOManager`, model
+artefacts as small JSON records through `JsonIOManager`), never by re-reading another stage's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import dagster as dg
+import pandas as pd
+
+from ..quality import Suite
+from ..spec import PipelineSpec
+from ..storage import PipelinePaths
+
+PREVIEW_ROWS = 10
+JSON_IO = "json_io_manager"  # io_manager_key of assets whose value is a JSON record (model artefacts)
+
+
+def source_files(module: ModuleType) -> list[Path]:
+    """Every source file of a module, or of a package and its subpackages."""
+    path = Path(module.__file__)
+    if path.name == "__init__.py":
+        return sorted(path.parent.rglob("*.py"))
+    return [path]
+
+
+def code_version(*modules: ModuleType) -> str:
+    """Hash of every source file a stage runs: editing any of them makes its assets stale in the UI
+    and changes the training lineage (a package's `__init__.py` alone is not enough)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for module in modules:
+        for path in source_files(module):
+            h.update(str(path.resolve().relative_to(root) if path.resolve().is_relative_to(root) else path.name).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW_ROWS) -> dg.MetadataValue:
+    cols = [c for c in (columns or list(df.columns)) if c in df.columns]
+    shown = df[cols].head(n).astype(str).apply(lambda s: s.str.slice(0, 80))
+    return dg.MetadataValue.md(shown.to_markdown(index=False) if len(shown) else "_no rows_")
+
+
+def jsonable(metadata: dict) -> dict:
+    """Nested dicts/lists become JSON metadata; scalars stay scalars."""
+    out = {}
+    for key, value in metadata.items():
+        if isinstance(value, (dict, list)):
+            out[key] = dg.MetadataValue.json(value)
+        elif value is None:
+            out[key] = dg.MetadataValue.null()
+        else:
+            out[key] = value
+    return out
+
+
+def outcome_to_check_result(outcome, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    metadata = jsonable(dict(outcome.metadata))
+    metadata["failing_rows_count"] = len(outcome.failing_ids)
+    if getattr(outcome, "failing_rows", None) is not None and len(outcome.failing_rows):
+        metadata["failing_rows"] = preview(outcome.failing_rows, n=20)
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=outcome.name,
+        passed=bool(outcome.passed),
+        severity=dg.AssetCheckSeverity.ERROR if outcome.blocking else dg.AssetCheckSeverity.WARN,
+        description=outcome.description,
+        metadata=metadata,
+    )
+
+
+@dataclass
+class PipelineDefs:
+    """One spec's asset group as it is being built: its keys, assets, checks and blocking gates."""
+
+    spec: PipelineSpec
+    suite: Suite  # the spec's data-quality suite (data_checks/<quality.suite>.yaml), loaded once
+    assets: list = field(default_factory=list)
+    checks: list = field(default_factory=list)
+    # Every blocking check whose failure must stop training, evaluation and promotion, in any run.
+    blocking_checks: list[dg.AssetCheckKey] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def key(self, name: str) -> dg.AssetKey:
+        return dg.AssetKey([self.spec.name, name])
+
+    def check_key(self, asset: str, check: str) -> dg.AssetCheckKey:
+        return dg.AssetCheckKey(self.key(asset), check)
+
+    @property
+    def pool(self) -> str:
+        """The concurrency pool of every asset that writes this pipeline's artefacts. With the instance's
+        pool limit at 1 (the shipped dagster.yaml), two runs never execute them at the same time."""
+        return f"sft_{self.spec.name}"
+
+    def asset_args(self, name: str, **kwargs) -> dict:
+        """Keyword arguments every asset of the pipeline shares."""
+        return {"key": self.key(name), "group_name": self.spec.name, "tags": {"pipeline": self.spec.name},
+                "pool": self.pool, **kwargs}
+
+    def out(self, name: str, **kwargs) -> dg.AssetOut:
+        """An output of a multi-asset, keyed and grouped like `asset_args`."""
+        return dg.AssetOut(key=self.key(name), group_name=self.spec.name, tags={"pipeline": self.spec.name}, **kwargs)
+
+    def ins(self, *names: str) -> dict[str, dg.AssetIn]:
+        return {n: dg.AssetIn(self.key(n)) for n in names}
+
+    def paths(self, storage) -> PipelinePaths:
+        return storage.paths(self.spec.name)

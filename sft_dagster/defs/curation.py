@@ -1,0 +1,94 @@
+"""Curation: what training may use, the quarantine of everything removed anywhere, and the splits."""
+
+
+import dagster as dg
+import pandas as pd
+
+from .. import atomic, curation, splits
+from ..schema import frame_hash
+from .common import PipelineDefs, code_version, jsonable, preview
+from .data import suite_outcomes
+from .resources import SFTStorage
+
+
+def build(p: PipelineDefs) -> None:
+    spec, K = p.spec, p.key
+    curated_check = dg.AssetCheckSpec("no_blocking_failures_left", asset=K("curated_examples"), blocking=True,
+                                      description="No curated row fails a blocking check; rows in = kept + quarantined")
+    p.blocking_checks.append(curated_check.key)
+
+    @dg.multi_asset(
+        name=f"{spec.name}__curation", pool=p.pool, ins=p.ins("labelled_examples", "label_issues"), check_specs=[curated_check],
+        outs={
+            "curated_examples": p.out("curated_examples", kinds={"pandas", "parquet"}, code_version=code_version(curation),
+                                      description="What training may use, after the spec's curation policy."),
+            "curation_quarantine": p.out("curation_quarantine", kinds={"pandas", "parquet"}, code_version=code_version(curation),
+                                         description="Rows curation removed (duplicates, failed blocking checks, "
+                                                     "cleanlab findings under the policy), each with its reason."),
+        },
+    )
+    def curated_examples(context: dg.AssetExecutionContext, storage: SFTStorage, labelled_examples: pd.DataFrame,
+                         label_issues: pd.DataFrame):
+        outcomes = suite_outcomes(p, p.suite, labelled_examples, storage)
+        failing = {o.name: o.failing_ids for o in outcomes if o.blocking and o.failing_ids}
+        curated, quarantined, stats = curation.curate(labelled_examples, failing, label_issues, spec.quality.policy, spec.splits)
+        yield dg.Output(curated, output_name="curated_examples", data_version=dg.DataVersion(frame_hash(curated)),
+                        metadata={"dagster/row_count": len(curated), **jsonable(stats)})
+        yield dg.Output(quarantined, output_name="curation_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
+                        metadata={"dagster/row_count": len(quarantined), "preview": preview(quarantined, ["example_id", "reason"])})
+        leftover = {o.name: len(o.failing_ids) for o in suite_outcomes(p, p.suite, curated, storage) if o.blocking and o.failing_ids}
+        balanced = stats["rows_in"] == stats["rows_kept"] + stats["rows_quarantined"]
+        yield dg.AssetCheckResult(
+            asset_key=K("curated_examples"), check_name="no_blocking_failures_left", passed=not leftover and balanced,
+            metadata={"failing_rows_by_check": dg.MetadataValue.json(leftover), "rows_balanced": balanced},
+        )
+
+    accounted = dg.AssetCheckSpec("rows_accounted_for", asset=K("quarantine"), blocking=True,
+                                  description="rows read = rows curated + rows quarantined, over every stage")
+    p.blocking_checks.append(accounted.key)
+
+    @dg.asset(**p.asset_args("quarantine", kinds={"pandas", "parquet"}, check_specs=[accounted],
+                             ins=p.ins("raw_examples", "ingest_quarantine", "labels_quarantine", "curation_quarantine",
+                                       "curated_examples"),
+                             description="Every row removed anywhere in the pipeline, with its stage and reason."))
+    def quarantine(context: dg.AssetExecutionContext, raw_examples: pd.DataFrame, ingest_quarantine: pd.DataFrame,
+                   labels_quarantine: pd.DataFrame, curation_quarantine: pd.DataFrame, curated_examples: pd.DataFrame):
+        parts = [ingest_quarantine, labels_quarantine, curation_quarantine]
+        combined = pd.concat([q for q in parts if len(q)], ignore_index=True) if any(len(q) for q in parts) else parts[0]
+        rows_read = len(raw_examples) + len(ingest_quarantine)
+        yield dg.Output(combined, data_version=dg.DataVersion(frame_hash(combined)), metadata={
+            "dagster/row_count": len(combined),
+            "by_stage": dg.MetadataValue.json({k: int(v) for k, v in combined["stage"].value_counts().items()}),
+            "preview": preview(combined, ["stage", "reason", "source_file", "source_line"], n=20),
+        })
+        yield dg.AssetCheckResult(
+            asset_key=K("quarantine"), check_name="rows_accounted_for",
+            passed=rows_read == len(curated_examples) + len(combined),
+            metadata={"rows_read": rows_read, "rows_curated": len(curated_examples), "rows_quarantined": len(combined)},
+        )
+
+    split_check = dg.AssetCheckSpec("no_leakage_across_splits", asset=K("dataset_splits"), blocking=True,
+                                    description="No prompt appears in more than one split; train is not empty")
+    p.blocking_checks.append(split_check.key)
+
+    @dg.asset(**p.asset_args("dataset_splits", kinds={"pandas", "parquet"}, code_version=code_version(splits),
+                             check_specs=[split_check], ins=p.ins("curated_examples"),
+                             description="Deterministic train / validation / test splits (hash of the prompt)."))
+    def dataset_splits(context: dg.AssetExecutionContext, storage: SFTStorage, curated_examples: pd.DataFrame):
+        split_dir = p.paths(storage).splits_dir
+        summary = splits.split_summary(curated_examples, "response" if spec.task.is_label_task else None)
+        for split in splits.SPLITS:  # exported for people and for training in a separate process
+            atomic.write_parquet(split_dir / f"{split}.parquet", curated_examples[curated_examples["split"] == split])
+        yield dg.Output(curated_examples, data_version=dg.DataVersion(frame_hash(curated_examples)),
+                        metadata={"dagster/row_count": len(curated_examples), "summary": dg.MetadataValue.json(summary),
+                                  "splits_dir": dg.MetadataValue.path(str(split_dir))})
+        keys = curated_examples["prompt"].map(splits.split_key)
+        leaking = curated_examples.groupby(keys)["split"].nunique()
+        leaking = leaking[leaking > 1]
+        yield dg.AssetCheckResult(
+            asset_key=K("dataset_splits"), check_name="no_leakage_across_splits",
+            passed=leaking.empty and summary["rows"]["train"] > 0,
+            metadata={"leaking_prompts": len(leaking), "train_rows": summary["rows"]["train"]},
+        )
+
+    p.assets += [curated_examples, quarantine, dataset_splits]

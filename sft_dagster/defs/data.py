@@ -1,0 +1,112 @@
+"""Data stages: sources -> raw examples, the corrections file, labelled examples, and the suite's checks."""
+
+
+import time
+
+import dagster as dg
+import pandas as pd
+
+from .. import formatting, ingest, labels
+from ..quality import run_suite
+from ..schema import frame_hash
+from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result, preview
+from .resources import SFTStorage
+from .shared import corrections_path, file_version, tokenizer_for
+
+
+def suite_outcomes(p: PipelineDefs, suite, df: pd.DataFrame, storage: SFTStorage, out_dir=None):
+    """The spec's data-quality suite on `df`, token lengths measured in the base model's tokenizer."""
+    tokenizer = tokenizer_for(p.spec, storage)
+    lengths = formatting.token_lengths(tokenizer, df, p.spec.task)
+    return run_suite(df, suite, task=p.spec.task, token_lengths=lengths, max_length=p.spec.model.max_length,
+                     out_dir=out_dir, special_tokens=list(tokenizer.all_special_tokens))
+
+
+def build(p: PipelineDefs) -> None:
+    spec, K, suite = p.spec, p.key, p.suite
+
+    @dg.multi_asset(
+        name=f"{spec.name}__ingest", pool=p.pool,
+        outs={
+            "raw_examples": p.out("raw_examples", kinds={"pandas", "parquet"}, code_version=code_version(ingest),
+                                  description="The spec's sources read into canonical examples."),
+            "ingest_quarantine": p.out("ingest_quarantine", kinds={"pandas", "parquet"}, code_version=code_version(ingest),
+                                       description="Source rows that could not be read into examples, with file, line and reason."),
+        },
+    )
+    def raw_examples(context: dg.AssetExecutionContext):
+        start = time.perf_counter()
+        examples, quarantined, stats = ingest.ingest(spec)
+        yield dg.Output(
+            examples, output_name="raw_examples", data_version=dg.DataVersion(frame_hash(examples)),
+            metadata={
+                "dagster/row_count": len(examples),
+                "rows_read": stats["rows_read"],
+                "rows_quarantined": stats["rows_quarantined"],
+                "files": dg.MetadataValue.json(stats["files"]),
+                "preview": preview(examples, ["example_id", "prompt", "response", "source_line"]),
+                "seconds": round(time.perf_counter() - start, 3),
+            },
+        )
+        yield dg.Output(quarantined, output_name="ingest_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
+                        metadata={"dagster/row_count": len(quarantined),
+                                  "preview": preview(quarantined, ["reason", "source_file", "source_line"])})
+
+    @dg.asset(**p.asset_args("label_corrections", kinds={"csv"}, code_version=code_version(labels),
+                             description="The corrections file data engineers maintain; its content hash is its data version."))
+    def label_corrections(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[pd.DataFrame]:
+        path = corrections_path(spec, storage)
+        corrections = labels.read_corrections(path)
+        return dg.Output(
+            corrections,
+            data_version=dg.DataVersion(file_version(path)),
+            metadata={
+                "path": dg.MetadataValue.path(str(path)),
+                "exists": path.exists(),
+                "decisions": len(corrections),
+                "by_action": dg.MetadataValue.json({k: int(v) for k, v in corrections["action"].value_counts().items()}),
+            },
+        )
+
+    @dg.multi_asset(
+        name=f"{spec.name}__labels", pool=p.pool, ins=p.ins("raw_examples", "label_corrections"),
+        outs={
+            "labelled_examples": p.out("labelled_examples", kinds={"pandas", "parquet"}, code_version=code_version(labels),
+                                       description="Raw examples with the corrections file applied, and each label's provenance."),
+            "labels_quarantine": p.out("labels_quarantine", kinds={"pandas", "parquet"}, code_version=code_version(labels),
+                                       description="Rows a data engineer dropped in the corrections file."),
+        },
+    )
+    def labelled_examples(context: dg.AssetExecutionContext, storage: SFTStorage, raw_examples: pd.DataFrame,
+                          label_corrections: pd.DataFrame):
+        labelled, quarantined, stats = labels.apply_corrections(
+            raw_examples, label_corrections, spec.task.labels if spec.task.is_label_task else None,
+            source=str(corrections_path(spec, storage)),
+        )
+        yield dg.Output(
+            labelled, output_name="labelled_examples", data_version=dg.DataVersion(frame_hash(labelled)),
+            metadata={"dagster/row_count": len(labelled), "rows_in": len(raw_examples), **jsonable(stats),
+                      "preview": preview(labelled, ["example_id", "prompt", "response", "label_source"])},
+        )
+        yield dg.Output(quarantined, output_name="labels_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
+                        metadata={"dagster/row_count": len(quarantined),
+                                  "preview": preview(quarantined, ["example_id", "reason"])})
+
+    # The suite as checks on the labelled examples (blocking ones stop training).
+    suite_specs = [
+        dg.AssetCheckSpec(check, asset=K("labelled_examples"), blocking=blocking, description=description,
+                          additional_deps=[K("base_model")])
+        for check, blocking, description in suite.check_names()
+    ]
+    p.blocking_checks += [p.check_key("labelled_examples", s.name) for s in suite_specs if s.blocking]
+
+    @dg.multi_asset_check(name=f"{spec.name}_data_quality_suite", specs=suite_specs, pool=p.pool,
+                          ins={"labelled": dg.AssetIn(K("labelled_examples"))},
+                          description=f"data_checks/{spec.quality.suite}.yaml run with great-expectations and SFT checks")
+    def data_quality_suite(context: dg.AssetCheckExecutionContext, storage: SFTStorage, labelled: pd.DataFrame):
+        out_dir = p.paths(storage).quality_dir / "labelled_examples"
+        for outcome in suite_outcomes(p, suite, labelled, storage, out_dir):
+            yield outcome_to_check_result(outcome, K("labelled_examples"))
+
+    p.assets += [raw_examples, label_corrections, labelled_examples]
+    p.checks.append(data_quality_suite)

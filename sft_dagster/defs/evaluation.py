@@ -1,0 +1,130 @@
+"""Evaluation and promotion: base vs champion vs candidate on the test split, then the registry.
+
+The evaluation report scores the base model, the currently promoted version (the champion) and the
+candidate adapter on the same test rows; the blocking `beats_champion` check decides promotion
+(`registry.promotion_decision`). `promoted_model` refuses an adapter the report was not made for.
+"""
+
+
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from .. import evaluation, formatting, registry
+from ..schema import frame_hash, lineage_hash_of
+from .common import JSON_IO, PipelineDefs, code_version
+from .guards import BlockedByQualityGate, require_checks_passed
+from .resources import ComputeResource, SFTStorage
+from .shared import registry_dir
+
+PROMOTION_CHECK = "beats_champion"
+
+
+class StaleEvaluation(BlockedByQualityGate):
+    """The evaluation report is for another adapter than the current `fine_tuned_adapter`."""
+
+
+def _champion(spec, storage: SFTStorage, base_model: dict, adapter: dict) -> tuple[dict | None, dict]:
+    """The champion to compare with (None before the first promotion), and what the report says about it."""
+    if spec.promotion.compare_with == "base":
+        return None, {}
+    current = registry.champion(registry_dir(spec, storage))
+    if current is None:
+        return None, {}
+    if current["lineage"] == adapter["lineage"]:
+        return None, {"candidate_is_champion": True, "champion_version": current["version"]}
+    if current["base_model_hash"] != base_model["model_hash"]:
+        return None, {"champion_version": current["version"],
+                      "champion_error": f"{current['version']} was trained on base model {current['base_model_hash']}, "
+                                        f"the candidate on {base_model['model_hash']}; they cannot be scored on the same "
+                                        "base. Set promotion.compare_with: base to compare with the base model instead"}
+    return current, {}
+
+
+def build(p: PipelineDefs) -> None:
+    spec, K = p.spec, p.key
+    promotion_check = dg.AssetCheckSpec(
+        PROMOTION_CHECK, asset=K("evaluation_report"), blocking=True,
+        description=f"the candidate beats the current promoted model (the base model before the first promotion) on "
+                    f"{spec.promotion.metric} by at least {spec.promotion.min_improvement}, and is not worse on the "
+                    "primary metric")
+
+    @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, formatting),
+                             io_manager_key=JSON_IO, check_specs=[promotion_check],
+                             ins=p.ins("fine_tuned_adapter", "dataset_splits", "base_model"),
+                             description="Base model vs champion vs candidate on the test split, and the promotion decision."))
+    def evaluation_report(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                          fine_tuned_adapter: dict, dataset_splits: pd.DataFrame, base_model: dict):
+        require_checks_passed(context, p.blocking_checks)
+        paths = p.paths(storage)
+        test_df = dataset_splits[dataset_splits["split"] == "test"].reset_index(drop=True)
+        champion, champion_note = _champion(spec, storage, base_model, fine_tuned_adapter)
+        code = context.assets_def.code_versions_by_key[context.asset_key]
+        inputs_hash = lineage_hash_of({"adapter": fine_tuned_adapter["lineage_hash"], "test": frame_hash(test_df),
+                                       "evaluation": spec.evaluation.model_dump(mode="json"),
+                                       "promotion": spec.promotion.model_dump(mode="json"), "code_version": code,
+                                       # A candidate that became the champion keeps the report that promoted it.
+                                       "champion": champion["lineage"] if champion else champion_note.get("champion_error")})
+        report_dir = paths.reports_dir / inputs_hash
+        if (report_dir / "evaluation.json").exists():
+            context.log.info("adapter, champion and test split unchanged since the last evaluation: keeping its report")
+            report = evaluation.read_report(report_dir / "evaluation.json")
+            skipped = True
+        else:
+            start = time.perf_counter()
+            report = evaluation.evaluate(
+                spec, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), test_df,
+                device=compute.resolved_device(), method=fine_tuned_adapter["method"],
+                adapter_id=fine_tuned_adapter["lineage_hash"], champion=champion,
+                cache_dir=paths.reports_dir / "scores",
+                cache_key={"base_model": base_model["model_hash"], "tokenizer": base_model["tokenizer_hash"], "code": code})
+            report |= champion_note | {"adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
+                                       "seconds": round(time.perf_counter() - start, 1)}
+            report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement)
+            evaluation.write_report(report_dir, report)
+            skipped = False
+        evaluation.write_report(paths.reports_dir, report)  # the latest report, where people look for it
+        metric, decision = spec.promotion.metric, report["promotion"]
+        yield dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata={
+            "report": dg.MetadataValue.md(evaluation.render_markdown(report)),
+            "report_path": dg.MetadataValue.path(str(paths.reports_dir / "evaluation.md")),
+            f"base_{metric}": report["base"].get(metric),
+            f"champion_{metric}": (report.get("champion") or {}).get(metric),
+            f"candidate_{metric}": report["tuned"].get(metric),
+            "champion_version": report.get("champion_version"),
+            "promote": decision["promote"], "decision": decision["reason"],
+            "n_test": report["n_test"], "seconds": report.get("seconds"), "inputs_hash": inputs_hash,
+            "adapter_lineage_hash": report["adapter_lineage_hash"], "skipped_evaluation": skipped,
+        })
+        yield dg.AssetCheckResult(
+            asset_key=K("evaluation_report"), check_name=PROMOTION_CHECK, passed=bool(decision["promote"]),
+            description=decision["reason"],
+            metadata={"base": report["base"].get(metric), "champion": (report.get("champion") or {}).get(metric),
+                      "candidate": report["tuned"].get(metric), "compared_with": decision.get("compared_with")})
+
+    @dg.asset(**p.asset_args("promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
+                             io_manager_key=JSON_IO, ins=p.ins("evaluation_report", "fine_tuned_adapter"),
+                             description="The adapter copied with its model card into the registry: the new champion, "
+                                         "only when the promotion gate passed for this very adapter."))
+    def promoted_model(context: dg.AssetExecutionContext, storage: SFTStorage, evaluation_report: dict,
+                       fine_tuned_adapter: dict) -> dg.Output[dict]:
+        require_checks_passed(context, [*p.blocking_checks, p.check_key("evaluation_report", PROMOTION_CHECK)])
+        if evaluation_report.get("adapter_lineage_hash") != fine_tuned_adapter["lineage_hash"]:
+            raise StaleEvaluation(
+                f"refusing to promote: the evaluation report is for adapter {evaluation_report.get('adapter_lineage_hash')}, "
+                f"but the current fine_tuned_adapter is {fine_tuned_adapter['lineage_hash']}; materialize "
+                f"{spec.name}/evaluation_report for it first")
+        decision = evaluation_report["promotion"]
+        if not decision["promote"]:  # the check said so too; never promote against the report's own decision
+            raise StaleEvaluation(f"refusing to promote: {decision['reason']}")
+        version_dir = registry.promote(Path(fine_tuned_adapter["adapter_dir"]), registry_dir(spec, storage),
+                                       evaluation_report, fine_tuned_adapter["lineage"], decision)
+        record = {"version": version_dir.name, "path": str(version_dir), "lineage_hash": fine_tuned_adapter["lineage_hash"]}
+        return dg.Output(record, data_version=dg.DataVersion(f"{version_dir.name}-{fine_tuned_adapter['lineage_hash']}"),
+                         metadata={"version": version_dir.name, "path": dg.MetadataValue.path(str(version_dir)),
+                                   "decision": decision["reason"],
+                                   "model_card": dg.MetadataValue.md((version_dir / "MODEL_CARD.md").read_text())})
+
+    p.assets += [evaluation_report, promoted_model]

@@ -1,0 +1,29 @@
+"""One spec -> one asset group: the SFT lifecycle as Dagster assets and checks, one module per stage.
+
+    data.py        raw_examples (+ ingest_quarantine), label_corrections, labelled_examples
+                   (+ labels_quarantine), the data-quality suite as checks
+    quality.py     label_issues (cleanlab) and its gates
+    curation.py    curated_examples (+ curation_quarantine), quarantine, dataset_splits
+    training.py    base_model, fine_tuned_adapter
+    evaluation.py  evaluation_report (base / champion / candidate), promoted_model
+
+Adding a stage means one module with a `build(p)` and one line here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..quality import load_suite
+from ..spec import PipelineSpec
+from . import curation, data, evaluation, quality, training
+from .common import PipelineDefs
+
+STAGES = (data, quality, curation, training, evaluation)
+
+
+def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
+    p = PipelineDefs(spec=spec, suite=load_suite(spec.quality.suite, checks_dir))
+    for stage in STAGES:
+        stage.build(p)
+    return p

@@ -1,0 +1,169 @@
+"""Training stages: the base model as a local directory, and the fine-tuned adapter.
+
+Each training run lives in its own folder named by its lineage hash (`<pipeline>/training/<hash>/`),
+so an adapter is never overwritten in place: a run that is killed leaves an incomplete folder that no
+materialization points at, and its checkpoints let the next run with the same lineage resume. The
+folder is complete once `lineage.json` is written, after the adapter was renamed into place.
+"""
+
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+
+from .. import atomic, formatting, models, training
+from ..schema import frame_hash, lineage_hash_of
+from .common import JSON_IO, PipelineDefs, code_version, preview
+from .guards import require_checks_passed
+from .resources import ComputeResource, SFTStorage
+from .shared import resolve_base_model
+
+LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
+TRAINING_RUNS_KEPT = 3
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape the trained weights: an upgrade changes the lineage (retrains)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "absent"
+    return out
+
+
+def device_kind(device: str) -> str:
+    """`cpu`, or the CUDA device's name: a different kind of hardware is a different lineage."""
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return device
+
+
+def completed_run(run_dir: Path) -> dict | None:
+    """The record of a finished training run in `run_dir`, or None when it never finished."""
+    lineage_file, metrics_file = run_dir / LINEAGE_FILE, run_dir / "metrics.json"
+    if not (lineage_file.exists() and metrics_file.exists()):
+        return None
+    metrics = json.loads(metrics_file.read_text())
+    adapter_dir = run_dir / ("model" if metrics.get("method") == "full" else "adapter")
+    if not adapter_dir.is_dir():
+        return None
+    return {"adapter_dir": str(adapter_dir), "lineage": json.loads(lineage_file.read_text()), "metrics": metrics}
+
+
+def prune_training_runs(training_dir: Path, keep: Path, n: int = TRAINING_RUNS_KEPT) -> list[Path]:
+    """Remove all but the `n` most recently completed run folders (never `keep`); returns what was removed.
+    Promoted adapters are copies in the registry, so nothing promoted is lost."""
+    runs = sorted((d for d in training_dir.iterdir() if d.is_dir() and (d / LINEAGE_FILE).exists() and d != keep),
+                  key=lambda d: (d / LINEAGE_FILE).stat().st_mtime, reverse=True) if training_dir.exists() else []
+    removed = runs[max(0, n - 1):]
+    for d in removed:
+        shutil.rmtree(d, ignore_errors=True)
+    return removed
+
+
+def build(p: PipelineDefs) -> None:
+    spec, K = p.spec, p.key
+
+    @dg.asset(**p.asset_args("base_model", kinds={"transformers", "safetensors"}, code_version=code_version(models),
+                             io_manager_key=JSON_IO, description="The spec's base model as a local safetensors directory."))
+    def base_model(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[dict]:
+        resolved = resolve_base_model(spec, storage)
+        record = resolved.to_metadata()
+        return dg.Output(record, data_version=dg.DataVersion(f"{resolved.model_hash}-{resolved.tokenizer_hash}"),
+                         metadata={**record, "path": dg.MetadataValue.path(str(resolved.path))})
+
+    @dg.asset(**p.asset_args("fine_tuned_adapter", kinds={"pytorch", "peft"},
+                             code_version=code_version(training, formatting), io_manager_key=JSON_IO,
+                             ins=p.ins("dataset_splits", "base_model"), deps=[K("quarantine")],
+                             description=f"{spec.training.method} fine-tune of the base model on the train split."))
+    def fine_tuned_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                           pipes_subprocess_client: dg.PipesSubprocessClient, dataset_splits: pd.DataFrame,
+                           base_model: dict) -> dg.Output[dict]:
+        require_checks_passed(context, p.blocking_checks)
+        paths = p.paths(storage)
+        model_dir = Path(base_model["path"])
+        train_df = dataset_splits[dataset_splits["split"] == "train"].reset_index(drop=True)
+        val_df = dataset_splits[dataset_splits["split"] == "validation"].reset_index(drop=True)
+        device = compute.resolved_device()
+        columns = ["example_id", "prompt", "response", "system", "split"] + (["history"] if "history" in train_df else [])
+        lineage = {
+            "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
+            "base_model_hash": base_model["model_hash"],
+            "tokenizer_hash": base_model["tokenizer_hash"],
+            "spec_fingerprint": spec.fingerprint(),
+            "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+            "method": spec.training.method,
+            "base_model": base_model["source"],
+            "libraries": library_versions(),
+            "device": device_kind(device),
+        }
+        lineage_hash = lineage_hash_of(lineage)
+        run_dir = paths.training_dir / lineage_hash
+        done = completed_run(run_dir)
+        if done is not None:
+            context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its adapter")
+            metrics, skipped = done["metrics"], True
+        else:
+            metrics = _train(context, p, compute, pipes_subprocess_client, model_dir, train_df, val_df, run_dir, device)
+            atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
+            pruned = prune_training_runs(paths.training_dir, run_dir)
+            if pruned:
+                context.log.info(f"removed {len(pruned)} older training run folder(s): {[d.name for d in pruned]}")
+            done, skipped = completed_run(run_dir), False
+        record = {"adapter_dir": done["adapter_dir"], "lineage_hash": lineage_hash, "lineage": lineage,
+                  "method": spec.training.method, "metrics": metrics}
+        if spec.training.export_merged and spec.training.method != "full":
+            record["merged_model_dir"] = str(run_dir / "merged")
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
+            "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
+            "skipped_training": skipped, "lineage": dg.MetadataValue.json(lineage),
+            "metrics": dg.MetadataValue.json(metrics), **numbers,
+            **({"loss_curve": preview(pd.DataFrame(metrics["val_loss_history"]), n=50)} if metrics.get("val_loss_history") else {}),
+        })
+
+    p.assets += [base_model, fine_tuned_adapter]
+
+
+def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, train_df: pd.DataFrame,
+           val_df: pd.DataFrame, run_dir: Path, device: str) -> dict:
+    """Pre-flight, optional hyperparameter search, then the training run itself (in process or launched)."""
+    spec = p.spec
+    plan = training.preflight(spec, model_dir, train_df, device=device)
+    context.log.info(f"pre-flight: {json.dumps(plan)}")
+    context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
+    train_spec = spec
+    if spec.training.search.strategy != "none":
+        from ..training.search import search_hyperparameters, with_overrides
+
+        best, trials = search_hyperparameters(spec, model_dir, train_df, val_df, run_dir / "search", device=device,
+                                              log=context.log.info)
+        train_spec = with_overrides(spec, best)
+        context.add_output_metadata({"search_best": dg.MetadataValue.json(best),
+                                     "search_trials": preview(pd.DataFrame(trials), n=100)})
+    if spec.training.launcher == "subprocess" or spec.training.num_processes > 1:
+        from ..training.launch import launch_training_pipes
+
+        # The worker reads exactly the rows this asset was given, from the run's own folder.
+        train_path = atomic.write_parquet(run_dir / "data" / "train.parquet", train_df)
+        val_path = atomic.write_parquet(run_dir / "data" / "validation.parquet", val_df)
+        result = launch_training_pipes(context, pipes_client, train_spec, model_dir, train_path, val_path, run_dir,
+                                       device=device)
+        adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
+    else:
+        result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device, log=context.log.info)
+        adapter_dir, metrics = result.adapter_dir, result.metrics
+    if spec.training.export_merged and spec.training.method != "full":
+        merged = training.merge_adapter(model_dir, adapter_dir, run_dir / "merged")
+        context.add_output_metadata({"merged_model_dir": dg.MetadataValue.path(str(merged))})
+    return metrics
