@@ -116,6 +116,9 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
     lineage = adapter["lineage"]
     assert set(lineage) >= {"training_data_hash", "base_model_hash", "tokenizer_hash", "spec_fingerprint", "code_version"}
     assert adapter["preflight"]["optimizer_steps"] > 0
+    assert "step" in adapter["loss_curve"].splitlines()[0] and "val_loss" in adapter["loss_curve"].splitlines()[0]
+    progress_lines = [e.user_message for e in instance.all_logs(result.run_id) if "training progress:" in (e.user_message or "")]
+    assert progress_lines and progress_lines[-1].startswith(f"training progress: step {adapter['metrics']['steps']}/")
     assert (Path(adapter["adapter_dir"]) / "adapter_config.json").exists()
 
     report = json.loads((storage / spec.name / "reports" / "evaluation.json").read_text())

@@ -16,6 +16,7 @@ import pandas as pd
 
 from .. import atomic, formatting, models, training
 from ..schema import frame_hash, lineage_hash_of
+from ..training.progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
 from .guards import require_checks_passed
 from .resources import ComputeResource, SFTStorage
@@ -129,7 +130,6 @@ def build(p: PipelineDefs) -> None:
             "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
             "skipped_training": skipped, "lineage": dg.MetadataValue.json(lineage),
             "metrics": dg.MetadataValue.json(metrics), **numbers,
-            **({"loss_curve": preview(pd.DataFrame(metrics["val_loss_history"]), n=50)} if metrics.get("val_loss_history") else {}),
         })
 
     p.assets += [base_model, fine_tuned_adapter]
@@ -160,9 +160,14 @@ def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, tra
         result = launch_training_pipes(context, pipes_client, train_spec, model_dir, train_path, val_path, run_dir,
                                        device=device)
         adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
+        curve = result.get("curve", [])
     else:
-        result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device, log=context.log.info)
-        adapter_dir, metrics = result.adapter_dir, result.metrics
+        progress = Progress(context.log.info)
+        result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device, log=context.log.info,
+                                on_metrics=progress)
+        adapter_dir, metrics, curve = result.adapter_dir, result.metrics, progress.curve
+    if curve:  # the curve a person reads on the asset's page (every logged step and every evaluation)
+        context.add_output_metadata({"loss_curve": dg.MetadataValue.md(pd.DataFrame(curve).to_markdown(index=False))})
     if spec.training.export_merged and spec.training.method != "full":
         merged = training.merge_adapter(model_dir, adapter_dir, run_dir / "merged")
         context.add_output_metadata({"merged_model_dir": dg.MetadataValue.path(str(merged))})

@@ -29,6 +29,7 @@ from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_ex
 from ..schema import column_or_none
 from ..spec import PipelineSpec
 from .fast_lora import use_fast_lora
+from .progress import Progress
 
 CHECKPOINTS_KEPT = 2
 
@@ -307,6 +308,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     from transformers import AutoTokenizer, get_scheduler
 
     cfg = spec.training
+    on_metrics = on_metrics or Progress(log)
     rank, world = distributed()
     device = pick_device(device)
     if device == "cuda" and world > 1:
@@ -393,14 +395,12 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             step += 1
             state["step"], state["train_loss"] = step, loss_sum / window_tokens
             state["seconds"] = time.perf_counter() - start_time
-            if on_metrics:
-                on_metrics({"step": step, "train_loss": state["train_loss"], "lr": scheduler.get_last_lr()[0]})
+            val = None
             if step % eval_every == 0 or step == total_steps:
                 eval_start = time.perf_counter()
                 val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, precision)
                 state["validation_seconds"] += time.perf_counter() - eval_start
                 state["val_history"].append({"step": step, "val_loss": val})
-                log(f"step {step}/{total_steps}: train loss {state['train_loss']:.4f}, validation loss {val:.4f}")
                 if state["best_val"] is None or val < state["best_val"]:
                     state["best_val"], state["bad_evals"] = val, 0
                     if rank == 0:
@@ -410,6 +410,10 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                     if cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience:
                         log(f"early stopping: validation loss has not improved for {state['bad_evals']} evaluations")
                         early_stopped = True
+            if on_metrics:  # by default a progress line every few steps (training/progress.py)
+                on_metrics({"step": step, "total_steps": total_steps, "train_loss": state["train_loss"],
+                            "lr": scheduler.get_last_lr()[0], "val_loss": val, "trained_tokens": state["trained_tokens"],
+                            "seconds": time.perf_counter() - start_time, "validation_seconds": state["validation_seconds"]})
             if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or early_stopped or step == total_steps):
                 _save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state)
             if stop_after_steps is not None and step >= stop_after_steps:

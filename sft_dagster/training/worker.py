@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from ..spec import parse_spec
+    from .progress import Progress
     from .trainer import train
 
     spec = parse_spec(json.loads(Path(args.spec_json).read_text()), args.spec_json)
@@ -50,15 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         pipes = _pipes(stack)
         log = pipes.log.info if pipes else print
-
-        def on_metrics(metrics: dict) -> None:
-            if pipes and metrics["step"] % 10 == 0:
-                pipes.log.info(f"step {metrics['step']}: train loss {metrics['train_loss']:.4f}")
-
+        progress = Progress(log)
         result = train(spec, Path(args.model_dir), pd.read_parquet(args.train), pd.read_parquet(args.validation),
-                       Path(args.output_dir), device=args.device, log=log, on_metrics=on_metrics)
+                       Path(args.output_dir), device=args.device, log=log, on_metrics=progress)
         if pipes:
-            pipes.report_custom_message({"adapter_dir": str(result.adapter_dir), "metrics": result.metrics})
+            pipes.report_custom_message({"adapter_dir": str(result.adapter_dir), "metrics": result.metrics,
+                                         "curve": progress.curve})
     if world > 1:
         dist.destroy_process_group()
     return 0
