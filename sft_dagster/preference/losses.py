@@ -121,7 +121,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
     chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
     stats = {
-        "loss": float(losses.mean()),
+        "loss": float(losses.mean().detach()),
         "rewards_chosen": float(chosen_reward.mean()),
         "rewards_rejected": float(rejected_reward.mean()),
         "margin": float((chosen_reward - rejected_reward).mean()),
@@ -163,7 +163,7 @@ def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tenso
     loss = -F.logsigmoid(difference).mean()
     if center_rewards_coefficient:
         loss = loss + center_rewards_coefficient * ((chosen_scores + rejected_scores) ** 2).mean()
-    stats = {"loss": float(loss), "accuracy": pairwise_accuracy(chosen_scores.detach(), rejected_scores.detach()),
+    stats = {"loss": float(loss.detach()), "accuracy": pairwise_accuracy(chosen_scores.detach(), rejected_scores.detach()),
              "margin": float((chosen_scores - rejected_scores).detach().mean()),
              "mean_reward": float(torch.cat([chosen_scores, rejected_scores]).detach().mean())}
     return loss, stats

@@ -114,7 +114,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     with torch.no_grad():
-        stats = {"policy_loss": float(loss), "clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
+        stats = {"policy_loss": float(loss.detach()), "clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
                  "approx_kl": float(0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask))}
     return loss, stats
 
@@ -125,7 +125,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
     with torch.no_grad():
-        stats = {"value_loss": float(loss),
+        stats = {"value_loss": float(loss.detach()),
                  "value_clipfrac": float(masked_mean(((clipped - returns) ** 2 > (values - returns) ** 2).float(), mask))}
     return loss, stats
 
