@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from .formatting import history_turns
 from .preference.rankings import (
-    append_rankings, format_ranking, import_rankings, now_utc, ranking_queue, read_candidates, read_rankings,
+    append_rankings,
+    format_ranking,
+    import_rankings,
+    now_utc,
+    ranking_queue,
+    read_candidates,
+    read_rankings,
 )
 from .review_cli import _author
 from .storage import PipelinePaths, default_storage_root

@@ -11,7 +11,13 @@ import pytest
 from sft_dagster.cli import main
 from sft_dagster.preference.config import PairGatesConfig
 from sft_dagster.preference.demo_data import annotator_key, generate_preference_demo, rule_checks, rule_satisfaction
-from sft_dagster.preference.pairs import assign_pair_splits, curate_pairs, pairs_from_rankings, read_preference_file, run_pair_checks
+from sft_dagster.preference.pairs import (
+    assign_pair_splits,
+    curate_pairs,
+    pairs_from_rankings,
+    read_preference_file,
+    run_pair_checks,
+)
 from sft_dagster.preference.rankings import read_candidates, read_rankings
 from sft_dagster.spec import SplitSpec, TaskSpec
 

@@ -12,8 +12,18 @@ from preference_fixtures import one_torch_thread  # noqa: F401
 
 from sft_dagster.formatting import IGNORE_INDEX
 from sft_dagster.preference.losses import (
-    bradley_terry_loss, collate_pairs, collate_reward_pairs, dpo_batch_loss, dpo_loss, encode_pair, encode_pairs,
-    load_reward_model, pairwise_accuracy, reward_input, reward_scores, sequence_logprobs,
+    bradley_terry_loss,
+    collate_pairs,
+    collate_reward_pairs,
+    dpo_batch_loss,
+    dpo_loss,
+    encode_pair,
+    encode_pairs,
+    load_reward_model,
+    pairwise_accuracy,
+    reward_input,
+    reward_scores,
+    sequence_logprobs,
 )
 from sft_dagster.spec import TaskSpec
 
@@ -88,7 +98,6 @@ def test_dpo_loss_equals_the_formula():
     expected = sum(-math.log(1 / (1 + math.exp(-z))) for z in terms) / 3
     assert float(loss) == pytest.approx(expected, rel=1e-6)
     chosen_rewards = [beta * (a - c) for a, c in zip(pc.tolist(), rc.tolist())]
-    rejected_rewards = [beta * (b - d) for b, d in zip(pr.tolist(), rr.tolist())]
     assert stats["rewards_chosen"] == pytest.approx(sum(chosen_rewards) / 3)
     assert stats["margin"] == pytest.approx(sum(terms) / 3)
     assert stats["accuracy"] == pytest.approx(sum(z > 0 for z in terms) / 3)

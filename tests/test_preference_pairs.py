@@ -12,9 +12,20 @@ from sft_dagster.ingest import IngestError
 from sft_dagster.preference.columns import prompt_id_of
 from sft_dagster.preference.config import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
 from sft_dagster.preference.pairs import (
-    assign_pair_splits, check_duplicate_pairs, check_empty_sides, check_identical_sides, check_inconsistent_rankings,
-    check_over_length, check_split_leakage, check_ties, curate_pairs, length_bias, pairs_from_rankings, ranker_agreement,
-    read_preference_file, run_pair_checks,
+    assign_pair_splits,
+    check_duplicate_pairs,
+    check_empty_sides,
+    check_identical_sides,
+    check_inconsistent_rankings,
+    check_over_length,
+    check_split_leakage,
+    check_ties,
+    curate_pairs,
+    length_bias,
+    pairs_from_rankings,
+    ranker_agreement,
+    read_preference_file,
+    run_pair_checks,
 )
 from sft_dagster.spec import SplitSpec, TaskSpec
 
@@ -66,7 +77,7 @@ def test_rankings_of_unknown_candidates_are_quarantined_with_the_reason():
 
 def test_imported_preference_file_all_shapes_and_quarantine(tmp_path):
     path = tmp_path / "prefs.jsonl"
-    convo = lambda reply: [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},  # noqa: E731
+    convo = lambda reply: [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
                            {"role": "assistant", "content": reply}]
     lines = [
         json.dumps({"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "5.", "labeler": "vendor"}),

@@ -13,7 +13,14 @@ from preference_fixtures import one_torch_thread  # noqa: F401
 
 from sft_dagster.preference.config import PPOConfig
 from sft_dagster.preference.ppo import (
-    AdaptiveKLController, gae_advantages, masked_whiten, per_token_rewards, policy_loss, ppo_train, rollout, value_loss,
+    AdaptiveKLController,
+    gae_advantages,
+    masked_whiten,
+    per_token_rewards,
+    policy_loss,
+    ppo_train,
+    rollout,
+    value_loss,
 )
 from sft_dagster.spec import TaskSpec
 

@@ -15,7 +15,13 @@ from preference_fixtures import make_candidates, record
 
 from sft_dagster.preference.columns import prompt_id_of
 from sft_dagster.preference.rankings import (
-    RankingsError, append_rankings, import_rankings, parse_ranking, ranking_queue, read_candidates, read_rankings,
+    RankingsError,
+    append_rankings,
+    import_rankings,
+    parse_ranking,
+    ranking_queue,
+    read_candidates,
+    read_rankings,
 )
 from sft_dagster.rank_cli import parse_answer
 
@@ -111,9 +117,9 @@ def test_import_csv_and_jsonl(tmp_path, candidates):
     csv_path = tmp_path / "made_elsewhere.csv"
     pd.DataFrame([
         {"prompt_id": prompt_id_of("What is 2 + 2?"), "ranking": ">".join(ids["What is 2 + 2?"]), "best": "", "worst": "",
-         "author": "cy", "timestamp": "2026-11-20T08:00:00Z", "note": "spreadsheet"},
+         "author": "cy", "timestamp": "2026-11-20T08:00:00Z", "note": "spreadsheet", "prompt": "What is 2 + 2?"},
         {"prompt_id": prompt_id_of("What is 3 + 3?"), "ranking": "", "best": ids["What is 3 + 3?"][0],
-         "worst": ids["What is 3 + 3?"][1], "author": "", "timestamp": "", "note": ""},
+         "worst": ids["What is 3 + 3?"][1], "author": "", "timestamp": "", "note": "", "prompt": "What is 3 + 3?"},
     ]).to_csv(csv_path, index=False)
     records = import_rankings(csv_path, candidates, author="dee", timestamp="2026-11-25T00:00:00+00:00")
     assert [r["kind"] for r in records] == ["full", "best_worst"]

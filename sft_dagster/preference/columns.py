@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
+
 from ..schema import content_hash
 
 CANDIDATE_COLUMNS = [
@@ -48,7 +50,7 @@ PAIR_COLUMNS = [
 
 
 def _text(value) -> str | None:
-    return None if value is None or (isinstance(value, float) and value != value) else str(value)
+    return None if value is None or (isinstance(value, float) and pd.isna(value)) else str(value)
 
 
 def prompt_id_of(prompt: str, system: str | None = None, history=None) -> str:

@@ -133,7 +133,7 @@ class PPOConfig(_Strict):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _mini_batches(self) -> "PPOConfig":
+    def _mini_batches(self) -> PPOConfig:
         if self.batch_size % self.mini_batch_size:
             raise ValueError("ppo.batch_size must be a multiple of ppo.mini_batch_size")
         return self

@@ -29,7 +29,7 @@ from ..spec import SplitSpec, TaskSpec
 from ..splits import assign_splits
 from .columns import PAIR_COLUMNS, pair_id_of, prompt_id_of
 from .config import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
-from .rankings import RankingsError, check_against_candidates, candidates_by_prompt
+from .rankings import RankingsError, candidates_by_prompt, check_against_candidates
 
 ROW_GATES = ("identical_sides", "empty_sides", "ties", "over_length", "duplicates", "split_leakage")
 DESCRIPTIONS = {
@@ -332,12 +332,14 @@ def length_bias(pairs: pd.DataFrame, gate: LengthBiasGate, tokenizer=None) -> Ch
     """How often the longer reply is the chosen one, over non-tie pairs whose sides differ in length
     (tokens when a tokenizer is given, else characters)."""
     strict = pairs[~pairs["tie"].astype(bool)]
-    if tokenizer is not None and len(strict):
-        measure = lambda s: pd.Series([len(ids) for ids in tokenizer(s.astype(str).tolist(), add_special_tokens=False)["input_ids"]], index=s.index)  # noqa: E731
-        unit = "tokens"
-    else:
-        measure = lambda s: s.astype(str).str.strip().str.len()  # noqa: E731
-        unit = "characters"
+    unit = "tokens" if tokenizer is not None and len(strict) else "characters"
+
+    def measure(texts: pd.Series) -> pd.Series:
+        if unit == "characters":
+            return texts.astype(str).str.strip().str.len()
+        ids = tokenizer(texts.astype(str).tolist(), add_special_tokens=False)["input_ids"]
+        return pd.Series([len(i) for i in ids], index=texts.index)
+
     chosen_len, rejected_len = measure(strict["chosen"]), measure(strict["rejected"])
     differ = chosen_len != rejected_len
     longer_wins = (chosen_len > rejected_len)[differ]
@@ -347,7 +349,7 @@ def length_bias(pairs: pd.DataFrame, gate: LengthBiasGate, tokenizer=None) -> Ch
     by_author = {}
     if "author" in strict:
         for author, wins in longer_wins.groupby(strict.loc[differ, "author"].fillna("<unknown>")):
-            by_author[str(author)] = {"pairs": int(len(wins)), "longer_win_rate": round(float(wins.mean()), 6)}
+            by_author[str(author)] = {"pairs": len(wins), "longer_win_rate": round(float(wins.mean()), 6)}
     extra = {"evaluated": evaluated, "unit": unit, "comparable_pairs": n,
              "longer_win_rate": round(rate, 6) if n else None, "max_longer_win_rate": gate.max_longer_win_rate,
              "mean_length_chosen": round(float(chosen_len.mean()), 2) if len(strict) else None,

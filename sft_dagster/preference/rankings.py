@@ -220,7 +220,7 @@ def _import_record(raw: dict) -> dict:
     raw = {k: (None if isinstance(v, str) and not v.strip() else v) for k, v in raw.items()}
     if raw.get("ranking") is None and (raw.get("best") is not None or raw.get("worst") is not None):
         raw = {**raw, "kind": raw.get("kind") or "best_worst", "ranking": [[raw.get("best") or ""], [raw.get("worst") or ""]]}
-    return {k: v for k, v in raw.items() if k not in ("best", "worst")}
+    return {k: v for k, v in raw.items() if k in RANKING_FIELDS}  # other columns (e.g. the prompt text) are ignored
 
 
 def import_rankings(path: str | Path, candidates: pd.DataFrame, author: str | None = None,
