@@ -128,13 +128,13 @@ def test_ppo_learns_a_programmatic_reward_with_bounded_kl(tiny_model_dir):
     history = train_tiny(tiny_model_dir)
     scores = [h["mean_score"] for h in history]
     kls = [h["kl"] for h in history]
-    first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
-    assert last >= first + 0.3, scores
-    assert max(kls) < 8.0, kls  # nats per reply, with the adaptive penalty (target 3)
+    first, last = sum(scores[:5]) / 5, sum(scores[-10:]) / 10
+    assert last >= first + 0.25, scores  # measured: 0.32 -> 0.73
+    assert max(kls) < 8.0, kls  # nats per reply, with the adaptive penalty (target 3); measured at most 6.1
     assert history[-1]["kl_coef"] > history[0]["kl_coef"]  # KL above target raised the coefficient
     # The same run without the KL penalty drifts far further from the reference.
     free = train_tiny(tiny_model_dir, init_kl_coef=0.0, adaptive_kl=False)
-    assert max(h["kl"] for h in free) > 1.5 * max(kls), ([h["kl"] for h in free], kls)
+    assert max(h["kl"] for h in free) > 1.5 * max(kls), ([h["kl"] for h in free], kls)  # measured 16.1
 
 
 def test_lora_policy_uses_its_base_as_reference(tiny_model_dir):
@@ -146,8 +146,8 @@ def test_lora_policy_uses_its_base_as_reference(tiny_model_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                              init_lora_weights=False))
+    policy = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                                              target_modules="all-linear", init_lora_weights=False))
     prompts = [generation_prompt_ids(tokenizer, p, None, TASK) for p in PROMPTS["prompt"][:4]]
     data = rollout(policy, ValueHead(32), tokenizer, prompts, list(PROMPTS["prompt"][:4]), has_digit, [1, 2, 3, 4],
                    max_new_tokens=5)
@@ -157,10 +157,13 @@ def test_lora_policy_uses_its_base_as_reference(tiny_model_dir):
     assert not torch.allclose(data.logprobs, data.ref_logprobs, atol=1e-3)
     assert (data.values == 0).all()  # a new value head starts at V = 0
     frozen = {n: p.clone() for n, p in policy.named_parameters() if not p.requires_grad}
-    ppo_train(policy, tokenizer, PROMPTS.head(4), TASK, has_digit,
-              PPOConfig(steps=2, batch_size=4, mini_batch_size=4, max_new_tokens=5, learning_rate=1e-2),
-              max_length=64, log=lambda _: None)
+    result = ppo_train(policy, tokenizer, PROMPTS.head(4), TASK, has_digit,
+                       PPOConfig(steps=2, batch_size=8, mini_batch_size=4, max_new_tokens=5, learning_rate=1e-2),
+                       max_length=64, log=lambda _: None)
     assert all(torch.equal(p, frozen[n]) for n, p in policy.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, frozen.get(n, p * 0)) for n, p in policy.named_parameters() if p.requires_grad)
+    # Dropout (0.5 here) is off during rollouts and updates: before any update the ratio is exactly 1.
+    assert all(h["start_ratio_error"] < 1e-5 for h in result.history)
 
 
 def test_prompts_that_leave_no_room_are_refused(tiny_model_dir):

@@ -233,6 +233,7 @@ def ppo_update(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, 
     n = len(data.scores)
     totals: dict[str, float] = {}
     updates = 0
+    start_ratio_error = None
     for _ in range(config.ppo_epochs):
         order = list(range(n))
         rng.shuffle(order)
@@ -240,6 +241,8 @@ def ppo_update(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, 
             rows = torch.tensor(order[start : start + config.mini_batch_size], device=data.mask.device)
             sub = {k: v[rows] for k, v in data.batch.items()}
             logprobs, values, mask = policy_forward(policy, value_head, sub)
+            if start_ratio_error is None:  # nothing has changed yet: the ratio must be 1 at every reply token
+                start_ratio_error = float(((logprobs.detach() - data.logprobs[rows]).exp() - 1).abs().masked_fill(~mask, 0).max())
             pg, pg_stats = policy_loss(logprobs, data.logprobs[rows], advantages[rows], mask, config.clip_range)
             vf, vf_stats = value_loss(values, data.values[rows], returns[rows], mask, config.clip_range_value)
             loss = pg + config.vf_coef * vf
@@ -253,7 +256,7 @@ def ppo_update(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, 
     reply_kl = kl.sum(dim=1)
     return {"mean_score": float(data.scores.mean()), "kl": float(reply_kl.mean()), "kl_coef": kl_coef,
             "mean_reply_tokens": float(data.mask.sum(dim=1).float().mean()),
-            "returns": float(masked_mean(returns, data.mask)),
+            "returns": float(masked_mean(returns, data.mask)), "start_ratio_error": start_ratio_error,
             **{k: v / max(1, updates) for k, v in totals.items()}}
 
 
@@ -272,7 +275,8 @@ def ppo_train(policy, tokenizer, prompts: pd.DataFrame, task: TaskSpec, reward_f
     prompts: a frame with `prompt` (and optionally `system`, `history`), rendered with the chat
     template; a prompt that leaves no room for `max_new_tokens` within `max_length` is refused.
     reference: the frozen reference model; None takes the policy with its peft adapter switched off.
-    Each step samples `batch_size` prompts (a seeded shuffle, cycled), rolls out, and updates.
+    Each step samples `batch_size` prompts (a seeded shuffle, cycled), rolls out, and updates. The
+    policy is left in eval mode (dropout off).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -296,7 +300,9 @@ def ppo_train(policy, tokenizer, prompts: pd.DataFrame, task: TaskSpec, reward_f
                   else FixedKLController(config.init_kl_coef))
     order: list[int] = []
     result = PPOResult(value_head=value_head)
-    policy.train()
+    # Dropout stays off throughout (as in TRL's PPO): the probability ratio of the first update must be
+    # exactly 1, which dropout masks differing between rollout and update would break.
+    policy.eval()
     for step in range(1, config.steps + 1):
         while len(order) < config.batch_size:
             cycle = list(range(len(encoded)))
@@ -304,7 +310,8 @@ def ppo_train(policy, tokenizer, prompts: pd.DataFrame, task: TaskSpec, reward_f
             order += cycle
         rows, order = order[: config.batch_size], order[config.batch_size :]
         data = rollout(policy, value_head, tokenizer, [encoded[i] for i in rows], [texts[i] for i in rows], reward_fn,
-                       [sample_seed(config.seed, ids[i], step) for i in rows], max_new_tokens=config.max_new_tokens,
+                       [sample_seed(config.seed, ids[i], step * config.batch_size + j) for j, i in enumerate(rows)],
+                       max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, top_p=config.top_p, device=device, reference=reference)
         stats = {"step": step, **ppo_update(policy, value_head, optimizer, params, data, controller.value, config, rng)}
         controller.update(stats["kl"], config.batch_size)
