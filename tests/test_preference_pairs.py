@@ -214,3 +214,17 @@ def test_run_and_curate_account_for_every_pair(tiny_model_dir):
         "p3": "failed pair check duplicates", "p4": "failed pair check over_length"}
     no_tokenizer = {o.name: o for o in run_pair_checks(pairs, PairGatesConfig(), task=TASK)}
     assert not no_tokenizer["over_length"].passed and "no tokenizer" in no_tokenizer["over_length"].metadata["error"]
+
+
+def test_imported_csv_with_mapped_columns(tmp_path):
+    path = tmp_path / "prefs.csv"
+    pd.DataFrame({"question": ["What is 2 + 2?", "Q?"], "good": ["4.", "A."], "bad": ["5.", ""],
+                  "who": ["vendor", "vendor"], "same": ["false", "yes"]}).to_csv(path, index=False)
+    columns = {"prompt": "question", "chosen": "good", "rejected": "bad", "author": "who", "tie": "same"}
+    pairs, quarantine, stats = read_preference_file(path, columns=columns)
+    assert stats == {"rows_read": 2, "rows_kept": 2, "rows_quarantined": 0}
+    assert pairs["tie"].tolist() == [False, True] and pairs["rejected"].tolist() == ["5.", ""]
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("question,good,bad\n")
+    empty, _, stats = read_preference_file(header_only, columns=columns)
+    assert empty.empty and stats["rows_read"] == 0

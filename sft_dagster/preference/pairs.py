@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..ingest import IngestError, _as_text, _from_messages, _iter_csv, _iter_jsonl
+from ..ingest import IngestError, _as_text, _csv_header, _from_messages, _iter_csv, _iter_jsonl
 from ..quality.checks import FAILING_ROWS_SHOWN, CheckOutcome, normalized_text, run_sft_check
 from ..quality.suite import CheckEntry
 from ..schema import QUARANTINE_COLUMNS, quarantine_rows
@@ -190,6 +190,8 @@ def read_preference_file(path: str | Path, columns: dict[str, str] | None = None
     columns = dict(columns or {})
     records = list(_iter_jsonl(path) if fmt == "jsonl" else _iter_csv(path))
     present = set().union(*(r.keys() for _, r, p in records if p is None and isinstance(r, dict))) if records else set()
+    if fmt == "csv":
+        present |= set(_csv_header(path))
     for needed in ("chosen", "rejected"):
         if columns.get(needed, needed) not in present:
             raise IngestError(f"{path}:{records[0][0] if records else 1}: {columns.get(needed, needed)}: column not "
