@@ -4,6 +4,7 @@
     sft-dagster run assets/demo_sentiment.yaml --select label_issues --json
     sft-dagster demo-data                                     # regenerate the demo data set
     sft-dagster review demo_sentiment                          # the data engineer's loop (see review_cli)
+    sft-dagster rank demo_preference                           # rank candidate replies (see rank_cli)
 
 Runs are recorded in the Dagster instance under $DAGSTER_HOME (default ./.dagster_home), so they show
 in `dagster dev -w workspace.yaml` afterwards.
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import review_cli
+from . import rank_cli, review_cli
 from .instance import ensure_dagster_home
 
 def _latest_metadata(instance, key) -> dict:
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo_data)
 
     review_cli.register(sub)
+    rank_cli.register(sub)
     return parser
 
 

@@ -34,6 +34,18 @@ class PipelinePaths:
         return self.labels_dir / "corrections.csv"
 
     @property
+    def preference_dir(self) -> Path:
+        return self.dir / "preference"
+
+    @property
+    def default_candidates_file(self) -> Path:
+        return self.preference_dir / "candidates.parquet"
+
+    @property
+    def default_rankings_file(self) -> Path:
+        return self.preference_dir / "rankings.jsonl"
+
+    @property
     def quality_dir(self) -> Path:
         return self.dir / "quality"
 

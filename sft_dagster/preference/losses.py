@@ -1,0 +1,223 @@
+"""Sequence log-probabilities, the DPO loss, the Bradley-Terry reward-model loss and pairwise accuracy.
+
+A pair becomes two conversations through the base model's chat template (`formatting.build_messages`
+and `encode_example`): the reply tokens and their end-of-turn token are the only positions scored,
+exactly the SFT loss mask. Log-probabilities compute vocabulary logits only at those positions (the
+prompt never goes through the output layer), as `training.trainer.summed_response_loss` does.
+
+    log pi(y|x)  = sum over reply tokens t of log softmax(logits_{t-1})[y_t]
+    DPO          = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
+    conservative = (1 - eps) * DPO(delta) + eps * DPO(-delta)                     (label_smoothing eps)
+    Bradley-Terry = -log sigmoid(r(x, y_w) - r(x, y_l) - margin)                   (+ c * (r_w + r_l)^2)
+
+References: Rafailov et al. 2023 (DPO); Mitchell 2023 (conservative DPO); Bradley & Terry 1952,
+Ouyang et al. 2022 (reward model); Eisenstein et al. 2023 (reward centring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..spec import TaskSpec
+from ..training.trainer import _causal_lm, collate
+
+
+@dataclass
+class EncodedPair:
+    pair_id: str
+    chosen: EncodedExample
+    rejected: EncodedExample
+
+
+def encode_pair(tokenizer, task: TaskSpec, prompt: str, chosen: str, rejected: str, max_length: int,
+                system: str | None = None, history=None, pair_id: str = "") -> EncodedPair:
+    """Both sides of a pair through the chat template; reply tokens (and end-of-turn) carry the labels."""
+    def side(reply: str) -> EncodedExample:
+        return encode_example(tokenizer, build_messages(prompt, reply, system, task, history), max_length)
+
+    return EncodedPair(pair_id, side(chosen), side(rejected))
+
+
+def encode_pairs(tokenizer, pairs: pd.DataFrame, task: TaskSpec, max_length: int) -> list[EncodedPair]:
+    """Every pair encoded; refuses (never truncates) pairs with a side over `max_length` or without reply tokens."""
+    encoded, refused = [], []
+    systems = pairs["system"] if "system" in pairs else [None] * len(pairs)
+    histories = pairs["history"] if "history" in pairs else [None] * len(pairs)
+    for pair_id, prompt, chosen, rejected, system, history in zip(
+            pairs["pair_id"], pairs["prompt"], pairs["chosen"], pairs["rejected"], systems, histories):
+        pair = encode_pair(tokenizer, task, prompt, chosen, rejected, max_length,
+                           system if isinstance(system, str) else None, history if isinstance(history, str) else None,
+                           str(pair_id))
+        if any(e.truncated or e.n_loss_tokens == 0 for e in (pair.chosen, pair.rejected)):
+            refused.append(str(pair_id))
+        encoded.append(pair)
+    if refused:
+        raise ValueError(f"{len(refused)} pairs would be truncated at max_length={max_length} or carry no reply "
+                         f"token; the over_length gate should have quarantined them: {refused[:10]}")
+    return encoded
+
+
+def collate_pairs(pairs: list[EncodedPair], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """One right-padded batch: the chosen sides in rows [0, n), the rejected sides in rows [n, 2n)."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+
+
+def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) at each reply position: (logprobs [B, T-1], mask [B, T-1]); 0 where the mask is False.
+
+    Position t holds the log-probability of token t+1 given tokens <= t. Vocabulary logits are computed
+    only where the mask is True.
+    """
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+    return logprobs_from_hidden(lm, hidden, batch["labels"])
+
+
+def logprobs_from_hidden(lm, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_token_logprobs` from the decoder's last hidden states (shared with the PPO value head)."""
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = lm.lm_head(hidden[:, :-1][mask]).float()
+    picked = -F.cross_entropy(logits, targets[mask], reduction="none")
+    out = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+    return out.masked_scatter(mask, picked), mask
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log pi(reply | prompt) per row: the sum over its reply tokens."""
+    logprobs, _ = response_token_logprobs(model, batch)
+    return logprobs.sum(dim=-1)
+
+
+@torch.no_grad()
+def reference_logprobs(policy, batch: dict[str, torch.Tensor], reference=None) -> torch.Tensor:
+    """Sequence log-probs under the reference: `reference` if given, else the policy with its peft
+    adapter switched off (the base model, without a second copy in memory)."""
+    if reference is not None:
+        return sequence_logprobs(reference, batch)
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("a reference model is needed: the policy has no adapter to switch off")
+    with policy.disable_adapter():
+        return sequence_logprobs(policy, batch)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The DPO sigmoid loss (mean over pairs) and its statistics.
+
+    Implicit rewards are beta * (log pi - log ref) per side (detached); `accuracy` is the share of pairs
+    whose chosen reward is higher, `margin` the mean reward difference.
+    """
+    chosen_ratio = policy_chosen - reference_chosen.detach()
+    rejected_ratio = policy_rejected - reference_rejected.detach()
+    logits = beta * (chosen_ratio - rejected_ratio)
+    losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    chosen_reward, rejected_reward = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    stats = {
+        "loss": float(losses.mean().detach()),
+        "rewards_chosen": float(chosen_reward.mean()),
+        "rewards_rejected": float(rejected_reward.mean()),
+        "margin": float((chosen_reward - rejected_reward).mean()),
+        "accuracy": float((chosen_reward > rejected_reward).float().mean()),
+        "logps_chosen": float(policy_chosen.detach().mean()),
+        "logps_rejected": float(policy_rejected.detach().mean()),
+    }
+    return losses.mean(), stats
+
+
+def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float, label_smoothing: float = 0.0,
+                   reference=None, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DPO on a `collate_pairs` batch: one policy forward over chosen and rejected rows together.
+
+    `reference_logps` (the reference's sequence log-probs of the same rows, e.g. precomputed once per
+    data set) saves the reference forward pass.
+    """
+    logps = sequence_logprobs(policy, batch)
+    ref = reference_logps if reference_logps is not None else reference_logprobs(policy, batch, reference)
+    n = logps.shape[0] // 2
+    return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, label_smoothing)
+
+
+def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
+    """Share of pairs scored chosen > rejected; a tie counts one half (a constant scorer gets 0.5)."""
+    chosen = torch.as_tensor(chosen_scores, dtype=torch.float64)
+    rejected = torch.as_tensor(rejected_scores, dtype=torch.float64)
+    if chosen.numel() == 0:
+        return float("nan")
+    return float(((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean())
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_rewards_coefficient: float | None = None) -> tuple[torch.Tensor, dict]:
+    """-log sigmoid(r_chosen - r_rejected - margin), mean over pairs, plus the optional centring term."""
+    difference = chosen_scores - rejected_scores
+    if margin is not None:
+        difference = difference - margin
+    loss = -F.logsigmoid(difference).mean()
+    if center_rewards_coefficient:
+        loss = loss + center_rewards_coefficient * ((chosen_scores + rejected_scores) ** 2).mean()
+    stats = {"loss": float(loss.detach()), "accuracy": pairwise_accuracy(chosen_scores.detach(), rejected_scores.detach()),
+             "margin": float((chosen_scores - rejected_scores).detach().mean()),
+             "mean_reward": float(torch.cat([chosen_scores, rejected_scores]).detach().mean())}
+    return loss, stats
+
+
+def reward_input(encoded: EncodedExample) -> EncodedExample:
+    """The tokens a reward model reads: the conversation up to and including the reply's end-of-turn
+    token (the template's trailing newline dropped), so the last token scored is the reply's end."""
+    last = max(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
+    return EncodedExample(encoded.input_ids[: last + 1], encoded.labels[: last + 1], encoded.truncated)
+
+
+def _backbone_and_head(model):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, inner.base_model_prefix), inner.score
+
+
+def reward_scores(reward_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One scalar per row: the score head on the hidden state of the row's last non-pad token."""
+    backbone, head = _backbone_and_head(reward_model)
+    mask = batch["attention_mask"]
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask, use_cache=False).last_hidden_state
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * mask).argmax(dim=-1)
+    return head(hidden[torch.arange(len(last), device=mask.device), last]).float().squeeze(-1)
+
+
+def collate_reward_pairs(pairs: list[EncodedPair], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """Like `collate_pairs`, each side cut after its reply (`reward_input`)."""
+    return collate([reward_input(p.chosen) for p in pairs] + [reward_input(p.rejected) for p in pairs], pad_id, device)
+
+
+def reward_batch_loss(reward_model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None = None,
+                      center_rewards_coefficient: float | None = None) -> tuple[torch.Tensor, dict]:
+    scores = reward_scores(reward_model, batch)
+    n = scores.shape[0] // 2
+    return bradley_terry_loss(scores[:n], scores[n:], margin, center_rewards_coefficient)
+
+
+def load_reward_model(model_dir: str | Path, device: str = "cpu", seed: int = 0):
+    """A causal LM checkpoint as a sequence classifier with one output: the transformer body is the
+    checkpoint's, the score head is new (initialised from `seed`, so runs are reproducible)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a problem
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch.float32,
+                                                                       pad_token_id=pad)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device)

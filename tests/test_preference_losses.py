@@ -1,0 +1,190 @@
+"""Sequence log-probs, DPO, Bradley-Terry and pairwise accuracy against hand-written formulas (tiny model)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from preference_fixtures import one_torch_thread  # noqa: F401
+
+from sft_dagster.formatting import IGNORE_INDEX
+from sft_dagster.preference.losses import (
+    bradley_terry_loss,
+    collate_pairs,
+    collate_reward_pairs,
+    dpo_batch_loss,
+    dpo_loss,
+    encode_pair,
+    encode_pairs,
+    load_reward_model,
+    pairwise_accuracy,
+    reward_input,
+    reward_scores,
+    sequence_logprobs,
+)
+from sft_dagster.spec import TaskSpec
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+TASK = TaskSpec(type="qa", prompt_template="Q: {prompt}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def pairs_of(tokenizer):
+    return [encode_pair(tokenizer, TASK, "great product", "positive", "the item is negative really", 128, pair_id="a"),
+            encode_pair(tokenizer, TASK, "it is okay, nothing special at all", "neutral", "okay", 128, pair_id="b")]
+
+
+def reference_sequence_logprob(model, input_ids: list[int], labels: list[int]) -> float:
+    """By the book: the full forward pass alone, log-softmax over the vocabulary, gather reply tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([input_ids])).logits[0].double()
+    logprobs = torch.log_softmax(logits, -1)
+    return sum(float(logprobs[t - 1, labels[t]]) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX)
+
+
+def test_sequence_logprobs_equal_the_formula_and_ignore_padding(tiny):
+    model, tokenizer = tiny
+    pairs = pairs_of(tokenizer)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    assert batch["input_ids"].shape[0] == 4 and (batch["attention_mask"] == 0).any()  # padded rows
+    with torch.no_grad():
+        got = sequence_logprobs(model, batch)
+    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    expected = [reference_sequence_logprob(model, e.input_ids, e.labels) for e in sides]
+    assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    # Only reply tokens (and the end-of-turn token) are scored: the prompt, the template and the newline
+    # after the turn are not.
+    e = pairs[0].chosen
+    scored = [t for t, label in zip(e.input_ids, e.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(scored) == "positive<|im_end|>"
+
+
+def test_gradients_reach_the_reply_context_but_not_padding_or_the_trailing_newline(tiny):
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    pairs = pairs_of(tokenizer)
+    batch = collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    captured = {}
+
+    def keep(_, __, output):
+        output.retain_grad()
+        captured["embeddings"] = output
+
+    handle = model.model.embed_tokens.register_forward_hook(keep)
+    sequence_logprobs(model, batch).sum().backward()
+    handle.remove()
+    grad = captured["embeddings"].grad.abs().sum(-1)  # [rows, positions]
+    for row, e in enumerate([p.chosen for p in pairs] + [p.rejected for p in pairs]):
+        last_scored = max(i for i, label in enumerate(e.labels) if label != IGNORE_INDEX)
+        assert (grad[row, :last_scored] > 0).all()  # the prompt conditions the reply
+        assert (grad[row, last_scored:] == 0).all()  # the end-of-turn token predicts nothing scored; pads neither
+
+
+def test_dpo_loss_equals_the_formula():
+    pc, pr = torch.tensor([-3.0, -7.5, -2.0]), torch.tensor([-4.0, -5.0, -9.0])
+    rc, rr = torch.tensor([-3.5, -7.0, -2.5]), torch.tensor([-3.0, -5.5, -8.0])
+    beta = 0.3
+    loss, stats = dpo_loss(pc, pr, rc, rr, beta)
+    terms = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())]
+    expected = sum(-math.log(1 / (1 + math.exp(-z))) for z in terms) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    chosen_rewards = [beta * (a - c) for a, c in zip(pc.tolist(), rc.tolist())]
+    assert stats["rewards_chosen"] == pytest.approx(sum(chosen_rewards) / 3)
+    assert stats["margin"] == pytest.approx(sum(terms) / 3)
+    assert stats["accuracy"] == pytest.approx(sum(z > 0 for z in terms) / 3)
+    eps = 0.1
+    smoothed, _ = dpo_loss(pc, pr, rc, rr, beta, label_smoothing=eps)
+    expected_smoothed = sum((1 - eps) * math.log1p(math.exp(-z)) + eps * math.log1p(math.exp(z)) for z in terms) / 3
+    assert float(smoothed) == pytest.approx(expected_smoothed, rel=1e-6)
+
+
+def test_dpo_gradients_reach_the_policy_only(tiny):
+    model, tokenizer = tiny
+    policy, reference = copy.deepcopy(model).train(), copy.deepcopy(model).eval()
+    with torch.no_grad():  # make the policy differ from the reference
+        policy.lm_head.weight.add_(0.01 * torch.randn_like(policy.lm_head.weight))
+    batch = collate_pairs(pairs_of(tokenizer), tokenizer.pad_token_id, "cpu")
+    loss, stats = dpo_batch_loss(policy, batch, beta=0.1, reference=reference)
+    loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    assert policy.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    # With policy == reference the implicit rewards are 0 and the loss is log 2.
+    same, stats = dpo_batch_loss(reference, batch, beta=0.1, reference=reference)
+    assert float(same.detach()) == pytest.approx(math.log(2), abs=1e-6) and stats["margin"] == 0.0
+
+
+def test_dpo_reference_can_be_the_policy_without_its_adapter(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    base = copy.deepcopy(model)
+    policy = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
+    batch = collate_pairs(pairs_of(tokenizer), tokenizer.pad_token_id, "cpu")
+    _, stats = dpo_batch_loss(policy, batch, beta=0.1)
+    _, explicit = dpo_batch_loss(policy, batch, beta=0.1, reference=base)
+    assert stats["margin"] == pytest.approx(explicit["margin"], abs=1e-6) and stats["margin"] != 0.0
+    with pytest.raises(ValueError, match="reference model is needed"):
+        dpo_batch_loss(base, batch, beta=0.1)
+
+
+def test_bradley_terry_loss_and_accuracy_equal_the_formula():
+    chosen, rejected = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([1.0, 0.5, 0.5])
+    loss, stats = bradley_terry_loss(chosen, rejected)
+    expected = sum(math.log1p(math.exp(-(a - b))) for a, b in zip(chosen.tolist(), rejected.tolist())) / 3
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert stats["accuracy"] == pytest.approx((1 + 0 + 0.5) / 3)  # a tie counts one half
+    margin = torch.tensor([0.5, 0.0, 1.0])
+    with_margin, _ = bradley_terry_loss(chosen, rejected, margin=margin, center_rewards_coefficient=0.01)
+    expected = (sum(math.log1p(math.exp(-(a - b - m))) for a, b, m in zip(chosen.tolist(), rejected.tolist(), margin.tolist())) / 3
+                + 0.01 * sum((a + b) ** 2 for a, b in zip(chosen.tolist(), rejected.tolist())) / 3)
+    assert float(with_margin) == pytest.approx(expected, rel=1e-6)
+    assert pairwise_accuracy([3, 1, 2, 2], [1, 3, 0, 2]) == pytest.approx(2.5 / 4)
+
+
+def test_reward_model_scores_the_last_reply_token_and_learns(tiny_model_dir, tiny):
+    _, tokenizer = tiny
+    reward_model = load_reward_model(tiny_model_dir, seed=0)
+    again = load_reward_model(tiny_model_dir, seed=0)
+    assert torch.equal(reward_model.score.weight, again.score.weight)  # the new head is seeded
+    pairs = pairs_of(tokenizer)
+    cut = reward_input(pairs[0].chosen)
+    assert tokenizer.decode(cut.input_ids[-1:]) == "<|im_end|>"  # the reply's end, not the template's newline
+    batch = collate_reward_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    with torch.no_grad():
+        scores = reward_scores(reward_model, batch)
+        for row in range(4):  # each row scored alone, by hand: the head on the last token's hidden state
+            n = int(batch["attention_mask"][row].sum())
+            hidden = reward_model.model(input_ids=batch["input_ids"][row : row + 1, :n]).last_hidden_state[0, -1]
+            assert float(scores[row]) == pytest.approx(float(reward_model.score(hidden)), abs=1e-5)
+        padded = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
+        assert torch.allclose(reward_scores(reward_model, padded), scores, atol=1e-6)  # pad ids do not matter
+    # A few Bradley-Terry steps separate chosen from rejected on these pairs.
+    optimizer = torch.optim.AdamW(reward_model.parameters(), lr=1e-2)
+    history = []
+    for _ in range(15):
+        scores = reward_scores(reward_model, batch)
+        loss, stats = bradley_terry_loss(scores[:2], scores[2:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(stats)
+    assert history[-1]["loss"] < history[0]["loss"] and history[-1]["accuracy"] == 1.0
+
+
+def test_encode_pairs_refuses_pairs_that_do_not_fit(tiny):
+    _, tokenizer = tiny
+    frame = pd.DataFrame({"pair_id": ["ok", "long"], "prompt": ["q", "q"], "chosen": ["a", "a"],
+                          "rejected": ["b", "word " * 200], "system": [None, None], "history": [None, None]})
+    with pytest.raises(ValueError, match=r"1 pairs would be truncated at max_length=64.*\['long'\]"):
+        encode_pairs(tokenizer, frame, TASK, 64)
+    assert [p.pair_id for p in encode_pairs(tokenizer, frame.head(1), TASK, 64)] == ["ok"]
