@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sft_dagster.quality import SuiteError, find_label_issues, load_suite, run_suite
-from sft_dagster.quality.checks import contains_pii
+from sft_dagster.quality.pii import contains_pii
 from sft_dagster.spec import CleanlabSpec, TaskSpec
 
 from test_quality_checks import ROOT, TASK, frame  # noqa: E402  (one row-frame builder for both files)
