@@ -162,3 +162,14 @@ def test_label_conflicts_join_the_review_queue_with_both_labels():
     # Resolved (one side reviewed): no longer queued as a conflict.
     resolved = with_copies([(base, "positive"), (base.lower() + ".", "negative")], reviewed={0})
     assert "label_conflict" not in "".join(with_label_conflicts(queue, resolved, None)["issue_types"])
+
+
+def test_clusters_ignore_rows_without_text():
+    from sft_dagster.quality.duplicates import duplicate_clusters
+
+    df = with_copies([("", "positive"), ("Same words here", "negative"), ("same words HERE", "positive")])
+    clusters = duplicate_clusters(df, True).tolist()
+    n = len(df)
+    assert clusters[n - 3] == n - 3  # the empty prompt joins nothing
+    assert clusters[n - 2] == clusters[n - 1] == n - 2  # positions, not positions among the non-empty rows
+    assert clusters[:n - 3] == list(range(n - 3))

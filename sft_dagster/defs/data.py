@@ -37,6 +37,8 @@ def build(p: PipelineDefs) -> None:
     def raw_examples(context: dg.AssetExecutionContext):
         start = time.perf_counter()
         examples, quarantined, stats = ingest.ingest(spec)
+        for warning in stats["warnings"]:  # e.g. an empty file, skipped
+            context.log.warning(warning)
         yield dg.Output(
             examples, output_name="raw_examples", data_version=dg.DataVersion(frame_hash(examples)),
             metadata={
@@ -44,6 +46,7 @@ def build(p: PipelineDefs) -> None:
                 "rows_read": stats["rows_read"],
                 "rows_quarantined": stats["rows_quarantined"],
                 "files": dg.MetadataValue.json(stats["files"]),
+                "warnings": dg.MetadataValue.json(stats["warnings"]),
                 "preview": p.preview(examples, ["example_id", "prompt", "response", "source_line"]),
                 "seconds": round(time.perf_counter() - start, 3),
             },

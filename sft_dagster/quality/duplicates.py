@@ -62,8 +62,8 @@ def duplicate_clusters(df: pd.DataFrame, label_task: bool, flags: pd.DataFrame |
         return i
 
     def union_groups(keys: pd.Series) -> None:
-        keys = keys.reset_index(drop=True)
-        for positions in keys.dropna().groupby(keys.dropna()).indices.values():
+        keys = keys.reset_index(drop=True).dropna()  # labels are now positions in the frame
+        for positions in keys.groupby(keys, sort=False).groups.values():
             first = find(int(positions[0]))
             for p in positions[1:]:
                 other = find(int(p))
