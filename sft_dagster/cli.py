@@ -82,7 +82,10 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     materialized = sorted({e.asset_key.path[-1] for e in events if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key})
     failed_blocking = [c for c in checks if not c["passed"] and c["blocking"]]
     error = None
-    failures = [e for e in events if e.event_type_value == "STEP_FAILURE"]
+    # A blocking check that fails inside its asset's step fails that step (Dagster's blocking=True):
+    # the reason is then the checks, reported below, not Dagster's wrapper error.
+    failures = [e for e in events if e.event_type_value == "STEP_FAILURE"
+                and not (failed_blocking and e.event_specific_data.error.cls_name == "DagsterAssetCheckFailedError")]
     if failures:
         first = failures[0]
         kind, message = _user_error(first.event_specific_data.error)

@@ -55,3 +55,15 @@ def test_regions_choose_national_formats():
     assert find_pii(text) == []
     assert [f.kind for f in find_pii(text, ["DE"])] == ["phone"]
     assert mask_pii(pd.NA) is pd.NA  # non-text passes through
+
+
+def test_previews_mask_pii_before_cutting_cells_and_handle_missing_values():
+    from sft_dagster.defs.common import preview
+
+    long_prefix = "x" * 70
+    df = pd.DataFrame({"prompt": [f"{long_prefix} write to ana.lopez@example.com", None], "n": [1.5, float("nan")]})
+    shown = preview(df).value
+    assert "ana.lopez" not in shown and "example.com" not in shown
+    assert f"{long_prefix} write" in shown
+    assert preview(df.head(0)).value == "_no rows_"
+    assert "off" in preview(df, enabled=False).value and "write" not in preview(df, enabled=False).value

@@ -53,8 +53,10 @@ def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW
     if not enabled:
         return dg.MetadataValue.md(PREVIEWS_OFF)
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
-    shown = df[cols].head(n).astype(str).apply(lambda s: s.map(mask_pii).str.slice(0, 80))
-    return dg.MetadataValue.md(shown.to_markdown(index=False) if len(shown) else "_no rows_")
+    if df.empty:
+        return dg.MetadataValue.md("_no rows_")
+    shown = df[cols].head(n).apply(lambda s: s.map(lambda v: mask_pii(str(v))[:80]))
+    return dg.MetadataValue.md(shown.to_markdown(index=False))
 
 
 def jsonable(metadata: dict) -> dict:
