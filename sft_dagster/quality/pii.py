@@ -25,7 +25,7 @@ import phonenumbers
 DEFAULT_REGIONS = ("US", "GB")
 KINDS = ("email", "phone", "card_number")
 
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
+_EMAIL = re.compile(r"[\w.+'-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}")
 # A card number: 13-19 digits, in one run or in groups split by a single space or hyphen.
 _CARD = re.compile(r"(?<![\d-])\d{4}(?:[ -]?\d{2,6}){2,4}(?![\d-])")
 # Issuer prefixes (IIN ranges) of the card networks: Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro.
