@@ -71,7 +71,7 @@ def curate(
         hit = df["example_id"].isin(set(ids)) & reason.isna()
         reason[hit] = f"failed blocking check {check}"
 
-    trainable = df["split"] != "test"
+    in_training = df["split"] != "test"  # train and validation
     conflicts = {"clusters": 0, "rows_held_out": 0, "resolved_by_review": 0}
     if label_task:
         considered = reason.isna()
@@ -81,15 +81,16 @@ def curate(
         resolved = conflict & reviewed_labels.eq(1)
         decided = df["response"].where(reviewed & considered).groupby(clusters).transform("first")
         decided_by = df["example_id"].where(reviewed & considered).groupby(clusters).transform("first")
-        hit = resolved & (df["response"] != decided) & trainable
+        hit = resolved & (df["response"] != decided) & in_training
         reason[hit] = ("label conflict resolved by review: " + decided_by[hit].astype(str) + " is labelled "
                        + decided[hit].astype(str))
         open_conflict = conflict & ~resolved
         detail = {c: describe_labels(g) for c, g in df[open_conflict].groupby(clusters[open_conflict])}
-        hit = open_conflict & trainable
+        hit = open_conflict & in_training
         reason[hit] = "label conflict: duplicates labelled " + clusters[hit].map(detail).astype("string") + "; decide in the review queue"
         conflicts = {"clusters": int(clusters[open_conflict].nunique()), "rows_held_out": int(hit.sum()),
                      "resolved_by_review": int(clusters[resolved].nunique())}
+    trainable = df["split"] != "test"
     if policy.label_issues == "drop":
         hit = trainable & df["is_label_issue"] & ~df["reviewed"].astype(bool) & reason.isna()
         reason[hit] = (

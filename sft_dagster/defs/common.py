@@ -78,7 +78,8 @@ def severity(blocking: bool) -> dg.AssetCheckSeverity:
 
 
 def outcome_to_check_result(outcome, asset_key: dg.AssetKey, previews: bool = True,
-                            failing_ids_file=None) -> dg.AssetCheckResult:
+                            failing_ids_file=None, blocking: bool | None = None) -> dg.AssetCheckResult:
+    """The outcome as Dagster's check result; `blocking`: the check spec's flag, which sets the severity."""
     metadata = jsonable({k: mask_pii(v) if isinstance(v, str) else v for k, v in outcome.metadata.items()})
     metadata["failing_rows_count"] = len(outcome.failing_ids)
     if failing_ids_file is not None and outcome.failing_ids:
@@ -89,7 +90,7 @@ def outcome_to_check_result(outcome, asset_key: dg.AssetKey, previews: bool = Tr
         asset_key=asset_key,
         check_name=outcome.name,
         passed=bool(outcome.passed),
-        severity=severity(outcome.blocking),
+        severity=severity(outcome.blocking if blocking is None else blocking),
         description=outcome.description,
         metadata=metadata,
     )

@@ -63,7 +63,7 @@ def build(p: PipelineDefs) -> None:
         for check, blocking, _ in gates:
             if check in outcomes:
                 yield outcome_to_check_result(outcomes[check], K("label_issues"), previews=spec.quality.previews,
-                                              failing_ids_file=queue_csv)
+                                              failing_ids_file=queue_csv, blocking=blocking)
             else:
                 yield dg.AssetCheckResult(asset_key=K("label_issues"), check_name=check, passed=False,
                                           severity=severity(blocking),
