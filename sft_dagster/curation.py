@@ -3,7 +3,8 @@
 Rows are first grouped into duplicate clusters (`quality/duplicates.py`: exact duplicates, the same
 text up to case, punctuation and spacing, cleanlab's near-duplicate sets). Each cluster has one
 representative: a reviewed row first, else the first by source order (a row failing a blocking check
-only when no other row is left).
+only when no other row is left). `near_duplicates: drop` (step 4) keeps each cluster's representative
+and quarantines the other rows of train and validation, naming the id kept.
 
 Order of decisions, each recorded with its reason:
 1. exact duplicates: one row of identical content stays (the representative when it is one of
@@ -16,8 +17,6 @@ Order of decisions, each recorded with its reason:
 4. cleanlab findings follow the spec's policy, in train and validation only. The test split is
    never cleaned silently (that would inflate the reported metrics): flagged test rows stay as
    labelled, with their flags, so the report can show the as-labelled and the corrected view.
-   `near_duplicates: drop` keeps each cluster's representative and quarantines the other rows,
-   naming the id kept.
 """
 
 from __future__ import annotations
@@ -120,11 +119,11 @@ def curate(
         "rows_in": len(df),
         "rows_kept": len(curated),
         "rows_quarantined": int(removed.sum()),
+        "duplicate_clusters": int(clusters[clusters.duplicated(keep=False)].nunique()),
+        "label_conflicts": conflicts,
         "quarantine_reasons": {
             str(k): int(v) for k, v in reason[removed].str.replace(r"(:| of | \().*$", "", regex=True).value_counts().items()
         },
         "flagged_test_rows_kept": int((~trainable & df["is_label_issue"] & ~removed).sum()),
-        "duplicate_clusters": int(clusters[clusters.duplicated(keep=False)].nunique()),
-        "label_conflicts": conflicts,
     }
     return curated, quarantined, stats
