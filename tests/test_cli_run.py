@@ -61,8 +61,9 @@ def test_generation_task_warnings_exit_0_with_only_applicable_gates_and_no_pii_i
         "task": {"type": "qa"}, "sources": [{"path": "maths/*.jsonl", "columns": {"prompt": "q", "response": "a"}}],
         "quality": {"suite": "default", "cleanlab": {"folds": 3}}})
     assert cli(spec, tmp_path, "--select", "label_issues") == 0
-    out = capsys.readouterr().out
-    assert "DEBUG" not in out and "Traceback" not in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "DEBUG" not in out + captured.err and "Traceback" not in out + captured.err
     assert "raw_examples" in out and " 42 rows" in out  # one line per stage, with its rows
     assert "no_pii (warning)" in out and "(blocking)" not in out
     instance = dg.DagsterInstance.get()
@@ -90,7 +91,9 @@ def test_a_failed_run_says_which_stage_stopped_it_and_why(tmp_path, tiny_model_d
     spec = write_spec(tmp_path, tiny_model_dir)
     (tmp_path / "data" / "zz_excel_export.csv").write_bytes(b"review_text,sentiment\nna\xefve caf\xe9,positive\n")
     assert cli(spec, tmp_path, "--select", "raw_examples") == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "STEP_FAILURE" not in captured.err and "Traceback" not in captured.err
     lines = out.strip().splitlines()
     summary = lines[lines.index(next(line for line in lines if line.startswith("== tiny_sentiment"))):]
     assert summary[1].startswith("stopped at raw_examples: ") and "zz_excel_export.csv:2: not UTF-8 text" in summary[1]
