@@ -8,11 +8,13 @@ that follows the event log; Dagster's own per-event console lines are off unless
     ...
     training [##########----------] step 52/103 | loss 0.4127 | 243 tokens/s | 3m 31s left
 
-Training progress comes from the trainer's progress lines (`training/progress.py`, `parse_line`).
+Before training, the pre-flight's plan (steps, tokens, time estimated from one timed step); then the
+trainer's progress lines (`training/progress.py`, `parse_line`) drive the bar.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from typing import TextIO
 from .training.progress import parse_line
 
 POLL_SECONDS = 0.5
+PREFLIGHT = "pre-flight: "  # defs/training.py logs the trainer's plan as `pre-flight: <json>`
 BAR_WIDTH = 24
 
 
@@ -41,6 +44,14 @@ def progress_bar(p: dict, width: int = BAR_WIDTH) -> str:
     loss = f"loss {p['train_loss']:.4f}" + (f" (validation {p['val_loss']:.4f})" if "val_loss" in p else "")
     return (f"training [{'#' * done}{'-' * (width - done)}] step {p['step']}/{p['total_steps']} | {loss} | "
             f"{p['tokens_per_second']:.0f} tokens/s | {duration(p['eta_seconds'])} left")
+
+
+def preflight_line(plan: dict) -> str:
+    """`training: 103 steps, 63,665 tokens, about 4m 22s (pre-flight: 243 tokens/s on cpu)`."""
+    estimate = f", about {duration(plan['estimated_seconds'])}" if plan.get("estimated_seconds") is not None else ""
+    speed = (f" (pre-flight: {plan['measured_tokens_per_second']:.0f} tokens/s on {plan.get('device')})"
+             if plan.get("measured_tokens_per_second") else "")
+    return f"training: {plan['optimizer_steps']} steps, {plan['n_tokens']:,} tokens{estimate}{speed}"
 
 
 class StageConsole:
@@ -73,6 +84,8 @@ class StageConsole:
                     self._bar_open = True
                 else:
                     self._print(bar)
+            elif PREFLIGHT in message:  # the trainer's plan, timed on one step: the first time-left estimate
+                self._print(preflight_line(json.loads(message[message.index(PREFLIGHT) + len(PREFLIGHT):])))
             elif message.startswith("Dependencies for step"):  # Dagster skipping what a failure left unfed
                 self._print(f"{self.stage(entry.step_key):<26} {'skipped':>12}")
             elif entry.level >= 30:  # logging.WARNING

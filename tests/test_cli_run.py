@@ -162,6 +162,11 @@ def test_progress_lines_become_a_progress_bar():
     out = io.StringIO()
     StageConsole({}, out, tty=False).handle(Entry())
     assert out.getvalue() == bar + "\n"
+    Entry.user_message = 'pre-flight: {"n_examples": 800, "n_tokens": 63665, "optimizer_steps": 103, "device": "cpu", ' \
+                         '"estimated_seconds": 262.4, "measured_tokens_per_second": 243.2}'
+    out = io.StringIO()
+    StageConsole({}, out, tty=True).handle(Entry())
+    assert out.getvalue() == "training: 103 steps, 63,665 tokens, about 4m 22s (pre-flight: 243 tokens/s on cpu)\n"
 
 
 def test_spec_rejects_a_suite_path(tmp_path, tiny_model_dir, capsys):
