@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,8 +30,13 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
-    """Open a temp file beside `path`; on a clean exit it replaces `path` (fsynced), on error it is removed."""
+def atomic_file(path: str | Path, mode: str = "w", validate: Callable[[Path], Any] | None = None,
+                **open_kwargs) -> Iterator[IO]:
+    """Open a temp file beside `path`; on a clean exit it replaces `path` (fsynced), on error it is removed.
+
+    `validate(temp_path)` runs on the complete new content before the rename: when it raises, `path`
+    keeps its old content and the temp file is removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -40,11 +45,33 @@ def atomic_file(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        if validate is not None:
+            validate(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[Path]:
+    """An exclusive lock for a read-modify-replace of `path`, held on the lock file `<path>.lock` beside it.
+
+    `fcntl.flock` (Linux and macOS): a process that dies releases its lock with its file descriptor, so a
+    crash never leaves the file locked. The lock file stays (removing it would race with the next locker).
+    """
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield lock
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:

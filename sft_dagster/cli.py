@@ -2,12 +2,17 @@
 
     sft-dagster run assets/demo_sentiment.yaml               # the whole pipeline
     sft-dagster run assets/demo_sentiment.yaml --select label_issues --json
+    sft-dagster run assets/demo_sentiment.yaml --verbose      # Dagster's per-event log lines too
     sft-dagster demo-data                                     # regenerate the demo data set
     sft-dagster review demo_sentiment                          # the data engineer's loop (see review_cli)
     sft-dagster rank demo_preference                           # rank candidate replies (see rank_cli)
 
-Runs are recorded in the Dagster instance under $DAGSTER_HOME (default ./.dagster_home), so they show
-in `dagster dev -w workspace.yaml` afterwards.
+Runs are recorded in the Dagster instance under $DAGSTER_HOME (default ./.dagster_home) as runs of the
+code location's job (`defs/cli_runs.py`), so they show in `dagster dev -w workspace.yaml` on the job's
+page and the Overview timeline, like runs launched there. The console shows one line per stage and a
+training progress bar (`console.py`); a failed run's summary starts with the stage that stopped it and
+why. Exit status: 0, or 1 when the run failed or a blocking check failed (warnings never), 2 for bad
+arguments or a bad spec.
 """
 
 from __future__ import annotations
@@ -27,22 +32,78 @@ def _latest_metadata(instance, key) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def run_summary(instance, spec, result) -> dict:
-    """One JSON-able summary of a run: rows per stage, checks, metrics, artefact paths."""
+def _user_error(error) -> tuple[str, str]:
+    """(exception type, message) of the error the stage's code raised, without Dagster's wrapping.
+
+    Dagster wraps it in `DagsterExecutionStepExecutionError`; the message our code wrote (file:line:key,
+    the failed gates) is in the innermost cause that is not Dagster's own."""
+    while error.cause is not None and error.cls_name and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    message = error.message.strip()
+    prefix = f"{error.cls_name}: "
+    if prefix in message.split("\n", 1)[0]:
+        message = message[message.index(prefix) + len(prefix):]
+    return error.cls_name or "Error", message
+
+
+def stage_names(job_def) -> dict[str, list[str]]:
+    """step key -> the asset names that step materializes (the stage's main asset first)."""
+    out: dict[str, list[str]] = {}
+    for assets_def in job_def.asset_layer.asset_graph.assets_defs:
+        if not assets_def.is_executable:
+            continue
+        names = sorted((k.path[-1] for k in assets_def.keys), key=lambda n: (n.endswith("quarantine"), n))
+        if not names:  # a step of checks only (the data-quality suite)
+            names = [f"checks on {k}" for k in sorted({c.asset_key.path[-1] for c in assets_def.check_keys})]
+        out[assets_def.node_def.name] = names
+    return out
+
+
+def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]]) -> dict:
+    """One JSON-able summary of a run: why it stopped (first), rows per stage, checks, metrics, artefact paths."""
     import dagster as dg
 
     key = lambda n: dg.AssetKey([spec.name, n])  # noqa: E731
     meta = {n: _latest_metadata(instance, key(n)) for n in (
         "raw_examples", "labelled_examples", "label_issues", "curated_examples", "quarantine", "dataset_splits",
         "fine_tuned_adapter", "evaluation_report", "promoted_model")}
+    run = instance.get_run_by_id(run_id)
+    events = [e.dagster_event for e in instance.all_logs(run_id) if e.dagster_event is not None]
     checks = []
-    for event in result.all_events:
+    for event in events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             data = event.event_specific_data
+            check_key = dg.AssetCheckKey(data.asset_key, data.check_name)
+            blocking = graph.get_check_spec(check_key).blocking if graph.has(check_key) else data.severity.value == "ERROR"
+            check_meta = {k: v.value for k, v in (data.metadata or {}).items()}
             checks.append({"asset": data.asset_key.path[-1], "check": data.check_name, "passed": data.passed,
-                           "severity": data.severity.value})
-    materialized = sorted({e.asset_key.path[-1] for e in result.all_events
-                           if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key})
+                           "blocking": blocking, "severity": data.severity.value, "description": data.description,
+                           "failing_rows": check_meta.get("failing_rows_count"),
+                           "failing_ids": check_meta.get("failing_ids_file")})
+    materialized = sorted({e.asset_key.path[-1] for e in events if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key})
+    failed_blocking = [c for c in checks if not c["passed"] and c["blocking"]]
+    error = None
+    # A blocking check that fails inside its asset's step fails that step (Dagster's blocking=True):
+    # the reason is then the checks, reported below, not Dagster's wrapper error.
+    failures = [e for e in events if e.event_type_value == "STEP_FAILURE"
+                and not (failed_blocking and e.event_specific_data.error.cls_name == "DagsterAssetCheckFailedError")]
+    if failures:
+        first = failures[0]
+        kind, message = _user_error(first.event_specific_data.error)
+        names = steps.get(first.step_key, [first.step_key])
+        error = {"stage": names[0], "step": first.step_key, "type": kind, "message": message}
+    elif failed_blocking:
+        first = failed_blocking[0]
+        error = {"stage": first["asset"], "type": "BlockingCheckFailed",
+                 "message": f"{len(failed_blocking)} blocking check(s) failed; training and promotion are stopped "
+                            "until they pass"}
+    elif run is not None and run.status.value != "SUCCESS":
+        error = {"stage": None, "type": "RunFailed", "message": f"the run ended {run.status.value}"}
+    if error is not None and failed_blocking:
+        error["failed_checks"] = [{"check": f"{c['asset']}:{c['check']}", "failing_rows": c["failing_rows"],
+                                   "failing_ids": c["failing_ids"], "description": c["description"]}
+                                  for c in failed_blocking]
+    meta = {name: (values if name in materialized else {}) for name, values in meta.items()}  # no stale numbers
     label_summary = meta["label_issues"].get("summary") or {}
     report_path = meta["evaluation_report"].get("report_path")
     evaluation = {}
@@ -53,9 +114,11 @@ def run_summary(instance, spec, result) -> dict:
                       "promotion": report.get("promotion"), "corrected_view": report.get("corrected_view")}
     return {
         "pipeline": spec.name,
-        "run_id": result.run_id,
-        "success": result.success,
+        "run_id": run_id,
+        "success": bool(run is not None and run.status.value == "SUCCESS") and not failed_blocking,
+        "error": error,
         "materialized": materialized,
+        "warnings": list(meta["raw_examples"].get("warnings") or []),
         "rows": {
             "in": meta["raw_examples"].get("rows_read"),
             "ingested": meta["raw_examples"].get("dagster/row_count"),
@@ -65,10 +128,12 @@ def run_summary(instance, spec, result) -> dict:
             "quarantined_by_stage": meta["quarantine"].get("by_stage"),
             "splits": (meta["dataset_splits"].get("summary") or {}).get("rows"),
         },
-        "label_issues": {k: label_summary.get(k) for k in ("label_issue_count", "label_issue_rate", "outlier_count", "near_duplicate_count")},
+        "label_issues": {k: label_summary.get(k) for k in ("label_issue_count", "label_issue_rate", "outlier_count",
+                                                           "near_duplicate_count")}
+                        | {"label_conflict_rows": meta["label_issues"].get("label_conflict_rows")},
         "label_issue_audit": meta["label_issues"].get("audit"),
         "checks": checks,
-        "failed_blocking_checks": [f"{c['asset']}:{c['check']}" for c in checks if not c["passed"] and c["severity"] == "ERROR"],
+        "failed_blocking_checks": [f"{c['asset']}:{c['check']}" for c in failed_blocking],
         "training": meta["fine_tuned_adapter"].get("metrics"),
         "evaluation": evaluation,
         "artefacts": {
@@ -83,18 +148,32 @@ def run_summary(instance, spec, result) -> dict:
 def _print_summary(s: dict) -> None:
     rows = s["rows"]
     print(f"\n== {s['pipeline']}: run {s['run_id'][:8]} {'succeeded' if s['success'] else 'FAILED'} ==")
-    print(f"rows in {rows['in']}  ->  curated {rows['curated']}  +  quarantined {rows['quarantined']} {rows['quarantined_by_stage'] or ''}")
+    if error := s["error"]:
+        print(f"stopped at {error['stage'] or 'the run'}: {error['message']}")
+        for c in error.get("failed_checks", []):
+            where = f"; failing ids: {c['failing_ids']}" if c.get("failing_ids") else ""
+            count = f"{c['failing_rows']} failing rows" if c.get("failing_rows") is not None else "failed"
+            print(f"  - {c['check']} (blocking): {count}{where}\n      {c['description']}")
+    for warning in s["warnings"]:
+        print(f"warning: {warning}")
+    if rows["in"] is not None:
+        curated = f"  ->  curated {rows['curated']}" if rows["curated"] is not None else ""
+        quarantined = (f"  +  quarantined {rows['quarantined']} {rows['quarantined_by_stage'] or ''}"
+                       if rows["quarantined"] is not None else "")
+        print(f"rows in {rows['in']}{curated}{quarantined}")
     if rows["splits"]:
         print(f"splits: {rows['splits']}")
     li = s["label_issues"]
     if li.get("label_issue_count") is not None:
         print(f"label issues found: {li['label_issue_count']} (rate {li['label_issue_rate']:.3f}), outliers {li['outlier_count']}, near duplicates {li['near_duplicate_count']}")
+    if li.get("label_conflict_rows"):
+        print(f"label conflicts (duplicates with different labels) in the review queue: {li['label_conflict_rows']} rows")
     if s.get("label_issue_audit"):
         a = s["label_issue_audit"]
         print(f"label-issue detection vs known errors: precision {a['precision']:.2f}, recall {a['recall']:.2f}")
     failed = [c for c in s["checks"] if not c["passed"]]
     print(f"checks: {len(s['checks']) - len(failed)} passed, {len(failed)} failed"
-          + "".join(f"\n  - {c['asset']}:{c['check']} ({'blocking' if c['severity'] == 'ERROR' else 'warning'})" for c in failed))
+          + "".join(f"\n  - {c['asset']}:{c['check']} ({'blocking' if c['blocking'] else 'warning'})" for c in failed))
     ev = s["evaluation"]
     if ev:
         m = ev["primary_metric"]
@@ -119,14 +198,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     ensure_dagster_home()
     import dagster as dg
 
+    from .console import EventFollower, StageConsole
     from .defs import build_definitions
     from .defs.automation import job_name
+    from .defs.cli_runs import create_cli_run, execute_cli_run
 
     defs = build_definitions([spec], storage_root=args.storage, device=args.device)
-    job = defs.resolve_job_def(job_name(spec))
+    graph = defs.resolve_asset_graph()
     selection = None
     if args.select:
-        graph = defs.resolve_asset_graph()
         keys = [dg.AssetKey([spec.name, s]) for s in args.select]
         unknown = [k.path[-1] for k in keys if not graph.has(k)]
         if unknown:
@@ -134,15 +214,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: --select: unknown stage(s) {unknown}; stages are {known}", file=sys.stderr)
             return 2
         selection = list(dg.AssetSelection.assets(*keys).upstream().required_multi_asset_neighbors().resolve(graph))
+    run_config: dict = {"execution": {"config": {"in_process": {}}}}
+    if not args.verbose:  # Dagster's per-event DEBUG lines; the event log keeps them all
+        run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
     instance = dg.DagsterInstance.get()
-    result = job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False,
-                                    tags={"sft_dagster/launched_by": "cli"})
-    summary = run_summary(instance, spec, result)
+    job, run = create_cli_run(instance, spec, args.spec, storage_root=args.storage, device=args.device,
+                              asset_selection=selection, run_config=run_config)
+    steps = stage_names(defs.resolve_job_def(job_name(spec)))
+    out = sys.stderr if args.json else sys.stdout
+    if not args.verbose:
+        print(f"{spec.name}: run {run.run_id} ({len(steps)} stages; --verbose for Dagster's event log)", file=out)
+        with EventFollower(instance, run.run_id, StageConsole(steps, out).handle):
+            execute_cli_run(instance, job, run)
+    else:
+        execute_cli_run(instance, job, run)
+    summary = run_summary(instance, spec, run.run_id, graph, steps)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         _print_summary(summary)
-    return 0 if summary["success"] and not summary["failed_blocking_checks"] else 1
+    return 0 if summary["success"] else 1
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -164,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     run.add_argument("--storage", default=None, help="storage root (default $SFT_DAGSTER_STORAGE or ./.sft)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    run.add_argument("--verbose", action="store_true", help="also print Dagster's per-event log lines")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo-data", help="write the demo sentiment data set")

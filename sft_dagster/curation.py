@@ -1,10 +1,20 @@
 """Decide what training may use: the curated examples, and the quarantine for the rest.
 
+Rows are first grouped into duplicate clusters (`quality/duplicates.py`: exact duplicates, the same
+text up to case, punctuation and spacing, cleanlab's near-duplicate sets). Each cluster has one
+representative: a reviewed row first, else the first by source order (a row failing a blocking check
+only when no other row is left). `near_duplicates: drop` (step 4) keeps each cluster's representative
+and quarantines the other rows of train and validation, naming the id kept.
+
 Order of decisions, each recorded with its reason:
-1. exact duplicates: the first occurrence stays, later repeats go;
+1. exact duplicates: one row of identical content stays (the representative when it is one of
+   them), the repeats go, in every split, naming the id kept;
 2. rows failing a blocking row-level quality check (invalid label, empty text, longer than
    max_length, control tokens ...) go, in every split: they cannot be trained on or scored;
-3. cleanlab findings follow the spec's policy, in train and validation only. The test split is
+3. label conflicts (label tasks): a cluster whose rows carry different labels is held out of train
+   and validation whole, until the rows a data engineer reviewed (`keep`) agree on one label; then
+   the rows with another label go. The review queue lists every unresolved conflict with its labels;
+4. cleanlab findings follow the spec's policy, in train and validation only. The test split is
    never cleaned silently (that would inflate the reported metrics): flagged test rows stay as
    labelled, with their flags, so the report can show the as-labelled and the corrected view.
 """
@@ -15,6 +25,7 @@ from collections.abc import Iterable
 
 import pandas as pd
 
+from .quality.duplicates import conflicting_clusters, describe_labels, duplicate_clusters, representatives
 from .schema import quarantine_rows
 from .spec import CurationPolicy, SplitSpec
 from .splits import assign_splits
@@ -28,11 +39,13 @@ def curate(
     flags: pd.DataFrame | None,
     policy: CurationPolicy,
     splits: SplitSpec,
+    label_task: bool = True,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Returns (curated with `split` and flag columns, quarantined rows, stats).
 
     failing_ids: blocking check name -> example_ids that failed it (row-level checks only).
-    flags: cleanlab flags per example_id (FLAG_COLUMNS), or None when cleanlab is off.
+    flags: cleanlab flags per example_id (FLAG_COLUMNS, and `near_duplicate_of`), or None when cleanlab is off.
+    label_task: whether `response` is a label (label conflicts are looked for only then).
     """
     df = assign_splits(labelled, splits)
     if flags is not None and not flags.empty:
@@ -45,15 +58,37 @@ def curate(
         df["label_score"] = float("nan")
 
     reason = pd.Series(pd.NA, index=df.index, dtype="string")
+    failing = df["example_id"].isin({i for ids in failing_ids.values() for i in ids})
+    clusters = duplicate_clusters(df, label_task, flags)
+    # Within a cluster the same rule picks the same row, so an exact group holding the representative keeps it.
+    exact_kept = representatives(df, df["content_hash"].astype("string"), ~failing)
 
-    first_of = df.groupby("content_hash")["example_id"].transform("first")
-    repeat = df["example_id"] != first_of
-    reason[repeat] = "exact duplicate of " + first_of[repeat]
+    repeat = df["example_id"] != exact_kept
+    reason[repeat] = "exact duplicate of " + exact_kept[repeat]
 
     for check, ids in failing_ids.items():
         hit = df["example_id"].isin(set(ids)) & reason.isna()
         reason[hit] = f"failed blocking check {check}"
 
+    in_training = df["split"] != "test"  # train and validation
+    conflicts = {"clusters": 0, "rows_held_out": 0, "resolved_by_review": 0}
+    if label_task:
+        considered = reason.isna()
+        conflict = conflicting_clusters(df, clusters, considered) & considered
+        reviewed = df["reviewed"].fillna(False).astype(bool)
+        reviewed_labels = df["response"].where(reviewed & considered).groupby(clusters).transform("nunique")
+        resolved = conflict & reviewed_labels.eq(1)
+        decided = df["response"].where(reviewed & considered).groupby(clusters).transform("first")
+        decided_by = df["example_id"].where(reviewed & considered).groupby(clusters).transform("first")
+        hit = resolved & (df["response"] != decided) & in_training
+        reason[hit] = ("label conflict resolved by review: " + decided_by[hit].astype(str) + " is labelled "
+                       + decided[hit].astype(str))
+        open_conflict = conflict & ~resolved
+        detail = {c: describe_labels(g) for c, g in df[open_conflict].groupby(clusters[open_conflict])}
+        hit = open_conflict & in_training
+        reason[hit] = "label conflict: duplicates labelled " + clusters[hit].map(detail).astype("string") + "; decide in the review queue"
+        conflicts = {"clusters": int(clusters[open_conflict].nunique()), "rows_held_out": int(hit.sum()),
+                     "resolved_by_review": int(clusters[resolved].nunique())}
     trainable = df["split"] != "test"
     if policy.label_issues == "drop":
         hit = trainable & df["is_label_issue"] & ~df["reviewed"].astype(bool) & reason.isna()
@@ -63,19 +98,29 @@ def curate(
             + " (label score " + df.loc[hit, "label_score"].round(3).astype(str) + ")"
         )
     if policy.near_duplicates == "drop":
-        hit = trainable & df["is_near_duplicate"] & reason.isna()
-        reason[hit] = "near duplicate (cleanlab)"
+        kept_of = representatives(df, clusters, reason.isna())  # among the rows still in
+        hit = trainable & (df["example_id"] != kept_of) & reason.isna()
+        reason[hit] = "near duplicate of " + kept_of[hit]
     if policy.outliers == "drop":
         hit = trainable & df["is_outlier"] & reason.isna()
         reason[hit] = "outlier (cleanlab)"
 
     removed = reason.notna()
+    # An exact repeat names the row of its content that stayed; when that row went too (a near duplicate
+    # of another), the id the cluster kept is named as well.
+    is_removed = dict(zip(df["example_id"], removed))
+    final_kept = representatives(df, clusters, ~removed)
+    via = (repeat & exact_kept.map(is_removed).fillna(False).astype(bool) & ~final_kept.map(is_removed).fillna(True).astype(bool)
+           & reason.str.startswith("exact duplicate of").fillna(False))
+    reason[via] = reason[via] + " (kept: " + final_kept[via] + ")"
     quarantined = quarantine_rows(df[removed], "curation", reason[removed])
     curated = df[~removed].reset_index(drop=True)
     stats = {
         "rows_in": len(df),
         "rows_kept": len(curated),
         "rows_quarantined": int(removed.sum()),
+        "duplicate_clusters": int(clusters[clusters.duplicated(keep=False)].nunique()),
+        "label_conflicts": conflicts,
         "quarantine_reasons": {
             str(k): int(v) for k, v in reason[removed].str.replace(r"(:| of | \().*$", "", regex=True).value_counts().items()
         },

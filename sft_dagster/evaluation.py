@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from .formatting import build_messages, encode_example, generation_prompt_ids
+from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import PipelineSpec, TaskSpec
 from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
@@ -399,7 +400,8 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"## Error analysis {name.replace('_', ' ')}", "", f"| slice | n | {heading} |",
                   f"|{rule}|"]
         lines += [f"| {k} | {v['n']} | " + " | ".join(_fmt(v.get(c, '')) for c, _ in cols) + " |" for k, v in table.items()]
-    cell = lambda s: str(s).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
+    # PII masked: the rendered report is also the asset's metadata in Dagster's event log.
+    cell = lambda s: mask_pii(str(s)).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
     lines += ["", "## Sample generations", "", f"| prompt | expected | {heading} |", f"|{rule}|"]
     lines += [f"| {cell(s['prompt'])} | {cell(s['expected'])} | " + " | ".join(cell(s.get(c, '')) for c, _ in cols) + " |"
               for s in report["samples"]]

@@ -3,12 +3,17 @@
 Rows that cannot be used go to the quarantine with their reason; a file that cannot be used at all
 (unreadable, undecodable, a mapped column absent) fails with an `IngestError` naming file, line and
 field. rows read = rows returned + rows quarantined, per file, always.
+
+Text files are read in `sources[].encoding` (default UTF-8); a UTF-8 byte-order mark is dropped. A file
+without rows (empty, blank lines only, a CSV header alone) is skipped with a warning, since a glob of
+daily exports may hold a day without data; when every file of every source is empty, ingest fails.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,49 +51,72 @@ def _format_of(path: Path, source: SourceSpec) -> str:
     return fmt
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    with path.open("rb") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise IngestError(f"{path}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text), None
-            except json.JSONDecodeError as exc:
-                yield line_no, {"_raw": text.rstrip("\n")}, f"invalid JSON: {exc.msg} (column {exc.colno})"
+_UTF8 = {"utf-8", "utf8", "utf_8", "u8", "utf-8-sig", "utf_8_sig"}
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _decode(path: Path, encoding: str) -> str:
+    """A text file's content in `encoding`; a UTF-8 byte-order mark (Excel, Notepad) is dropped.
+
+    An undecodable byte fails the file, naming its line and byte and the spec key that fixes it.
+    """
+    data = path.read_bytes()
+    utf8 = encoding.lower() in _UTF8
+    if utf8 and data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None:
-                return
-            line_no = reader.line_num
-            for row in reader:
-                start, line_no = line_no + 1, reader.line_num
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    yield start, {"_raw": ",".join(row)}, f"expected {len(header)} fields, found {len(row)}"
-                    continue
-                yield start, dict(zip(header, row)), None
+        return data.decode("utf-8" if utf8 else encoding)
     except UnicodeDecodeError as exc:
-        raise IngestError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        hint = ("the file starts with a UTF-16 byte-order mark: set sources[].encoding: utf-16"
+                if utf8 and data.startswith(_UTF16_BOMS) else
+                "if the file was saved in another encoding, set sources[].encoding (e.g. cp1252 or latin-1)")
+        raise IngestError(f"{path}:{line}: not {'UTF-8' if utf8 else encoding} text: byte 0x{data[exc.start]:02x} at byte {column} of the "
+                          f"line ({exc.reason}); {hint}") from None
+    except LookupError:
+        raise IngestError(f"{path}: sources[].encoding: unknown encoding {encoding!r}") from None
+
+
+def _iter_jsonl(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
+    for line_no, text in enumerate(_decode(path, source.encoding).split("\n"), start=1):
+        text = text.removesuffix("\r").lstrip("\ufeff")  # a BOM also where exported files were concatenated
+        if not text.strip():
+            continue
+        try:
+            yield line_no, json.loads(text), None
+        except json.JSONDecodeError as exc:
+            yield line_no, {"_raw": text}, f"invalid JSON: {exc.msg} (column {exc.colno})"
+
+
+def _csv_rows(path: Path, source: SourceSpec):
+    return csv.reader(io.StringIO(_decode(path, source.encoding), newline=""))
+
+
+def _iter_csv(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
+    try:
+        reader = _csv_rows(path, source)
+        header = next(reader, None)
+        if header is None:
+            return
+        line_no = reader.line_num
+        for row in reader:
+            start, line_no = line_no + 1, reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                yield start, {"_raw": ",".join(row)}, f"expected {len(header)} fields, found {len(row)}"
+                continue
+            yield start, dict(zip(header, row)), None
     except csv.Error as exc:
         raise IngestError(f"{path}: not valid CSV: {exc}") from None
 
 
-def _csv_header(path: Path) -> list[str]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as fh:
-        return next(csv.reader(fh), [])
+def _csv_header(path: Path, source: SourceSpec) -> list[str]:
+    return next(_csv_rows(path, source), [])
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
+def _iter_parquet(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -171,12 +199,15 @@ def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple
     else:
         wanted = {k: source.columns.get(k, k) for k in REQUIRED}
     if fmt == "csv":
-        header = _csv_header(path)
+        header = _csv_header(path, source)
         present = set(header)
         line = 1
     else:
-        present = set().union(*(r.keys() for _, r, p in records if p is None and isinstance(r, dict))) if records else set()
-        line = records[0][0] if records else 1
+        objects = [r for _, r, p in records if p is None and isinstance(r, dict)]
+        if not objects and fmt == "jsonl":
+            return  # no line parsed as an object: each is quarantined with its own reason
+        present = set().union(*(r.keys() for r in objects))
+        line = records[0][0]
         if fmt == "parquet":
             present |= set(pq.read_schema(path).names)
     for canonical, column in wanted.items():
@@ -188,9 +219,11 @@ def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple
 
 
 def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[dict]]:
-    """One file -> (canonical rows, quarantined rows)."""
+    """One file -> (canonical rows, quarantined rows); a file without rows gives two empty lists."""
     fmt = _format_of(path, source)
-    records = list(_READERS[fmt](path))
+    records = list(_READERS[fmt](path, source))
+    if not records:
+        return [], []
     _check_columns(path, fmt, source, records)
     kept, quarantined = [], []
     for line_no, record, problem in records:
@@ -219,7 +252,7 @@ def assign_example_ids(df: pd.DataFrame) -> pd.DataFrame:
     # History joins the hash only when present, so single-exchange ids stay what they always were.
     hashes = [content_hash(s, p, r) if not isinstance(h, str) else content_hash(s, p, r, h)
               for s, p, r, h in zip(df["system"], df["prompt"], df["response"], histories)]
-    df = df.assign(content_hash=hashes)
+    df = df.assign(content_hash=pd.Series(hashes, index=df.index, dtype="object"))
     repeat = df.groupby("content_hash").cumcount()
     df["example_id"] = df["content_hash"].where(repeat == 0, df["content_hash"] + "~" + repeat.astype(str))
     return df
@@ -230,12 +263,18 @@ def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     kept: list[dict] = []
     quarantined: list[dict] = []
     per_file: dict[str, dict[str, int]] = {}
+    warnings: list[str] = []
     for source in spec.sources:
         for path in source_files(spec, source):
             rows, bad = read_source_file(path, source)
             kept.extend(rows)
             quarantined.extend(bad)
             per_file[str(path)] = {"rows_read": len(rows) + len(bad), "kept": len(rows), "quarantined": len(bad)}
+            if not rows and not bad:
+                warnings.append(f"{path}: the file has no rows (skipped)")
+    if not kept and not quarantined:
+        where = f"{spec.spec_path}: " if spec.spec_path else ""
+        raise IngestError(f"{where}sources: no rows in any source file; every file is empty: {sorted(per_file)}")
     examples = pd.DataFrame(kept, columns=[c for c in EXAMPLE_COLUMNS if c not in ("example_id", "content_hash")])
     examples["system"] = examples["system"].astype("object")
     examples["history"] = examples["history"].astype("object")
@@ -249,5 +288,6 @@ def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         "rows_kept": len(examples),
         "rows_quarantined": len(quarantine),
         "files": per_file,
+        "warnings": warnings,
     }
     return examples, quarantine, stats

@@ -6,6 +6,9 @@ the same time, whoever started them (the nightly schedule, the data-change senso
 - every asset of a pipeline is in the concurrency pool `sft_<pipeline>`, and `pools.default_limit: 1`
   lets one step of that pool run at a time across all runs (enforced for in-process CLI runs too);
 - runs tagged with the same `pipeline` are queued one at a time by the run queue (UI, schedule, sensor).
+  Every run of a pipeline carries that tag whatever started it: the pipeline's job has it as a run tag,
+  the CLI sets it, and `PipelineRunCoordinator` (the queue this file configures) adds it to runs the UI
+  launches for a selection of a pipeline's assets (Dagster's implicit asset job, which has no tags).
 
 An existing, non-empty `dagster.yaml` is left as it is (Postgres, other run launchers, ...).
 `python -m sft_dagster.instance` creates the folder and the file.
@@ -16,10 +19,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dagster import QueuedRunCoordinator, SubmitRunContext
+
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 
 DEFAULT_INSTANCE_YAML = """\
 # Written by sft_dagster for a new instance (see sft_dagster/instance.py). Storage: SQLite in this folder.
+run_coordinator:
+  # The queued run coordinator, adding the `pipeline` tag to runs of one pipeline's assets.
+  module: sft_dagster.instance
+  class: PipelineRunCoordinator
 concurrency:
   pools:
     # Each pipeline's assets share the pool sft_<pipeline>: one step of a pipeline at a time, across runs.
@@ -32,6 +41,36 @@ concurrency:
           applyLimitPerUniqueValue: true
         limit: 1
 """
+
+
+PIPELINE_TAG = "pipeline"
+
+
+def pipeline_of(run) -> str | None:
+    """The pipeline a run belongs to: from its job (`<pipeline>_job`), else from the asset keys it selects
+    (every key of a pipeline starts with the pipeline's name); None for runs spanning several."""
+    if run.tags.get(PIPELINE_TAG):
+        return run.tags[PIPELINE_TAG]
+    keys = set(run.asset_selection or ()) | {c.asset_key for c in (run.asset_check_selection or ())}
+    prefixes = {k.path[0] for k in keys if len(k.path) > 1}
+    if len(prefixes) == 1:
+        return prefixes.pop()
+    if run.job_name.endswith("_job") and not keys:
+        return run.job_name.removesuffix("_job")
+    return None
+
+
+class PipelineRunCoordinator(QueuedRunCoordinator):
+    """Dagster's queued run coordinator that first tags each run with its pipeline (`pipeline_of`), so the
+    queue's per-pipeline limit holds for runs the UI launches from an asset selection too."""
+
+    def submit_run(self, context: SubmitRunContext):
+        run = context.dagster_run
+        pipeline = pipeline_of(run)
+        if pipeline and run.tags.get(PIPELINE_TAG) != pipeline:
+            self._instance.add_run_tags(run.run_id, {PIPELINE_TAG: pipeline})
+            context = SubmitRunContext(self._instance.get_run_by_id(run.run_id), context.workspace)
+        return super().submit_run(context)
 
 
 def ensure_dagster_home(home: str | Path | None = None) -> Path:

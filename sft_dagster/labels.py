@@ -15,6 +15,7 @@ file doubles as an append-only audit log. Edits are atomic (write a temp file, t
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -24,6 +25,7 @@ from .schema import quarantine_rows
 
 CORRECTION_COLUMNS = ["example_id", "action", "new_value", "note", "author", "timestamp", "old_value"]
 ACTIONS = ("relabel", "drop", "keep")
+REQUIRED_COLUMNS = ("example_id", "action")
 
 
 class CorrectionsError(ValueError):
@@ -40,12 +42,13 @@ def read_corrections(path: str | Path) -> pd.DataFrame:
     if not path.exists():
         return empty_corrections()
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        # utf-8-sig: a byte-order mark (a file saved from Excel) is not part of the first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
-            missing = [c for c in ("example_id", "action") if c not in header]
-            if missing:
-                raise CorrectionsError(f"{path}:1: header: missing column(s) {missing}; expected {CORRECTION_COLUMNS}")
+            if not header:
+                return empty_corrections()
+            check_header(path, header)
             rows = []
             for row in reader:
                 line = reader.line_num
@@ -70,23 +73,51 @@ def read_corrections(path: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CORRECTION_COLUMNS).astype("string")
 
 
+def check_header(path: Path, header: list[str]) -> None:
+    """The header names only known columns and has the required ones; before any row is read, so a
+    misnamed column is reported as such (not as an empty value on line 2)."""
+    unknown = [c for c in header if c not in CORRECTION_COLUMNS]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if unknown or missing:
+        problems = ([f"unknown column(s) {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])
+        raise CorrectionsError(f"{path}:1: header: {'; '.join(problems)}; expected columns {CORRECTION_COLUMNS} "
+                               f"({', '.join(REQUIRED_COLUMNS)} required, in any order)")
+
+
 def append_corrections(path: str | Path, rows: list[dict]) -> None:
-    """Append decisions atomically: readers see the old file or the new one, never half of it."""
+    """Append decisions: concurrent writers never lose each other's decisions, readers never see half a file.
+
+    The read-modify-replace runs under an exclusive lock on `<file>.lock` beside the corrections file
+    (two `sft-dagster accept` at once: the second waits for the first's rename, then appends to it).
+    The new content is validated before it replaces the old, so a bad edit never lands.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    with atomic.atomic_file(path, "w", newline="", encoding="utf-8") as fh:
-        if existing:
-            fh.write(existing if existing.endswith("\n") else existing + "\n")
-        writer = csv.DictWriter(fh, fieldnames=CORRECTION_COLUMNS, extrasaction="raise")
-        if not existing:
-            writer.writeheader()
-        for row in rows:
-            if row.get("action") not in ACTIONS:
-                raise CorrectionsError(f"{path}: action: {row.get('action')!r} is not one of {list(ACTIONS)}")
-            writer.writerow({c: row.get(c, "") for c in CORRECTION_COLUMNS})
-    # Validate what we wrote, so a bad edit never lingers unnoticed.
-    read_corrections(path)
+    for row in rows:
+        if row.get("action") not in ACTIONS:
+            raise CorrectionsError(f"{path}: action: {row.get('action')!r} is not one of {list(ACTIONS)}")
+    def validate(tmp: Path) -> None:
+        try:
+            read_corrections(tmp)
+        except CorrectionsError as exc:
+            raise CorrectionsError(str(exc).replace(str(tmp), str(path)) + " (the file was left unchanged)") from None
+
+    with atomic.file_lock(path):
+        existing = path.read_text(encoding="utf-8-sig") if path.exists() else ""
+        header = next(csv.reader([existing.split("\n", 1)[0]]), []) if existing.strip() else []
+        if header:
+            check_header(path, header)
+        with atomic.atomic_file(path, "w", validate=validate, newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CORRECTION_COLUMNS, extrasaction="raise")
+            if set(header) == set(CORRECTION_COLUMNS) and header:  # append to the text as it is
+                fh.write(existing if existing.endswith("\n") else existing + "\n")
+                writer = csv.DictWriter(fh, fieldnames=header, extrasaction="raise")
+            else:  # new, or a header with fewer columns: rewritten with every column, no value lost
+                writer.writeheader()
+                if header:
+                    writer.writerows({c: r.get(c) or "" for c in CORRECTION_COLUMNS}
+                                     for r in csv.DictReader(io.StringIO(existing, newline="")))
+            for row in rows:
+                writer.writerow({c: row.get(c, "") for c in writer.fieldnames})
 
 
 def latest_decisions(corrections: pd.DataFrame) -> pd.DataFrame:

@@ -6,8 +6,11 @@
     sft-dagster drop demo_sentiment ID [ID ...] [--note "..."]       # send rows to the quarantine
     sft-dagster keep demo_sentiment ID [ID ...] [--note "..."]       # checked-correct: stop flagging them
 
+A label conflict (duplicates whose labels disagree) is resolved by `keep` on the row whose label is right
+(curation then keeps that label and quarantines the others), or by relabelling or dropping rows.
+
 Every decision is appended to the pipeline's corrections file with who, when, old and new value and
-the note (atomically). The data-change sensor then starts a run and the stale assets re-materialize.
+the note (atomically, under a lock file beside it: two people deciding at once lose nothing). The data-change sensor then starts a run and the stale assets re-materialize.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ def _storage(args: argparse.Namespace) -> Path:
 def cmd_review(args: argparse.Namespace) -> int:
     spec = _spec(args)
     queue = review_queue(spec, _storage(args))
-    shown = queue.head(args.limit)[["example_id", "severity", "issue_types", "given_label", "suggested_label", "prompt"]]
+    columns = ["example_id", "severity", "issue_types", "given_label", "suggested_label", "prompt"]
+    shown = queue.head(args.limit)[columns + (["conflict_detail"] if "conflict_detail" in queue else [])]
     shown = shown.assign(prompt=shown["prompt"].astype(str).str.slice(0, 70))
+    if "conflict_detail" in shown:  # a label conflict: every label of the duplicates, with their ids
+        shown = shown.assign(conflict_detail=shown["conflict_detail"].fillna(""))
     print(f"{len(queue)} rows in the review queue of {spec.name} (worst first); corrections go to "
           f"{corrections_file(spec, _storage(args))}")
     print(shown.to_string(index=False))

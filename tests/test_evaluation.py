@@ -61,6 +61,10 @@ def test_report_metrics_slices_and_corrected_view():
     assert len(report["samples"]) == 2
     md = render_markdown(report)
     assert "| accuracy | 0.2500 | 0.7500 | 0.5000 |" in md and "Corrected view" in md
+    # Sample generations reach Dagster's event log as metadata: PII in them is masked.
+    report["samples"][0]["prompt"] = "refund to ana@example.com please, call 415-555-2671"
+    md = render_markdown(report)
+    assert "refund to [email] please, call [phone]" in md and "ana@example.com" not in md
 
 
 def test_score_model_runs_generation_and_loss(tiny_model_dir):

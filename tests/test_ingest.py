@@ -96,3 +96,57 @@ def test_messages_column(tmp_path):
     reasons = quarantine.sort_values("source_line")["reason"].tolist()
     assert "got roles ['user', 'assistant', 'user']" in reasons[0]
     assert reasons[1] == "messages[1].content is empty or not text"
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_line_one(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"prompt": "caf\xc3\xa9?", "response": "yes"}\r\n{"prompt": "b", "response": "c"}\r\n')
+    (tmp_path / "b.csv").write_bytes(bom + b"prompt,response\r\nfirst,row\r\n")
+    spec = make_spec(tmp_path, [{"path": "a.jsonl"}, {"path": "b.csv"}])
+    examples, quarantine, stats = ingest(spec)
+    assert len(quarantine) == 0
+    assert list(examples["prompt"]) == ["café?", "b", "first"]
+
+
+def test_encoding_key_reads_latin1_and_the_error_names_file_line_byte_and_key(tmp_path):
+    (tmp_path / "a.csv").write_bytes("prompt,response\nok,fine\nna\xefve caf\xe9,oui\n".encode("latin-1"))
+    spec = make_spec(tmp_path, [{"path": "a.csv"}])
+    with pytest.raises(IngestError, match=r"a\.csv:3: not UTF-8 text: byte 0xef at byte 3 of the line .*"
+                                          r"set sources\[\]\.encoding \(e\.g\. cp1252 or latin-1\)"):
+        ingest(spec)
+    examples = ingest(make_spec(tmp_path, [{"path": "a.csv", "encoding": "latin-1"}]))[0]
+    assert list(examples["prompt"]) == ["ok", "naïve café"]
+    (tmp_path / "u.jsonl").write_bytes('{"prompt": "é", "response": "x"}\n'.encode("utf-16"))
+    with pytest.raises(IngestError, match=r"u\.jsonl:1: .*UTF-16 byte-order mark: set sources\[\]\.encoding: utf-16"):
+        ingest(make_spec(tmp_path, [{"path": "u.jsonl"}]))
+    assert ingest(make_spec(tmp_path, [{"path": "u.jsonl", "encoding": "utf-16"}]))[0]["prompt"].tolist() == ["é"]
+
+
+def test_unknown_encoding_is_a_spec_error(tmp_path):
+    from sft_dagster.spec import SpecError
+
+    with pytest.raises(SpecError, match=r"sources\.0\.encoding: .*unknown encoding 'utf-9'"):
+        make_spec(tmp_path, [{"path": "a.csv", "encoding": "utf-9"}])
+
+
+def test_an_empty_file_is_skipped_with_a_warning_and_all_empty_fails(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    (tmp_path / "header_only.csv").write_text("prompt,response\n")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    spec = make_spec(tmp_path, [{"path": "*.jsonl"}, {"path": "*.csv"}])
+    examples, quarantine, stats = ingest(spec)
+    assert len(examples) == 1 and stats["rows_read"] == 1
+    assert sorted(w.split("/")[-1] for w in stats["warnings"]) == [
+        "blank.jsonl: the file has no rows (skipped)", "empty.jsonl: the file has no rows (skipped)",
+        "header_only.csv: the file has no rows (skipped)"]
+    (tmp_path / "data.jsonl").write_text("")
+    with pytest.raises(IngestError, match="no rows in any source file; every file is empty"):
+        ingest(spec)
+
+
+def test_a_file_of_broken_lines_quarantines_each_line_instead_of_a_column_error(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "a"\n{"prompt": \n')
+    examples, quarantine, stats = ingest(make_spec(tmp_path, [{"path": "a.jsonl"}]))
+    assert len(examples) == 0 and list(quarantine["source_line"]) == [1, 2]
+    assert quarantine["reason"].str.startswith("invalid JSON").all()

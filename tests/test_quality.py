@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sft_dagster.quality import SuiteError, find_label_issues, load_suite, run_suite
-from sft_dagster.quality.checks import contains_pii
+from sft_dagster.quality.pii import contains_pii
 from sft_dagster.spec import CleanlabSpec, TaskSpec
 
 from test_quality_checks import ROOT, TASK, frame  # noqa: E402  (one row-frame builder for both files)
@@ -168,3 +168,14 @@ def test_generation_tasks_get_outliers_and_near_duplicates():
     report = find_label_issues(df, TaskSpec(type="qa"), CleanlabSpec())
     assert set(report.summary["issue_types_checked"]) == {"outlier", "near_duplicate"}
     assert not report.flags["is_label_issue"].any()
+
+
+def test_suite_names_are_identifiers_never_paths(tmp_path):
+    (tmp_path / "evil.yaml").write_text("checks: []\n")
+    checks = tmp_path / "checks"
+    checks.mkdir()
+    (checks / "mine.yaml").write_text("include: [../evil]\nchecks: []\n")
+    with pytest.raises(SuiteError, match=r"mine\.yaml: include: '\.\./evil' is not a suite name"):
+        load_suite("mine", checks)
+    with pytest.raises(SuiteError, match=r"quality\.suite: '\.\./evil' is not a suite name"):
+        load_suite("../evil", checks)

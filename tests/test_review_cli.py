@@ -98,3 +98,14 @@ def test_missing_queue_says_what_to_run(pipeline, capsys):
     (pipeline["corrections"].parent / "review_queue.csv").unlink()
     assert cli(pipeline, "review", "shop") == 2
     assert "materialize shop/label_issues first" in capsys.readouterr().err
+
+
+def test_review_shows_label_conflicts_with_every_label(pipeline, capsys):
+    path = pipeline["corrections"].parent / "review_queue.csv"
+    queue = pd.read_csv(path)
+    queue["conflict_detail"] = ["negative (a1) vs positive (b2)", "negative (a1) vs positive (b2)", None]
+    queue.to_csv(path, index=False)
+    assert cli(pipeline, "review", "shop") == 0
+    assert "negative (a1) vs positive (b2)" in capsys.readouterr().out
+    assert cli(pipeline, "keep", "shop", "b2", "--note", "positive is right") == 0
+    assert read_corrections(pipeline["corrections"])["action"].tolist() == ["keep"]

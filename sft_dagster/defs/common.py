@@ -16,6 +16,7 @@ import dagster as dg
 import pandas as pd
 
 from ..quality import Suite
+from ..quality.pii import mask_pii
 from ..spec import PipelineSpec
 from ..storage import PipelinePaths
 
@@ -43,10 +44,19 @@ def code_version(*modules: ModuleType) -> str:
     return h.hexdigest()[:12]
 
 
-def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW_ROWS) -> dg.MetadataValue:
+PREVIEWS_OFF = "_row previews are off (quality.previews: false in the spec)_"
+
+
+def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW_ROWS, enabled: bool = True) -> dg.MetadataValue:
+    """The first rows as a Markdown table for the UI, every PII span masked before the cell is cut to 80
+    characters: Dagster keeps event metadata after the rows themselves were dropped."""
+    if not enabled:
+        return dg.MetadataValue.md(PREVIEWS_OFF)
     cols = [c for c in (columns or list(df.columns)) if c in df.columns]
-    shown = df[cols].head(n).astype(str).apply(lambda s: s.str.slice(0, 80))
-    return dg.MetadataValue.md(shown.to_markdown(index=False) if len(shown) else "_no rows_")
+    if df.empty:
+        return dg.MetadataValue.md("_no rows_")
+    shown = df[cols].head(n).apply(lambda s: s.map(lambda v: mask_pii(str(v))[:80]))
+    return dg.MetadataValue.md(shown.to_markdown(index=False))
 
 
 def jsonable(metadata: dict) -> dict:
@@ -62,16 +72,25 @@ def jsonable(metadata: dict) -> dict:
     return out
 
 
-def outcome_to_check_result(outcome, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
-    metadata = jsonable(dict(outcome.metadata))
+def severity(blocking: bool) -> dg.AssetCheckSeverity:
+    """A check's severity follows its blocking flag, always: ERROR blocks, WARN warns."""
+    return dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN
+
+
+def outcome_to_check_result(outcome, asset_key: dg.AssetKey, previews: bool = True,
+                            failing_ids_file=None, blocking: bool | None = None) -> dg.AssetCheckResult:
+    """The outcome as Dagster's check result; `blocking`: the check spec's flag, which sets the severity."""
+    metadata = jsonable({k: mask_pii(v) if isinstance(v, str) else v for k, v in outcome.metadata.items()})
     metadata["failing_rows_count"] = len(outcome.failing_ids)
+    if failing_ids_file is not None and outcome.failing_ids:
+        metadata["failing_ids_file"] = dg.MetadataValue.path(str(failing_ids_file))
     if getattr(outcome, "failing_rows", None) is not None and len(outcome.failing_rows):
-        metadata["failing_rows"] = preview(outcome.failing_rows, n=20)
+        metadata["failing_rows"] = preview(outcome.failing_rows, n=20, enabled=previews)
     return dg.AssetCheckResult(
         asset_key=asset_key,
         check_name=outcome.name,
         passed=bool(outcome.passed),
-        severity=dg.AssetCheckSeverity.ERROR if outcome.blocking else dg.AssetCheckSeverity.WARN,
+        severity=severity(outcome.blocking if blocking is None else blocking),
         description=outcome.description,
         metadata=metadata,
     )
@@ -112,6 +131,10 @@ class PipelineDefs:
     def out(self, name: str, **kwargs) -> dg.AssetOut:
         """An output of a multi-asset, keyed and grouped like `asset_args`."""
         return dg.AssetOut(key=self.key(name), group_name=self.spec.name, tags={"pipeline": self.spec.name}, **kwargs)
+
+    def preview(self, df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW_ROWS) -> dg.MetadataValue:
+        """A row preview, PII masked, or a note when the spec turned previews off."""
+        return preview(df, columns, n, enabled=self.spec.quality.previews)
 
     def ins(self, *names: str) -> dict[str, dg.AssetIn]:
         return {n: dg.AssetIn(self.key(n)) for n in names}

@@ -6,7 +6,7 @@ import pandas as pd
 
 from .. import atomic, curation, splits
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, jsonable, preview
+from .common import PipelineDefs, code_version, jsonable
 from .data import suite_outcomes
 from .resources import SFTStorage
 
@@ -31,11 +31,12 @@ def build(p: PipelineDefs) -> None:
                          label_issues: pd.DataFrame):
         outcomes = suite_outcomes(p, p.suite, labelled_examples, storage)
         failing = {o.name: o.failing_ids for o in outcomes if o.blocking and o.failing_ids}
-        curated, quarantined, stats = curation.curate(labelled_examples, failing, label_issues, spec.quality.policy, spec.splits)
+        curated, quarantined, stats = curation.curate(labelled_examples, failing, label_issues, spec.quality.policy, spec.splits,
+                                                          label_task=spec.task.is_label_task)
         yield dg.Output(curated, output_name="curated_examples", data_version=dg.DataVersion(frame_hash(curated)),
                         metadata={"dagster/row_count": len(curated), **jsonable(stats)})
         yield dg.Output(quarantined, output_name="curation_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
-                        metadata={"dagster/row_count": len(quarantined), "preview": preview(quarantined, ["example_id", "reason"])})
+                        metadata={"dagster/row_count": len(quarantined), "preview": p.preview(quarantined, ["example_id", "reason"])})
         leftover = {o.name: len(o.failing_ids) for o in suite_outcomes(p, p.suite, curated, storage) if o.blocking and o.failing_ids}
         balanced = stats["rows_in"] == stats["rows_kept"] + stats["rows_quarantined"]
         yield dg.AssetCheckResult(
@@ -59,7 +60,7 @@ def build(p: PipelineDefs) -> None:
         yield dg.Output(combined, data_version=dg.DataVersion(frame_hash(combined)), metadata={
             "dagster/row_count": len(combined),
             "by_stage": dg.MetadataValue.json({k: int(v) for k, v in combined["stage"].value_counts().items()}),
-            "preview": preview(combined, ["stage", "reason", "source_file", "source_line"], n=20),
+            "preview": p.preview(combined, ["stage", "reason", "source_file", "source_line"], n=20),
         })
         yield dg.AssetCheckResult(
             asset_key=K("quarantine"), check_name="rows_accounted_for",

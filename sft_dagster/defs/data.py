@@ -9,7 +9,7 @@ import pandas as pd
 from .. import formatting, ingest, labels
 from ..quality import run_suite
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result, preview
+from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result
 from .resources import SFTStorage
 from .shared import corrections_path, file_version, tokenizer_for
 
@@ -37,6 +37,8 @@ def build(p: PipelineDefs) -> None:
     def raw_examples(context: dg.AssetExecutionContext):
         start = time.perf_counter()
         examples, quarantined, stats = ingest.ingest(spec)
+        for warning in stats["warnings"]:  # e.g. an empty file, skipped
+            context.log.warning(warning)
         yield dg.Output(
             examples, output_name="raw_examples", data_version=dg.DataVersion(frame_hash(examples)),
             metadata={
@@ -44,13 +46,14 @@ def build(p: PipelineDefs) -> None:
                 "rows_read": stats["rows_read"],
                 "rows_quarantined": stats["rows_quarantined"],
                 "files": dg.MetadataValue.json(stats["files"]),
-                "preview": preview(examples, ["example_id", "prompt", "response", "source_line"]),
+                "warnings": dg.MetadataValue.json(stats["warnings"]),
+                "preview": p.preview(examples, ["example_id", "prompt", "response", "source_line"]),
                 "seconds": round(time.perf_counter() - start, 3),
             },
         )
         yield dg.Output(quarantined, output_name="ingest_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined),
-                                  "preview": preview(quarantined, ["reason", "source_file", "source_line"])})
+                                  "preview": p.preview(quarantined, ["reason", "source_file", "source_line"])})
 
     @dg.asset(**p.asset_args("label_corrections", kinds={"csv"}, code_version=code_version(labels),
                              description="The corrections file data engineers maintain; its content hash is its data version."))
@@ -86,11 +89,11 @@ def build(p: PipelineDefs) -> None:
         yield dg.Output(
             labelled, output_name="labelled_examples", data_version=dg.DataVersion(frame_hash(labelled)),
             metadata={"dagster/row_count": len(labelled), "rows_in": len(raw_examples), **jsonable(stats),
-                      "preview": preview(labelled, ["example_id", "prompt", "response", "label_source"])},
+                      "preview": p.preview(labelled, ["example_id", "prompt", "response", "label_source"])},
         )
         yield dg.Output(quarantined, output_name="labels_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined),
-                                  "preview": preview(quarantined, ["example_id", "reason"])})
+                                  "preview": p.preview(quarantined, ["example_id", "reason"])})
 
     # The suite as checks on the labelled examples (blocking ones stop training).
     suite_specs = [
@@ -106,7 +109,8 @@ def build(p: PipelineDefs) -> None:
     def data_quality_suite(context: dg.AssetCheckExecutionContext, storage: SFTStorage, labelled: pd.DataFrame):
         out_dir = p.paths(storage).quality_dir / "labelled_examples"
         for outcome in suite_outcomes(p, suite, labelled, storage, out_dir):
-            yield outcome_to_check_result(outcome, K("labelled_examples"))
+            yield outcome_to_check_result(outcome, K("labelled_examples"), previews=spec.quality.previews,
+                                          failing_ids_file=out_dir / f"{outcome.name}.csv")
 
     p.assets += [raw_examples, label_corrections, labelled_examples]
     p.checks.append(data_quality_suite)

@@ -7,9 +7,9 @@ import dagster as dg
 import pandas as pd
 
 from .. import atomic, labels, quality
-from ..quality import find_label_issues
+from ..quality import duplicates, find_label_issues
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, outcome_to_check_result, preview
+from .common import PipelineDefs, code_version, outcome_to_check_result, severity
 from .resources import SFTStorage
 from .shared import review_queue_path
 
@@ -19,12 +19,20 @@ LABEL_GATE_CHECKS = [
     ("class_imbalance", False, "Class balance (warning)"),
     ("non_iid", False, "Rows look independent and identically distributed (warning)"),
 ]
+# Gates that need labels: a generation task (no labels) does not get them at all.
+LABEL_TASK_ONLY = {"label_issue_rate", "class_imbalance", "non_iid"}
+
+
+def gate_checks(spec) -> list[tuple[str, bool, str]]:
+    """The cleanlab gates that apply to the spec's task."""
+    return [c for c in LABEL_GATE_CHECKS if spec.task.is_label_task or c[0] not in LABEL_TASK_ONLY]
 
 
 def build(p: PipelineDefs) -> None:
     spec, K = p.spec, p.key
-    gate_specs = [dg.AssetCheckSpec(c, asset=K("label_issues"), blocking=b, description=d) for c, b, d in LABEL_GATE_CHECKS]
-    p.blocking_checks += [p.check_key("label_issues", c) for c, b, _ in LABEL_GATE_CHECKS if b]
+    gates = gate_checks(spec)
+    gate_specs = [dg.AssetCheckSpec(c, asset=K("label_issues"), blocking=b, description=d) for c, b, d in gates]
+    p.blocking_checks += [p.check_key("label_issues", c) for c, b, _ in gates if b]
 
     @dg.asset(**p.asset_args("label_issues", kinds={"cleanlab", "scikitlearn"}, code_version=code_version(quality),
                              check_specs=gate_specs, ins=p.ins("labelled_examples"),
@@ -33,13 +41,18 @@ def build(p: PipelineDefs) -> None:
     def label_issues(context: dg.AssetExecutionContext, storage: SFTStorage, labelled_examples: pd.DataFrame):
         start = time.perf_counter()
         report = find_label_issues(labelled_examples, spec.task, spec.quality.cleanlab, seed=spec.splits.seed)
-        queue_csv = atomic.write_csv(review_queue_path(spec, storage), report.review_queue)
+        queue = report.review_queue
+        if spec.task.is_label_task:  # duplicates whose labels disagree wait for a person in the same queue
+            queue = duplicates.with_label_conflicts(queue, labelled_examples, report.flags)
+        queue_csv = atomic.write_csv(review_queue_path(spec, storage), queue)
+        conflicts = queue["conflict_labels"].notna() if "conflict_labels" in queue else pd.Series(False, index=queue.index)
         metadata = {
             "dagster/row_count": len(report.flags),
-            "review_queue_rows": len(report.review_queue),
+            "review_queue_rows": len(queue),
+            "label_conflict_rows": int(conflicts.sum()),
             "review_queue_csv": dg.MetadataValue.path(str(queue_csv)),
             "summary": dg.MetadataValue.json(report.summary),
-            "preview": preview(report.review_queue, ["example_id", "prompt", "given_label", "suggested_label", "issue_types", "severity"]),
+            "preview": p.preview(queue, ["example_id", "prompt", "given_label", "suggested_label", "issue_types", "severity"]),
             "seconds": round(time.perf_counter() - start, 3),
         }
         if spec.quality.audit_file:
@@ -47,11 +60,13 @@ def build(p: PipelineDefs) -> None:
             metadata["audit"] = dg.MetadataValue.json(labels.label_issue_detection_scores(labelled_examples, report.flags, audit))
         yield dg.Output(report.flags, data_version=dg.DataVersion(frame_hash(report.flags)), metadata=metadata)
         outcomes = {o.name: o for o in report.gate_outcomes(spec.quality.cleanlab)}
-        for check, _, _ in LABEL_GATE_CHECKS:
+        for check, blocking, _ in gates:
             if check in outcomes:
-                yield outcome_to_check_result(outcomes[check], K("label_issues"))
+                yield outcome_to_check_result(outcomes[check], K("label_issues"), previews=spec.quality.previews,
+                                              failing_ids_file=queue_csv, blocking=blocking)
             else:
                 yield dg.AssetCheckResult(asset_key=K("label_issues"), check_name=check, passed=False,
+                                          severity=severity(blocking),
                                           description=f"the label-issue report produced no {check} outcome")
 
     p.assets.append(label_issues)

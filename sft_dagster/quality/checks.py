@@ -15,13 +15,11 @@ import pandas as pd
 
 from .. import atomic
 from ..spec import TaskSpec
+from .pii import DEFAULT_REGIONS, find_pii, mask_pii
 from .suite import CheckEntry, Suite, build_expectation
 
 FAILING_ROWS_SHOWN = 20
 DEFAULT_CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "</s>", "<s>", "[INST]", "[/INST]", "<|eot_id|>"]
-_EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
-_PHONE = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().-]{7,}\d(?!\w)")
-_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){13,19}(?!\d)")
 
 
 @dataclass
@@ -33,29 +31,6 @@ class CheckOutcome:
     metadata: dict = field(default_factory=dict)
     failing_ids: list[str] = field(default_factory=list)
     failing_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def luhn_valid(digits: str) -> bool:
-    total, parity = 0, len(digits) % 2
-    for i, ch in enumerate(digits):
-        d = int(ch)
-        if i % 2 == parity:
-            d = d * 2 - 9 if d * 2 > 9 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def contains_pii(text: str) -> str | None:
-    if _EMAIL.search(text):
-        return "email"
-    for match in _CARD.finditer(text):
-        digits = re.sub(r"\D", "", match.group())
-        if 13 <= len(digits) <= 19 and luhn_valid(digits):
-            return "card_number"
-    for match in _PHONE.finditer(text):
-        if 9 <= len(re.sub(r"\D", "", match.group())) <= 15:
-            return "phone"
-    return None
 
 
 def normalized_text(values: pd.Series, ignore_digits: bool = False) -> pd.Series:
@@ -183,9 +158,17 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
         outcome.passed = outcome.passed and unknown == 0
         return outcome
     if kind == "pii":
-        found = df[_scanned_columns(entry, df)].fillna("").astype(str).agg(" ".join, axis=1).map(contains_pii)
-        outcome = _row_outcome(entry, df, found.notna(), "prompt",
-                               {"by_kind": {str(k): int(v) for k, v in found.value_counts().items()}})
+        # The values found never leave this function: failing rows show the kinds and the text masked.
+        regions = tuple(kw.get("regions", DEFAULT_REGIONS))
+        text = df[_scanned_columns(entry, df)].fillna("").astype(str).agg(" ".join, axis=1)
+        kinds = text.map(lambda t: ",".join(sorted({f.kind for f in find_pii(t, regions)})))
+        failing = kinds.ne("")
+        shown = df.assign(pii_found=kinds, masked_text=text[failing].map(lambda t: mask_pii(t, regions)))
+        by_kind = kinds[failing].str.split(",").explode().value_counts()
+        outcome = _row_outcome(entry, shown, failing, "pii_found",
+                               {"by_kind": {str(k): int(v) for k, v in by_kind.items()}, "regions": list(regions)})
+        outcome.failing_rows = shown.loc[failing, [c for c in ("example_id", "pii_found", "masked_text", "source_file",
+                                                              "source_line") if c in shown]].head(FAILING_ROWS_SHOWN)
         return outcome
     if kind == "class_balance":
         labels = df["response"][df["response"].isin(task.labels)] if task.labels else df["response"]

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..spec import CleanlabSpec, TaskSpec
 from .checks import CheckOutcome
+from .duplicates import near_duplicate_ids
 
 LABEL_ISSUE_TYPES = ("label", "outlier", "near_duplicate", "class_imbalance", "non_iid")
 GENERATION_ISSUE_TYPES = ("outlier", "near_duplicate")
@@ -302,6 +303,7 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
     flags["is_outlier"] = column("is_outlier_issue", False).fillna(False).astype(bool)
     flags["outlier_score"] = column("outlier_score", np.nan).astype(float)
     flags["is_near_duplicate"] = column("is_near_duplicate_issue", False).fillna(False).astype(bool)
+    flags["near_duplicate_of"] = near_duplicate_ids(lab, np.flatnonzero(valid), frame["example_id"])  # curation's clusters
     suggested = pd.Series(pd.NA, index=frame.index, dtype="string")
     if label_task:
         info = lab.get_info("label")

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..spec import _yaml_line
+from ..spec import SUITE_NAME, _yaml_line
 
 SFT_CHECKS = {
     "token_length": "prompt + response fit the training max_length in the base model's tokenizer (nothing is truncated silently)",
@@ -36,7 +36,7 @@ SFT_CHECKS = {
     "exact_duplicates": "at most `max_rate` of rows repeat an earlier row exactly",
     "near_duplicates": "at most `max_rate` of rows repeat an earlier row up to case, punctuation and spacing",
     "split_leakage": "no validation/test prompt also appears (normalised) in an earlier split",
-    "pii": "no e-mail addresses, phone numbers or payment card numbers",
+    "pii": "no e-mail addresses, phone numbers (libphonenumber, national formats of `regions`) or Luhn-valid card numbers",
 }
 ROW_LEVEL_SFT_CHECKS = {"token_length", "empty_text", "control_tokens", "label_in_set", "exact_duplicates",
                         "near_duplicates", "split_leakage", "pii"}
@@ -50,7 +50,7 @@ SFT_CHECK_KWARGS = {
     "exact_duplicates": {"max_rate"},
     "near_duplicates": {"columns", "max_rate", "ignore_digits"},
     "split_leakage": {"column", "ignore_digits", "mostly"},
-    "pii": {"columns", "mostly"},
+    "pii": {"columns", "mostly", "regions"},
 }
 
 
@@ -106,7 +106,7 @@ def _check_sft_values(kind: str, kwargs: dict[str, Any]) -> None:
             value = kwargs[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise ValueError(f"bad arguments for {kind}: {key} must be a number in [0, 1], got {value!r}")
-    for key in ("columns", "tokens"):
+    for key in ("columns", "tokens", "regions"):
         if key in kwargs and (not isinstance(kwargs[key], list) or not kwargs[key]
                               or not all(isinstance(v, str) and v for v in kwargs[key])):
             raise ValueError(f"bad arguments for {kind}: {key} must be a non-empty list of strings")
@@ -145,6 +145,10 @@ class Suite(BaseModel):
 
 def load_suite(name: str, checks_dir: Path, _seen: tuple[str, ...] = ()) -> Suite:
     """Load `checks_dir/<name>.yaml` and the suites it includes; check names must be unique."""
+    if not isinstance(name, str) or not SUITE_NAME.fullmatch(name):
+        where = f"{Path(checks_dir) / (_seen[-1] + '.yaml')}: include" if _seen else "quality.suite"
+        raise SuiteError(f"{where}: {name!r} is not a suite name: suites are files data_checks/<name>.yaml, "
+                         "named by letters, digits, _ and - (no paths)")
     if name in _seen:
         raise SuiteError(f"suite include cycle: {' -> '.join([*_seen, name])}")
     path = Path(checks_dir) / f"{name}.yaml"
