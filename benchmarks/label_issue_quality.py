@@ -13,9 +13,9 @@
    `embeddings` = the same logistic loss on MiniLM embeddings), at each rate; then `find_label_issues`
    for every feature choice. Precision / recall of the flags, AUROC of the label score, recall at
    precision >= 0.75 down the ranking, measured vs estimated precision of the queue's top N, seconds.
-   Sentence embeddings are computed once per text set and reused across runs (their one-off cost is
-   reported as `embedding_seconds`); the llm view runs only on `--llm-intents` (its cost grows with
-   the number of labels).
+   Sentence embeddings are computed once per text set and the llm view once per noisy copy, and
+   reused across feature choices (their one-off costs are reported as `embedding_seconds` and
+   `llm.seconds`); the llm view runs only on `--llm-intents` (its cost grows with the number of labels).
 
     .venv/bin/python benchmarks/label_issue_quality.py --demo-rows 1200 5000 20000 --seeds 0 1 \\
         --banking77 ../shared/datasets/banking77/train.csv --banking77-sample 10000
@@ -93,6 +93,20 @@ class EmbeddingMemo:
 
     def seconds_for(self, texts: pd.Series) -> float | None:
         return self.seconds.get(hash(tuple(texts.astype(str))))
+
+
+class LlmMemo:
+    """The llm view's probabilities computed once per (rows, given labels) and reused across feature choices."""
+
+    def __init__(self):
+        self.cache: dict[int, tuple] = {}
+        self.original = li.llm_label_probabilities
+
+    def __call__(self, model_dir, prompts, given, *args, **kwargs):
+        key = hash((tuple(prompts), tuple(map(str, given))))
+        if key not in self.cache:
+            self.cache[key] = self.original(model_dir, prompts, given, *args, **kwargs)
+        return self.cache[key]
 
 
 def noise_runs(data: pd.DataFrame, source: str, settings: list[tuple[str, float]], features: list[str], seed: int,
@@ -190,6 +204,7 @@ def main() -> None:
 
         memo = EmbeddingMemo()
         li.embedding_features = memo
+        li.llm_label_probabilities = LlmMemo()
         data = pd.read_csv(args.banking77)
         if args.banking77_sample and args.banking77_sample < len(data):
             data = data.sample(args.banking77_sample, random_state=args.seeds[0]).sort_index()

@@ -72,9 +72,10 @@ def curate(
         reason[hit] = (
             ("label issue awaiting review: given " if policy.label_issues == "relabel" else "label issue: given ")
             + df.loc[hit, "response"].astype(str)
-            + ", suggested " + df.loc[hit, "suggested_label"].astype(str)
-            + " (label score " + df.loc[hit, "label_score"].round(3).astype(str)
-            + ", confidence " + df.loc[hit, "suggested_confidence"].round(3).astype(str) + ")"
+            + ", suggested " + df.loc[hit, "suggested_label"].astype(str).fillna("none")
+            # "{:.3f}": under pandas 3 a NaN cast to str stays missing and would blank the whole reason
+            + " (label score " + df.loc[hit, "label_score"].astype(float).map("{:.3f}".format)
+            + ", confidence " + df.loc[hit, "suggested_confidence"].astype(float).map("{:.3f}".format) + ")"
         )
     if policy.near_duplicates == "drop":
         hit = trainable & df["is_near_duplicate"] & reason.isna()

