@@ -30,10 +30,11 @@ from sft_dagster.models import resolve_base_model
 from sft_dagster.quality import find_label_issues
 from sft_dagster.quality.label_issues import out_of_fold_probabilities, text_features
 from sft_dagster.quality.noise import confusion_flips
-from sft_dagster.schema import content_hash
 from sft_dagster.spec import parse_spec
 from sft_dagster.training import train
 from sft_dagster.training.trainer import pick_device
+
+from label_issue_quality import labelled_frame, write  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "banking77"
@@ -41,16 +42,9 @@ DATA = ROOT.parent / "shared" / "datasets" / "banking77"
 INTENTS = ["card_arrival", "card_delivery_estimate", "card_not_working", "card_swallowed"]
 
 
-def labelled_frame(texts: pd.Series, labels: np.ndarray, source: str) -> pd.DataFrame:
-    hashes = [content_hash(None, t, c) for t, c in zip(texts, labels)]
-    return pd.DataFrame({"example_id": [f"{h}~{i}" for i, h in enumerate(hashes)], "content_hash": hashes,
-                         "prompt": texts.astype(str).to_numpy(), "response": labels, "system": None,
-                         "source_file": source, "source_line": np.arange(2, len(texts) + 2), "reviewed": False})
-
-
 def make_spec(intents: list[str], args, seed: int, policy: str):
     return parse_spec({
-        "name": "gated", "task": {"type": "classification", "labels": intents,
+        "name": "gated", "task": {"type": "classification", "labels": intents, "system": "You label bank messages.",
                                   "prompt_template": "Which banking intent is this message? One of: "
                                   + ", ".join(intents) + ". Message: {prompt}"},
         "sources": [{"path": "unused.jsonl"}],
@@ -58,9 +52,9 @@ def make_spec(intents: list[str], args, seed: int, policy: str):
                     "policy": {"label_issues": policy, "relabel_min_confidence": args.relabel_min_confidence}},
         "splits": {"validation": 0.1, "test": 0.05, "seed": seed},
         "model": {"max_length": 256},
-        "training": {"epochs": args.epochs, "batch_size": 8, "learning_rate": args.lr, "seed": seed,
-                     "early_stopping_patience": None, "checkpoint_every_steps": 10_000},
-        "evaluation": {"max_new_tokens": 10, "batch_size": 32},
+        "training": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": 8, "learning_rate": args.lr,
+                     "seed": seed, "early_stopping_patience": None, "checkpoint_every_steps": 10_000},
+        "evaluation": {"max_new_tokens": 8, "batch_size": 32, "max_examples": args.test_rows},
     })
 
 
@@ -70,9 +64,10 @@ def run_seed(seed: int, args, model_dir: Path, train_rows: pd.DataFrame, test_ro
     sparse, _ = text_features(train_rows["text"], seed)
     generator, _ = out_of_fold_probabilities(sparse, clean, 5, seed + 100)
     noisy = np.array(intents)[confusion_flips(codes, generator, args.noise, seed)]
-    frame = labelled_frame(train_rows["text"], noisy, "banking77/train.csv")
+    frame = labelled_frame(train_rows["text"], noisy, "banking77/train.csv", np.arange(2, len(noisy) + 2))
     truth = dict(zip(frame["example_id"], clean))
-    test = labelled_frame(test_rows["text"], test_rows["category"].to_numpy(), "banking77/test.csv")
+    test = labelled_frame(test_rows["text"], test_rows["category"].to_numpy(), "banking77/test.csv",
+                          np.arange(2, len(test_rows) + 2))
 
     base_spec = make_spec(intents, args, seed, "keep")
     t = time.perf_counter()
@@ -141,7 +136,9 @@ def main() -> None:
     parser.add_argument("--ensemble", nargs="+", default=["tfidf", "embeddings"])
     parser.add_argument("--relabel-min-confidence", type=float, default=0.8)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-steps", type=int, default=24, help="optimizer steps of 8 rows (CPU time)")
+    parser.add_argument("--test-rows", type=int, default=100, help="clean test rows scored (a fixed subset)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--storage", type=Path, default=ROOT / ".sft")
     parser.add_argument("--out", type=Path)
@@ -156,12 +153,9 @@ def main() -> None:
     runs = [run_seed(seed, args, model_dir, train_rows, test_rows, intents) for seed in args.seeds]
     result = {"started": started, "intents": intents, "noise": args.noise, "features": args.features,
               "ensemble": args.ensemble, "relabel_min_confidence": args.relabel_min_confidence, "epochs": args.epochs,
-              "lr": args.lr, "test_rows": len(test_rows), "runs": runs, "summary": summarise(runs, args.policies)}
-    text = json.dumps(result, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+              "max_steps": args.max_steps, "lr": args.lr, "test_rows": min(args.test_rows, len(test_rows)), "runs": runs,
+              "summary": summarise(runs, args.policies)}
+    print(write(result, args.out))
 
 
 if __name__ == "__main__":

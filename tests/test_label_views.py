@@ -163,3 +163,17 @@ def test_confusion_flips_follow_the_classifier_confusion():
     assert np.median(flipped) > 25  # drawn from the confusable end, not uniformly
     uniform = uniform_flips(labels, 3, rate=0.2, seed=0)
     assert (uniform != labels).sum() == 20
+
+
+def test_preflight_estimates_each_view_before_the_run(tiny_model_dir):
+    from sft_dagster.quality.label_issues import label_issue_preflight
+
+    df, _ = labelled_reviews(n=90, errors=4)
+    cfg = CleanlabSpec(features="ensemble", ensemble=["tfidf", "llm"], llm_shots=3)
+    plan = label_issue_preflight(df, TASK, cfg, model_dir=tiny_model_dir, sample_rows=60)
+    assert set(plan["views"]) == {"tfidf", "llm"}
+    assert plan["views"]["tfidf"]["estimated_seconds"] > 0 and plan["views"]["llm"]["measured_tokens_per_second"] > 0
+    report = find_label_issues(df, TASK, cfg, model_dir=tiny_model_dir)
+    scored = report.summary["view_info"]["llm"]["tokens_scored"]
+    assert abs(plan["views"]["llm"]["tokens_to_score"] - scored) <= 0.1 * scored, (plan, scored)
+    assert label_issue_preflight(df, TASK, CleanlabSpec(enabled=False))["enabled"] is False

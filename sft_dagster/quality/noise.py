@@ -64,6 +64,9 @@ def detection_quality(wrong: np.ndarray, flags, queue=None, at: tuple[int, ...] 
     out = {"wrong": int(wrong.sum()), "flagged": int(flagged.sum()), "true_positives": tp,
            "precision": round(tp / max(1, int(flagged.sum())), 4), "recall": round(tp / max(1, int(wrong.sum())), 4),
            "auroc": round(float(roc_auc_score(wrong, -score)), 4) if 0 < wrong.sum() < len(wrong) else None,
+           # the same ranking by cleanlab's default score (self_confidence = 1 - error_probability)
+           "auroc_self_confidence": (round(float(roc_auc_score(wrong, flags["error_probability"].astype(float).fillna(0.0))), 4)
+                                     if "error_probability" in flags and 0 < wrong.sum() < len(wrong) else None),
            "recall_at_precision_0.75": round(float(hits[ok.max()] / max(1, wrong.sum())), 4) if len(ok) else 0.0}
     if queue is not None:
         is_wrong = dict(zip(flags["example_id"].astype(str), wrong))
