@@ -10,6 +10,7 @@ untouched test rows of the same intents (clean labels). The same noisy data, spl
 seed feed every policy of a seed.
 
     .venv/bin/python benchmarks/gated_training.py --seeds 0 1 2 --out benchmarks/results/gated_training.json
+    .venv/bin/python benchmarks/gated_training.py --data-only --seeds 0 1 2   # the curation side only (minutes)
 
 Prints one JSON document (per run and per policy: mean, spread, and the margin over `keep` per seed).
 """
@@ -30,7 +31,7 @@ from sft_dagster.models import resolve_base_model
 from sft_dagster.quality import find_label_issues
 from sft_dagster.quality.label_issues import out_of_fold_probabilities, text_features
 from sft_dagster.quality.noise import confusion_flips
-from sft_dagster.spec import parse_spec
+from sft_dagster.spec import ModelSpec, parse_spec
 from sft_dagster.training import train
 from sft_dagster.training.trainer import pick_device
 
@@ -51,7 +52,7 @@ def make_spec(intents: list[str], args, seed: int, policy: str):
         "quality": {"cleanlab": {"features": args.features, "ensemble": args.ensemble},
                     "policy": {"label_issues": policy, "relabel_min_confidence": args.relabel_min_confidence}},
         "splits": {"validation": 0.1, "test": 0.05, "seed": seed},
-        "model": {"max_length": 256},
+        "model": {"max_length": args.max_length},
         "training": {"epochs": args.epochs, "max_steps": args.max_steps, "batch_size": 8, "learning_rate": args.lr,
                      "seed": seed, "early_stopping_patience": None, "checkpoint_every_steps": 10_000},
         "evaluation": {"max_new_tokens": 8, "batch_size": 32, "max_examples": args.test_rows},
@@ -85,6 +86,11 @@ def run_seed(seed: int, args, model_dir: Path, train_rows: pd.DataFrame, test_ro
         tr = curated[curated["split"] == "train"].reset_index(drop=True)
         va = curated[curated["split"] == "validation"].reset_index(drop=True)
         still_wrong = int((tr["response"].to_numpy() != tr["example_id"].map(truth).to_numpy()).sum())
+        if args.data_only:
+            out["policies"][policy] = {"train_rows": len(tr), "train_rows_wrong": still_wrong,
+                                       "relabelled": stats["relabelled"], "quarantined": stats["rows_quarantined"]}
+            print(json.dumps({"seed": seed, "policy": policy, **out["policies"][policy]}), flush=True)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()
             result = train(spec, model_dir, tr, va, Path(tmp), log=lambda _m: None)
@@ -114,6 +120,10 @@ def score(spec, model_dir: Path, adapter_dir: Path, test: pd.DataFrame):
 def summarise(runs: list[dict], policies: list[str]) -> dict:
     out = {}
     for policy in policies:
+        if "accuracy" not in runs[0]["policies"][policy]:  # --data-only
+            wrong = [r["policies"][policy]["train_rows_wrong"] / max(1, r["policies"][policy]["train_rows"]) for r in runs]
+            out[policy] = {"train_label_error_rate_per_seed": np.round(wrong, 4).tolist()}
+            continue
         acc = np.array([r["policies"][policy]["accuracy"] for r in runs])
         out[policy] = {"accuracy_mean": round(float(acc.mean()), 4), "accuracy_std": round(float(acc.std(ddof=1)), 4) if len(acc) > 1 else None,
                        "accuracy_per_seed": acc.tolist()}
@@ -141,14 +151,16 @@ def main() -> None:
     parser.add_argument("--test-rows", type=int, default=100, help="clean test rows scored (a fixed subset)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--storage", type=Path, default=ROOT / ".sft")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--data-only", action="store_true", help="gate and curate only: wrong labels left per policy")
+    parser.add_argument("--model-dir", type=Path, help="a model directory instead of the embedded SmolLM2 (smoke runs)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     intents = sorted(args.intents)
     train_all, test_all = pd.read_csv(args.data / "train.csv"), pd.read_csv(args.data / "test.csv")
     train_rows = train_all[train_all["category"].isin(intents)].reset_index(drop=True)
     test_rows = test_all[test_all["category"].isin(intents)].reset_index(drop=True)
-    model_dir = resolve_base_model(parse_spec({"name": "x", "task": {"type": "qa"}, "sources": [{"path": "x"}]}).model,
-                                   args.storage / "models").path
+    model_dir = args.model_dir or resolve_base_model(ModelSpec(), args.storage / "models").path
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     runs = [run_seed(seed, args, model_dir, train_rows, test_rows, intents) for seed in args.seeds]
     result = {"started": started, "intents": intents, "noise": args.noise, "features": args.features,

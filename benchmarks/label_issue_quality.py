@@ -78,13 +78,16 @@ def labelled_frame(texts: pd.Series, labels: np.ndarray, source: str, lines: np.
 class EmbeddingMemo:
     """Sentence embeddings computed once per text list and reused across the runs of one benchmark."""
 
-    def __init__(self):
+    def __init__(self, preload: dict[str, np.ndarray] | None = None):
         self.cache: dict[int, np.ndarray] = {}
         self.seconds: dict[int, float] = {}
         self.original = li.embedding_features
+        self.preload = preload or {}
 
     def __call__(self, texts: pd.Series):
         key = hash(tuple(texts.astype(str)))
+        if key not in self.cache and self.preload and all(t in self.preload for t in texts.astype(str)):
+            self.cache[key] = np.stack([self.preload[t] for t in texts.astype(str)])
         if key not in self.cache:
             start = time.perf_counter()
             self.cache[key] = self.original(texts)
@@ -123,8 +126,8 @@ def noise_runs(data: pd.DataFrame, source: str, settings: list[tuple[str, float]
             noisy = uniform_flips(codes, len(intents), rate, seed)
         else:
             if kind not in generators:
-                features = (li.text_features(data["text"], seed)[0] if kind == "tfidf" else memo(data["text"]))
-                generators[kind] = li.out_of_fold_probabilities(features, clean, 5, seed + 100)[0]
+                inputs = li.text_features(data["text"], seed)[0] if kind == "tfidf" else memo(data["text"])
+                generators[kind] = li.out_of_fold_probabilities(inputs, clean, 5, seed + 100)[0]
             noisy = confusion_flips(codes, generators[kind], rate, seed)
         df = labelled_frame(data["text"], np.array(intents)[noisy], source, np.arange(2, len(data) + 2))
         wrong = noisy != codes
@@ -188,6 +191,8 @@ def main() -> None:
     parser.add_argument("--llm-features", nargs="+", default=["tfidf", "embeddings", "llm", "tfidf+embeddings",
                                                               "tfidf+embeddings+llm"])
     parser.add_argument("--llm-settings", nargs="+", default=["tfidf:0.2"])
+    parser.add_argument("--embeddings-npy", type=Path,
+                        help="embedding_features() of every --banking77 row, saved with np.save: reused, not recomputed")
     parser.add_argument("--storage", type=Path, default=ROOT / ".sft")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -202,7 +207,14 @@ def main() -> None:
         from sft_dagster.models import resolve_base_model
         from sft_dagster.spec import ModelSpec
 
-        memo = EmbeddingMemo()
+        preload = None
+        if args.embeddings_npy:  # embedding_features() of the whole --banking77 file, saved earlier (np.save)
+            texts = pd.read_csv(args.banking77)["text"].astype(str).tolist()
+            vectors = np.load(args.embeddings_npy)
+            if len(vectors) != len(texts):
+                raise SystemExit(f"{args.embeddings_npy}: {len(vectors)} vectors for {len(texts)} rows")
+            preload = dict(zip(texts, vectors))
+        memo = EmbeddingMemo(preload)
         li.embedding_features = memo
         li.llm_label_probabilities = LlmMemo()
         data = pd.read_csv(args.banking77)

@@ -373,7 +373,7 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
                 view, texts=texts, frame=frame, valid=valid, labels=labels, classes=classes, cfg=cfg, task=task,
                 seed=seed, model_dir=model_dir, features=features, timer=timer)
         with timer("pool"):
-            probs, weights, nll = pool(per_view, labels, classes)
+            probs, weights, nll = pool(per_view, labels, classes, seed)
         summary["view_info"] = {v: {**info[v], "weight": weights[v],
                                     "accuracy_vs_given": round(float((np.array(classes)[per_view[v].argmax(1)] == labels).mean()), 4)}
                                 for v in views}

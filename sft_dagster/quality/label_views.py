@@ -26,6 +26,7 @@ EMBEDDING_KNN_K = 20
 KNN_SMOOTHING = 0.5  # pseudo-count per class in the neighbour label distribution
 PROB_FLOOR = 1e-6
 MAX_POOL_WEIGHT = 20.0
+POOL_FIT_ROWS = 20_000
 
 
 def knn_label_probabilities(neighbours: np.ndarray, labels: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -39,17 +40,22 @@ def knn_label_probabilities(neighbours: np.ndarray, labels: np.ndarray, classes:
     return counts / counts.sum(axis=1, keepdims=True)
 
 
-def pool(views: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[str, float], float]:
+def pool(views: dict[str, np.ndarray], labels: np.ndarray, classes: list[str],
+         seed: int = 0) -> tuple[np.ndarray, dict[str, float], float]:
     """Log-linear pool of the views' probabilities; weights minimise the NLL of the given labels.
 
-    Returns (pooled probabilities, weight per view, the pooled NLL per row).
+    Returns (pooled probabilities, weight per view, the pooled NLL per row on the rows fitted).
     """
     from scipy.optimize import minimize
 
     names = list(views)
     index = {c: i for i, c in enumerate(classes)}
-    codes = np.array([index[c] for c in labels])
-    logs = np.stack([np.log(np.clip(views[v], PROB_FLOOR, 1.0)) for v in names])  # views x rows x classes
+    all_logs = np.stack([np.log(np.clip(views[v], PROB_FLOOR, 1.0)) for v in names])  # views x rows x classes
+    # The weights are fitted on at most POOL_FIT_ROWS rows (one parameter per view): bounded cost.
+    fit = (np.random.default_rng(seed).choice(len(labels), POOL_FIT_ROWS, replace=False)
+           if len(labels) > POOL_FIT_ROWS else np.arange(len(labels)))
+    codes = np.array([index[c] for c in np.asarray(labels)[fit]])
+    logs = all_logs[:, fit]
     rows = np.arange(len(codes))
 
     def nll_and_grad(w):
@@ -65,7 +71,7 @@ def pool(views: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]) -
     result = minimize(nll_and_grad, np.full(len(names), 1.0 / len(names)), jac=True, method="L-BFGS-B",
                       bounds=[(0.0, MAX_POOL_WEIGHT)] * len(names))
     weights = result.x
-    z = np.tensordot(weights, logs, axes=1)
+    z = np.tensordot(weights, all_logs, axes=1)
     z -= z.max(axis=1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
