@@ -191,6 +191,8 @@ def main() -> None:
     parser.add_argument("--llm-features", nargs="+", default=["tfidf", "embeddings", "llm", "tfidf+embeddings",
                                                               "tfidf+embeddings+llm"])
     parser.add_argument("--llm-settings", nargs="+", default=["tfidf:0.2"])
+    parser.add_argument("--llm-rows", type=int, default=0, help="rows sampled from the --llm-intents rows (0: all)")
+    parser.add_argument("--skip-full", action="store_true", help="only the --llm-intents part")
     parser.add_argument("--embeddings-npy", type=Path,
                         help="embedding_features() of every --banking77 row, saved with np.save: reused, not recomputed")
     parser.add_argument("--storage", type=Path, default=ROOT / ".sft")
@@ -222,11 +224,16 @@ def main() -> None:
             data = data.sample(args.banking77_sample, random_state=args.seeds[0]).sort_index()
         data = data.reset_index(drop=True)
         settings = [(k, float(r)) for k, r in (s.split(":") for s in args.noise_settings)]
-        result["banking77_noise"] = noise_runs(data, str(args.banking77), settings, args.noise_features, args.seeds[0], None, memo)
-        write(result, args.out)  # the llm part takes long: keep what is done
+        if not args.skip_full:
+            result["banking77_noise"] = noise_runs(data, str(args.banking77), settings, args.noise_features, args.seeds[0],
+                                                   None, memo)
+            write(result, args.out)  # the llm part takes long: keep what is done
         if args.llm_intents:
             model_dir = resolve_base_model(ModelSpec(), args.storage / "models").path
-            subset = data[data["category"].isin(args.llm_intents)].reset_index(drop=True)
+            subset = data[data["category"].isin(args.llm_intents)]
+            if args.llm_rows and args.llm_rows < len(subset):
+                subset = subset.sample(args.llm_rows, random_state=args.seeds[0]).sort_index()
+            subset = subset.reset_index(drop=True)
             settings = [(k, float(r)) for k, r in (s.split(":") for s in args.llm_settings)]
             result["banking77_subset_noise"] = noise_runs(subset, str(args.banking77), settings, args.llm_features,
                                                           args.seeds[0], model_dir, memo)

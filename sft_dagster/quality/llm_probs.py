@@ -115,9 +115,13 @@ class LlmScorer:
                 cache = DynamicCache(ddp_cache_data=[(kk.expand(b, -1, -1, -1).contiguous(), vv.expand(b, -1, -1, -1).contiguous())
                                                      for kk, vv in pre_kv]) if pre_kv else None
                 full_mask = torch.cat([torch.ones((b, p), dtype=torch.long), mask], 1)
-                res = self.model(input_ids=ids, attention_mask=full_mask, position_ids=p + torch.arange(width).expand(b, -1),
-                                 past_key_values=cache, use_cache=True)
-                last = torch.log_softmax(res.logits[torch.arange(b), lengths - 1].float(), -1)
+                # The decoder alone, then the output layer on each row's last position only: the
+                # vocabulary projection of every row token would cost more than the rest of the pass.
+                res = self.model.get_decoder()(input_ids=ids, attention_mask=full_mask,
+                                               position_ids=p + torch.arange(width).expand(b, -1),
+                                               past_key_values=cache, use_cache=True)
+                hidden = res.last_hidden_state[torch.arange(b), lengths - 1]
+                last = torch.log_softmax(self.model.get_output_embeddings()(hidden).float(), -1)
                 first = torch.tensor([r[0] for r in replies])
                 out[start:start + b] += last[:, first].numpy()
                 if longest_reply == 1:
