@@ -84,7 +84,9 @@ class CleanlabSpec(_Strict):
     # tfidf (hashed TF-IDF + logistic loss), embeddings (MiniLM sentence embeddings, neighbour labels),
     # llm (the base model's k-shot label likelihoods), ensemble (the views in `ensemble`, pooled).
     features: Literal["tfidf", "embeddings", "ensemble", "llm"] = "tfidf"
-    ensemble: list[LabelView] = Field(default_factory=lambda: ["tfidf", "embeddings", "llm"])
+    # Views pooled by `features: ensemble`. Default without llm: it needs the base model and costs the
+    # most on CPU; tfidf + embeddings had the best flag precision on Banking77 (BENCHMARKS.md).
+    ensemble: list[LabelView] = Field(default_factory=lambda: ["tfidf", "embeddings"])
     llm_shots: int = Field(8, ge=1, le=64)  # k-shot demonstrations per prompt of the llm view
     llm_batch_size: int = Field(16, ge=1)
     folds: int = Field(5, ge=2, le=20)
