@@ -73,9 +73,10 @@ def curate(
             ("label issue awaiting review: given " if policy.label_issues == "relabel" else "label issue: given ")
             + df.loc[hit, "response"].astype(str)
             + ", suggested " + df.loc[hit, "suggested_label"].astype(str).fillna("none")
-            # "{:.3f}": under pandas 3 a NaN cast to str stays missing and would blank the whole reason
-            + " (label score " + df.loc[hit, "label_score"].astype(float).map("{:.3f}".format)
-            + ", confidence " + df.loc[hit, "suggested_confidence"].astype(float).map("{:.3f}".format) + ")"
+            # "{:.3f}": under pandas 3 a NaN cast to str stays missing and would blank the whole reason;
+            # .astype(str): an empty selection maps to float64, which str + cannot take
+            + " (label score " + df.loc[hit, "label_score"].astype(float).map("{:.3f}".format).astype(str)
+            + ", confidence " + df.loc[hit, "suggested_confidence"].astype(float).map("{:.3f}".format).astype(str) + ")"
         )
     if policy.near_duplicates == "drop":
         hit = trainable & df["is_near_duplicate"] & reason.isna()

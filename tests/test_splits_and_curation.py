@@ -90,3 +90,13 @@ def test_relabel_applies_confident_suggestions_and_holds_the_rest_for_review():
     assert row.loc[test_id, "response"] == given[test_id]  # the test split is never relabelled
     assert stats["relabelled"] == 1
     assert stats["quarantine_reasons"] == {"label issue awaiting review": 1}
+
+
+def test_every_policy_runs_when_nothing_is_flagged():
+    df = frame(40)
+    flags = pd.DataFrame({"example_id": ["id0"], "is_label_issue": [False], "is_outlier": [False],
+                          "is_near_duplicate": [False], "suggested_label": ["negative"], "label_score": [0.9],
+                          "suggested_confidence": [0.9]})
+    for policy in ("drop", "keep", "relabel"):
+        curated, quarantined, _ = curate(df, {}, flags, CurationPolicy(label_issues=policy), SplitSpec())
+        assert len(curated) == len(df) and quarantined.empty
