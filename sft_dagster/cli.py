@@ -129,7 +129,7 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
             "splits": (meta["dataset_splits"].get("summary") or {}).get("rows"),
         },
         "label_issues": {k: label_summary.get(k) for k in ("label_issue_count", "label_issue_rate", "outlier_count",
-                                                           "near_duplicate_count")}
+                                                           "near_duplicate_count", "status", "estimated_precision_top")}
                         | {"label_conflict_rows": meta["label_issues"].get("label_conflict_rows")},
         "label_issue_audit": meta["label_issues"].get("audit"),
         "checks": checks,
@@ -164,7 +164,9 @@ def _print_summary(s: dict) -> None:
     if rows["splits"]:
         print(f"splits: {rows['splits']}")
     li = s["label_issues"]
-    if li.get("label_issue_count") is not None:
+    if li.get("status") and li["status"] != "run" and li.get("label_issue_rate") is None:
+        print(f"label issues: {li['status']}")
+    elif li.get("label_issue_count") is not None:
         print(f"label issues found: {li['label_issue_count']} (rate {li['label_issue_rate']:.3f}), outliers {li['outlier_count']}, near duplicates {li['near_duplicate_count']}")
     if li.get("label_conflict_rows"):
         print(f"label conflicts (duplicates with different labels) in the review queue: {li['label_conflict_rows']} rows")

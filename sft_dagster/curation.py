@@ -17,6 +17,9 @@ Order of decisions, each recorded with its reason:
 4. cleanlab findings follow the spec's policy, in train and validation only. The test split is
    never cleaned silently (that would inflate the reported metrics): flagged test rows stay as
    labelled, with their flags, so the report can show the as-labelled and the corrected view.
+   `label_issues: relabel` trains a flagged row on cleanlab's suggested label when its calibrated
+   confidence reaches `relabel_min_confidence` (the old label kept in `relabelled_from`); the other
+   flagged rows are quarantined until a person decides in the review queue.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from .schema import quarantine_rows
 from .spec import CurationPolicy, SplitSpec
 from .splits import assign_splits
 
-FLAG_COLUMNS = ["is_label_issue", "is_outlier", "is_near_duplicate", "suggested_label", "label_score"]
+FLAG_COLUMNS = ["is_label_issue", "is_outlier", "is_near_duplicate", "suggested_label", "label_score",
+                "suggested_confidence"]
 
 
 def curate(
@@ -49,13 +53,15 @@ def curate(
     """
     df = assign_splits(labelled, splits)
     if flags is not None and not flags.empty:
-        df = df.merge(flags[["example_id", *FLAG_COLUMNS]], on="example_id", how="left")
+        df = df.merge(flags[["example_id", *[c for c in FLAG_COLUMNS if c in flags]]], on="example_id", how="left")
     for col in ("is_label_issue", "is_outlier", "is_near_duplicate"):
         df[col] = df[col].fillna(False).astype(bool) if col in df else False
     if "suggested_label" not in df:
         df["suggested_label"] = pd.Series(pd.NA, index=df.index, dtype="string")
-    if "label_score" not in df:
-        df["label_score"] = float("nan")
+    for col in ("label_score", "suggested_confidence"):
+        if col not in df:
+            df[col] = float("nan")
+    df["relabelled_from"] = pd.Series(pd.NA, index=df.index, dtype="string")
 
     reason = pd.Series(pd.NA, index=df.index, dtype="string")
     failing = df["example_id"].isin({i for ids in failing_ids.values() for i in ids})
@@ -90,12 +96,22 @@ def curate(
         conflicts = {"clusters": int(clusters[open_conflict].nunique()), "rows_held_out": int(hit.sum()),
                      "resolved_by_review": int(clusters[resolved].nunique())}
     trainable = df["split"] != "test"
-    if policy.label_issues == "drop":
+    if policy.label_issues in ("drop", "relabel"):
         hit = trainable & df["is_label_issue"] & ~df["reviewed"].astype(bool) & reason.isna()
+        if policy.label_issues == "relabel":
+            sure = hit & df["suggested_label"].notna() & (df["suggested_label"] != df["response"]) & (
+                df["suggested_confidence"].astype(float) >= policy.relabel_min_confidence)
+            df.loc[sure, "relabelled_from"] = df.loc[sure, "response"].astype(str)
+            df.loc[sure, "response"] = df.loc[sure, "suggested_label"].astype(str)
+            hit &= ~sure
         reason[hit] = (
-            "label issue: given " + df.loc[hit, "response"].astype(str)
-            + ", suggested " + df.loc[hit, "suggested_label"].astype(str)
-            + " (label score " + df.loc[hit, "label_score"].round(3).astype(str) + ")"
+            ("label issue awaiting review: given " if policy.label_issues == "relabel" else "label issue: given ")
+            + df.loc[hit, "response"].astype(str)
+            + ", suggested " + df.loc[hit, "suggested_label"].astype(str).fillna("none")
+            # "{:.3f}": under pandas 3 a NaN cast to str stays missing and would blank the whole reason;
+            # .astype(str): an empty selection maps to float64, which str + cannot take
+            + " (label score " + df.loc[hit, "label_score"].astype(float).map("{:.3f}".format).astype(str)
+            + ", confidence " + df.loc[hit, "suggested_confidence"].astype(float).map("{:.3f}".format).astype(str) + ")"
         )
     if policy.near_duplicates == "drop":
         kept_of = representatives(df, clusters, reason.isna())  # among the rows still in
@@ -125,5 +141,6 @@ def curate(
             str(k): int(v) for k, v in reason[removed].str.replace(r"(:| of | \().*$", "", regex=True).value_counts().items()
         },
         "flagged_test_rows_kept": int((~trainable & df["is_label_issue"] & ~removed).sum()),
+        "relabelled": int(curated["relabelled_from"].notna().sum()),
     }
     return curated, quarantined, stats

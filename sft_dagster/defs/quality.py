@@ -1,6 +1,7 @@
 """cleanlab: label issues, outliers and near duplicates, with the review queue and its blocking gates."""
 
 
+import json
 import time
 
 import dagster as dg
@@ -8,10 +9,11 @@ import pandas as pd
 
 from .. import atomic, labels, quality
 from ..quality import duplicates, find_label_issues
+from ..quality.label_issues import label_issue_preflight
 from ..schema import frame_hash
 from .common import PipelineDefs, code_version, outcome_to_check_result, severity
 from .resources import SFTStorage
-from .shared import review_queue_path
+from .shared import resolve_base_model, review_queue_path
 
 LABEL_GATE_CHECKS = [
     ("label_issue_rate", True, "Share of rows cleanlab flags as label issues is within the spec's threshold"),
@@ -34,13 +36,22 @@ def build(p: PipelineDefs) -> None:
     gate_specs = [dg.AssetCheckSpec(c, asset=K("label_issues"), blocking=b, description=d) for c, b, d in gates]
     p.blocking_checks += [p.check_key("label_issues", c) for c, b, _ in gates if b]
 
+    uses_llm = spec.quality.cleanlab.enabled and "llm" in spec.quality.cleanlab.views
+
     @dg.asset(**p.asset_args("label_issues", kinds={"cleanlab", "scikitlearn"}, code_version=code_version(quality),
                              check_specs=gate_specs, ins=p.ins("labelled_examples"),
+                             deps=[K("base_model")] if uses_llm else [],
                              description="cleanlab's findings for every labelled row (label issues, outliers, near "
                                          "duplicates, suggested labels); the review queue is the flagged rows, worst first."))
     def label_issues(context: dg.AssetExecutionContext, storage: SFTStorage, labelled_examples: pd.DataFrame):
+        cfg = spec.quality.cleanlab
+        model_dir = resolve_base_model(spec, storage).path if uses_llm else None  # the llm view scores with it
+        plan = None
+        if cfg.enabled:
+            plan = label_issue_preflight(labelled_examples, spec.task, cfg, model_dir=model_dir, seed=spec.splits.seed)
+            context.log.info(f"label-issue pre-flight: {json.dumps(plan, default=str)}")
         start = time.perf_counter()
-        report = find_label_issues(labelled_examples, spec.task, spec.quality.cleanlab, seed=spec.splits.seed)
+        report = find_label_issues(labelled_examples, spec.task, cfg, seed=spec.splits.seed, model_dir=model_dir)
         queue = report.review_queue
         if spec.task.is_label_task:  # duplicates whose labels disagree wait for a person in the same queue
             queue = duplicates.with_label_conflicts(queue, labelled_examples, report.flags)
@@ -52,8 +63,14 @@ def build(p: PipelineDefs) -> None:
             "label_conflict_rows": int(conflicts.sum()),
             "review_queue_csv": dg.MetadataValue.path(str(queue_csv)),
             "summary": dg.MetadataValue.json(report.summary),
-            "preview": p.preview(queue, ["example_id", "prompt", "given_label", "suggested_label", "issue_types", "severity"]),
+            "status": report.summary.get("status", "run"),
+            # How deep to review: estimated precision of the queue's top N label issues (docs/data-quality.md).
+            "estimated_precision_top": dg.MetadataValue.json(report.summary.get("estimated_precision_top") or {}),
+            "review_depth_for_precision": dg.MetadataValue.json(report.summary.get("review_depth_for_precision") or {}),
+            "preview": p.preview(queue, ["example_id", "prompt", "given_label", "suggested_label", "suggested_confidence",
+                                         "estimated_precision_at_rank", "issue_types", "severity"]),
             "seconds": round(time.perf_counter() - start, 3),
+            **({"preflight": dg.MetadataValue.json(json.loads(json.dumps(plan, default=str)))} if plan else {}),
         }
         if spec.quality.audit_file:
             audit = pd.read_csv(spec.resolve(spec.quality.audit_file))
