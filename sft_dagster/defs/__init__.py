@@ -13,7 +13,7 @@ from .common import PipelineDefs
 from .pipeline import build_pipeline_assets
 from .automation import data_change_sensor, failed_gate_sensor, nightly_schedule, pipeline_job
 from .common import JSON_IO
-from .resources import ComputeResource, JsonIOManager, ParquetIOManager, SFTStorage
+from .resources import ComputeResource, JsonIOManager, MLflowTracking, ParquetIOManager, SFTStorage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +56,7 @@ def build_definitions(
         resources={
             "storage": SFTStorage(root=root),
             "compute": ComputeResource(device=device),
+            "mlflow": MLflowTracking(),
             "io_manager": ParquetIOManager(root=root),
             JSON_IO: JsonIOManager(root=root),
             "pipes_subprocess_client": dg.PipesSubprocessClient(),

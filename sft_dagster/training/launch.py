@@ -25,14 +25,16 @@ def worker_command(spec: PipelineSpec, spec_json: Path, model_dir: Path, train_p
 
 
 def launch_training_pipes(context: dg.AssetExecutionContext, pipes_client: dg.PipesSubprocessClient, spec: PipelineSpec,
-                          model_dir: Path, train_path: Path, val_path: Path, output_dir: Path, device: str = "auto") -> dict:
-    """Train in a child process (torchrun when num_processes > 1); logs stream back through Pipes."""
+                          model_dir: Path, train_path: Path, val_path: Path, output_dir: Path, device: str = "auto",
+                          env: dict[str, str] | None = None) -> dict:
+    """Train in a child process (torchrun when num_processes > 1); logs stream back through Pipes.
+    `env` is added to the child's environment (the MLflow run its steps are logged to)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     spec_json = output_dir / "spec.json"
     atomic.write_json(spec_json, spec.model_dump(mode="json"))
     command = worker_command(spec, spec_json, model_dir, train_path, val_path, output_dir, device)
     context.log.info(f"launching: {' '.join(command)}")
-    invocation = pipes_client.run(command=command, context=context)
+    invocation = pipes_client.run(command=command, context=context, env=env)
     messages = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "adapter_dir" in m]
     if messages:
         return messages[-1]
