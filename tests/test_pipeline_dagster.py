@@ -137,6 +137,12 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
 
 
 def test_failed_blocking_gate_stops_training_across_runs(tmp_path, tiny_model_dir, instance):
+    gate_blocks_training_across_runs(tmp_path, tiny_model_dir, instance)
+
+
+def gate_blocks_training_across_runs(tmp_path, tiny_model_dir, instance) -> None:
+    """Data stages pass, a stricter gate then fails, and a later run of training alone is refused
+    (also run against a PostgreSQL instance in test_postgres.py)."""
     data_stages = ["raw_examples", "label_corrections", "labelled_examples", "label_issues", "curated_examples",
                    "quarantine", "dataset_splits"]
     # Data that passed its gates once: splits exist on disk from that run.
