@@ -227,3 +227,8 @@ def test_training_through_pipes_and_torchrun(tmp_path, tiny_model_dir, instance)
     assert (Path(adapter["adapter_dir"]) / "adapter_model.safetensors").exists()
     logs = instance.all_logs(result.run_id)
     assert any("launching:" in (e.user_message or "") and "torchrun" in e.user_message for e in logs)
+    # The worker (rank 0) logged every optimizer step to the MLflow run the asset opened (MLFLOW_TRACKING_URI).
+    from mlflow import MlflowClient
+
+    history = MlflowClient().get_metric_history(adapter["mlflow_run_id"], "train_loss")
+    assert [m.step for m in history] == list(range(1, adapter["metrics"]["steps"] + 1))

@@ -19,7 +19,7 @@ from ..storage import default_storage_root
 from .automation import data_change_sensor, failed_gate_sensor, nightly_schedule, pipeline_job
 from .common import JSON_IO
 from .pipeline import build_pipeline_assets
-from .resources import ComputeResource, JsonIOManager, MLflowTracking, ParquetIOManager, SFTStorage
+from .resources import ComputeResource, JsonIOManager, K8sTraining, MLflowTracking, ParquetIOManager, SFTStorage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +52,7 @@ def shared_resources(storage_root: str, device: str = "auto") -> dict:
         "io_manager": ParquetIOManager(root=storage_root),
         JSON_IO: JsonIOManager(root=storage_root),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "k8s_training": K8sTraining(),
     }
 
 

@@ -111,3 +111,20 @@ class MLflowTracking(dg.ConfigurableResource):
         return start_run(uri, f"{self.experiment_prefix}{pipeline}", run_name, params, tags,
                          artifact_root=default_artifact_root(storage_root) if local else None,
                          ui_url=self.link_base(storage_root))
+
+
+class K8sTraining(dg.ConfigurableResource):
+    """Where `training.launcher: k8s` runs a training pod (`training/k8s.py`); the deployment's side.
+
+    Defaults come from the environment of the code location (`deploy/k8s/`): the image holds this
+    project and the CUDA build of torch; the claim is the PersistentVolumeClaim of the storage root.
+    """
+
+    image: str = os.environ.get("SFT_DAGSTER_IMAGE", "sft-dagster:latest")
+    namespace: str = os.environ.get("SFT_DAGSTER_NAMESPACE", "default")
+    storage_claim: str = os.environ.get("SFT_DAGSTER_STORAGE_CLAIM", "sft-storage")
+    service_account: str | None = os.environ.get("SFT_DAGSTER_TRAINING_SERVICE_ACCOUNT", "sft-training")
+    image_pull_policy: str = "IfNotPresent"
+    env_from_secrets: list[str] = []  # Secrets whose keys become the pod's env (e.g. MLflow server credentials)
+    load_incluster_config: bool | None = None  # None: in-cluster when running in a pod, else the kubeconfig
+    kubeconfig_file: str | None = None

@@ -17,10 +17,11 @@ import pandas as pd
 from .. import atomic, formatting, models, training
 from ..schema import frame_hash, lineage_hash_of
 from ..tracking import StepLogger, TrackedRun
+from ..training.k8s import device_kind as k8s_device_kind
 from ..training.progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
 from .guards import require_checks_passed
-from .resources import ComputeResource, MLflowTracking, SFTStorage
+from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
 from .shared import resolve_base_model
 
 LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
@@ -103,7 +104,7 @@ def build(p: PipelineDefs) -> None:
                              description=f"{spec.training.method} fine-tune of the base model on the train split."))
     def fine_tuned_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
                            mlflow: MLflowTracking, pipes_subprocess_client: dg.PipesSubprocessClient,
-                           dataset_splits: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
+                           k8s_training: K8sTraining, dataset_splits: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
         require_checks_passed(context, p.blocking_checks)
         paths = p.paths(storage)
         model_dir = Path(base_model["path"])
@@ -120,7 +121,7 @@ def build(p: PipelineDefs) -> None:
             "method": spec.training.method,
             "base_model": base_model["source"],
             "libraries": library_versions(),
-            "device": device_kind(device),
+            "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
         }
         lineage_hash = lineage_hash_of(lineage)
         run_dir = paths.training_dir / lineage_hash
@@ -133,7 +134,8 @@ def build(p: PipelineDefs) -> None:
                       "data_versions": input_data_versions(context, [K("dataset_splits"), K("base_model")])}
             tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.method,
                     "dagster_run_id": context.run_id}
-            metrics = _train(context, p, compute, pipes_subprocess_client, model_dir, train_df, val_df, run_dir, device,
+            launchers = {"pipes": pipes_subprocess_client, "k8s": k8s_training, "storage_root": storage.root}
+            metrics = _train(context, p, compute, launchers, model_dir, train_df, val_df, run_dir, device,
                              start_tracking=lambda train_spec: mlflow.start_run(
                                  storage.root, spec.name, f"{spec.name}-{lineage_hash[:8]}",
                                  {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
@@ -163,14 +165,15 @@ def build(p: PipelineDefs) -> None:
     p.assets += [base_model, fine_tuned_adapter]
 
 
-def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, train_df: pd.DataFrame,
+def _train(context, p: PipelineDefs, compute, launchers: dict, model_dir: Path, train_df: pd.DataFrame,
            val_df: pd.DataFrame, run_dir: Path, device: str, start_tracking=lambda train_spec: None) -> dict:
     """Pre-flight, optional hyperparameter search, then the training run itself (in process or launched),
     tracked in MLflow when `start_tracking(spec actually trained)` returns a run."""
     spec = p.spec
-    plan = training.preflight(spec, model_dir, train_df, device=device)
-    context.log.info(f"pre-flight: {json.dumps(plan)}")
-    context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
+    if spec.training.launcher != "k8s":  # a pod's hardware is not this process's: no timed step here
+        plan = training.preflight(spec, model_dir, train_df, device=device)
+        context.log.info(f"pre-flight: {json.dumps(plan)}")
+        context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
     train_spec = spec
     if spec.training.search.strategy != "none":
         from ..training.search import search_hyperparameters, with_overrides
@@ -185,14 +188,20 @@ def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, tra
         atomic.write_json(run_dir / TRACKING_FILE, tracked.to_record())
         context.log.info(f"MLflow run {tracked.run_id}: {tracked.url or tracked.tracking_uri}")
     try:
-        if spec.training.launcher == "subprocess" or spec.training.num_processes > 1:
+        if spec.training.launcher in ("subprocess", "k8s") or spec.training.num_processes > 1:
+            from ..training.k8s import launch_training_k8s
             from ..training.launch import launch_training_pipes
 
             # The worker reads exactly the rows this asset was given, from the run's own folder.
             train_path = atomic.write_parquet(run_dir / "data" / "train.parquet", train_df)
             val_path = atomic.write_parquet(run_dir / "data" / "validation.parquet", val_df)
-            result = launch_training_pipes(context, pipes_client, train_spec, model_dir, train_path, val_path, run_dir,
-                                           device=device, env=tracked.env() if tracked else None)
+            env = tracked.env() if tracked else None
+            if spec.training.launcher == "k8s":
+                result = launch_training_k8s(context, launchers["k8s"], train_spec, model_dir, train_path, val_path,
+                                             run_dir, launchers["storage_root"], env=env)
+            else:
+                result = launch_training_pipes(context, launchers["pipes"], train_spec, model_dir, train_path,
+                                               val_path, run_dir, device=device, env=env)
             adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
             curve = result.get("curve", [])
         else:
