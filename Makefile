@@ -47,7 +47,7 @@ test-postgres: setup
 # mlflow, in its own environment, at the same version so that it reads the same store schema).
 $(MLFLOW_VENV)/.installed: $(VENV)/.installed
 	$(PYTHON) -m venv $(MLFLOW_VENV)
-	$(MLFLOW_VENV)/bin/python -m pip install -q "mlflow==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("mlflow-skinny"))')"
+	$(MLFLOW_VENV)/bin/python -m pip install -q "mlflow==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("mlflow-skinny"))')" "selenium>=4.20"
 	touch $@
 
 mlflow: $(MLFLOW_VENV)/.installed
@@ -55,7 +55,7 @@ mlflow: $(MLFLOW_VENV)/.installed
 
 # A headless-Chromium screenshot of the demo run's loss curve in the MLflow UI (after `make demo`).
 mlflow-screenshot: $(MLFLOW_VENV)/.installed
-	$(BIN)/python scripts/mlflow_screenshot.py --store $(STORAGE)/mlflow/mlflow.db --mlflow $(MLFLOW_VENV)/bin/mlflow \
+	$(MLFLOW_VENV)/bin/python scripts/mlflow_screenshot.py --store $(STORAGE)/mlflow/mlflow.db \
 		--experiment demo_sentiment --out docs/img/mlflow_loss_curve.png
 
 clean:
