@@ -118,6 +118,35 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def locked(path: str | Path, timeout: float = 60.0) -> Iterator[Path]:
+    """Hold an exclusive lock on `<path>.lock` (a lock file beside `path`) for a read-modify-replace.
+
+    `fcntl.flock` locks (Linux and macOS) are released by the kernel when the holder exits or is killed,
+    so a crashed writer never leaves the file locked. Waits up to `timeout` seconds, then raises
+    TimeoutError naming the lock file.
+    """
+    import fcntl
+    import time
+
+    lock_path = Path(str(path) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{lock_path}: still locked by another writer after {timeout:.0f} s") from None
+                time.sleep(0.02)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def remove_stale_temps(directory: str | Path) -> int:
     """Delete temp files and folders a killed writer left behind in `directory` (not recursive)."""
     removed = 0

@@ -109,11 +109,13 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
     return total / max(1, count)
 
 
-def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str) -> ModelScores:
+def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str, with_loss: bool = True) -> ModelScores:
+    """Task metric on greedy generations, and (`with_loss`) the mean reply-token loss and perplexity."""
     cfg, task = spec.evaluation, spec.task
     precision = pick_precision(spec.training.precision, device)
     raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision)
-    loss = response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision)
+    loss = (response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision)
+            if with_loss else float("nan"))
     expected = test["response"].astype(str).tolist()
     if task.is_label_task:
         predictions = [normalise_label(r, task.labels) for r in raw]
@@ -121,7 +123,8 @@ def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device
     else:
         predictions = [r.strip() for r in raw]
         metrics = _generation_metrics(expected, raw)
-    metrics |= {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if with_loss:
+        metrics |= {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     return ModelScores(predictions=predictions, raw_outputs=raw, loss=loss, metrics=metrics)
 
 
@@ -167,11 +170,14 @@ def _difference(a: dict, b: dict) -> dict:
 
 
 def build_report(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, spec: PipelineSpec,
-                 champion: ModelScores | None = None, champion_version: str | None = None) -> dict:
-    """Base model, the current champion (the promoted version, when there is one) and the candidate
-    (`tuned`), scored on the same test rows."""
+                 champion: ModelScores | None = None, champion_version: str | None = None,
+                 base_few_shot: ModelScores | None = None, few_shot: dict | None = None,
+                 retention: dict | None = None) -> dict:
+    """Base model (zero-shot and, when given, k-shot), the current champion (the promoted version, when
+    there is one) and the candidate (`tuned`), scored on the same test rows; retention beside them."""
     task = spec.task
-    models = {"base": base, **({"champion": champion} if champion is not None else {}), "tuned": tuned}
+    models = {"base": base, **({"base_few_shot": base_few_shot} if base_few_shot is not None else {}),
+              **({"champion": champion} if champion is not None else {}), "tuned": tuned}
     samples = [
         {"example_id": str(row.example_id), "prompt": str(row.prompt), "expected": str(row.response),
          **{name: scores.raw_outputs[i].strip() for name, scores in models.items()}}
@@ -183,17 +189,43 @@ def build_report(test: pd.DataFrame, base: ModelScores, tuned: ModelScores, spec
         "primary_metric": primary_metric(task),
         "n_test": len(test),
         "base": base.metrics,
+        "base_few_shot": base_few_shot.metrics if base_few_shot is not None else None,
+        "few_shot": few_shot if base_few_shot is not None else None,
         "champion": champion.metrics if champion is not None else None,
         "champion_version": champion_version if champion is not None else None,
         "tuned": tuned.metrics,
         "improvement": _difference(tuned.metrics, base.metrics),
         "improvement_over_champion": _difference(tuned.metrics, champion.metrics) if champion is not None else None,
+        "retention": retention,
         "slices": _slices(test, models, task),
         "samples": samples,
     }
     if (view := _corrected_view(test, models, task)) is not None:
         report["corrected_view"] = view
     return report
+
+
+def few_shot_examples(train: pd.DataFrame, task: TaskSpec, k: int, seed: int) -> pd.DataFrame:
+    """k examples from the train split, drawn with a fixed seed; for label tasks one label after another
+    (round-robin over the labels in a seeded order), so that k >= the label count shows every label."""
+    if k == 0 or train.empty:
+        return train.head(0)
+    pool = train.sort_values("example_id").sample(frac=1.0, random_state=seed)
+    if task.is_label_task:
+        pool = pool.assign(_turn=pool.groupby("response").cumcount()).sort_values("_turn", kind="stable").drop(columns="_turn")
+    return pool.head(k)
+
+
+def with_few_shot(rows: pd.DataFrame, examples: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
+    """`rows` with the examples as earlier chat turns (before any history a row already has)."""
+    from .formatting import history_turns
+
+    turns = []
+    for ex in examples.itertuples():
+        turns += [{"role": "user", "content": task.prompt_template.format(prompt=ex.prompt)},
+                  {"role": "assistant", "content": str(ex.response)}]
+    histories = [json.dumps(turns + history_turns(h), ensure_ascii=False) for h in column_or_none(rows, "history")]
+    return rows.assign(history=histories)
 
 
 def test_rows(test: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
@@ -217,9 +249,9 @@ def load_tuned_model(model_dir: Path, adapter_dir: Path, method: str, device: st
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(device).eval()
 
 
-def _scores_cached(cache_dir: Path | None, key: dict, compute) -> ModelScores:
-    """Scores of a model that did not change (the base model, the champion) are computed once per test
-    split and evaluation settings, then read back: a nightly run scores only the new candidate."""
+def _cached(cache_dir: Path | None, key: dict, compute) -> dict:
+    """Scores of a model that did not change (the base model, an adapter by its lineage hash) are computed
+    once per test split and evaluation settings, then read back: a nightly run scores only what is new."""
     if cache_dir is None:
         return compute()
     from . import atomic
@@ -227,17 +259,28 @@ def _scores_cached(cache_dir: Path | None, key: dict, compute) -> ModelScores:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir / f"{digest}.json"
     if path.exists():
-        return ModelScores(**json.loads(path.read_text()))
-    scores = compute()
-    atomic.write_json(path, {"predictions": scores.predictions, "raw_outputs": scores.raw_outputs,
-                             "loss": scores.loss, "metrics": scores.metrics})
-    return scores
+        return json.loads(path.read_text())
+    value = compute()
+    atomic.write_json(path, value)
+    return value
+
+
+RETENTION_MAX_NEW_TOKENS = 12
+
+
+def score_retention(model, tokenizer, items: pd.DataFrame, batch_size: int, device: str, precision: str) -> dict:
+    """Greedy answers to the retention prompts and the mean NLL of their reference answers."""
+    plain = TaskSpec(type="instruction")
+    outputs = generate(model, tokenizer, items, plain, RETENTION_MAX_NEW_TOKENS, batch_size, device, precision)
+    nll = response_loss(model, tokenizer, items, plain, 10**6, batch_size, device, precision)
+    return {"outputs": outputs, "nll": nll}
 
 
 def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.DataFrame, device: str = "auto",
              method: str | None = None, adapter_id: str | None = None, champion: dict | None = None,
-             cache_dir: Path | None = None, cache_key: dict | None = None) -> dict:
-    """Score the base model, the champion (when given) and the fine-tuned candidate on the same test rows.
+             cache_dir: Path | None = None, cache_key: dict | None = None, train: pd.DataFrame | None = None) -> dict:
+    """Score the base model (zero-shot, and k-shot with examples from `train`), the champion (when given)
+    and the fine-tuned candidate on the same test rows, and each on the retention prompts.
 
     adapter_id: the candidate's lineage hash. champion: `{"version", "adapter_dir", "method", "lineage_hash"}`
     of the currently promoted model. cache_dir/cache_key: where and under what identity (base model
@@ -246,32 +289,55 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .retention import retention_set, retention_summary
+
+    cfg = spec.evaluation
     device = pick_device(device)
     method = method or spec.training.method
+    precision = pick_precision(spec.training.precision, device)
     rows = test_rows(test, spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     identity = {"rows": frame_hash(rows[["example_id", "prompt", "response"]]), "task": spec.task.model_dump(mode="json"),
-                "evaluation": spec.evaluation.model_dump(mode="json"), "max_length": spec.model.max_length,
-                "precision": pick_precision(spec.training.precision, device), **(cache_key or {})}
+                "evaluation": cfg.model_dump(mode="json"), "max_length": spec.model.max_length,
+                "precision": precision, **(cache_key or {})}
+    shots = few_shot_examples(train if train is not None else rows.head(0), spec.task, cfg.few_shot_k, cfg.few_shot_seed)
+    items = retention_set(cfg.retention_examples) if cfg.retention_examples else None
 
-    def scores_of(directory: Path | None, model_method: str, model_id: str | None) -> ModelScores:
-        def compute() -> ModelScores:
-            if directory is None:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-            else:
-                model = load_tuned_model(model_dir, directory, model_method, device)
-            return score_model(model, tokenizer, rows, spec, device)
-
-        if directory is not None and model_id is None:
-            return compute()
-        return _scores_cached(cache_dir, identity | {"model": model_id or "base"}, compute)
-
-    base = scores_of(None, "", None)
-    champion_scores = None
+    scores: dict[str, ModelScores] = {}
+    retained: dict[str, dict] = {}
+    candidates = [("base", None, "", "base"), ("tuned", adapter_dir, method, adapter_id)]
     if champion is not None:
-        champion_scores = scores_of(Path(champion["adapter_dir"]), champion["method"], champion["lineage_hash"])
-    tuned = scores_of(adapter_dir, method, adapter_id)
-    return build_report(rows, base, tuned, spec, champion_scores, champion["version"] if champion else None)
+        candidates.insert(1, ("champion", Path(champion["adapter_dir"]), champion["method"], champion["lineage_hash"]))
+    for name, directory, model_method, model_id in candidates:
+        loaded = []
+
+        def model():
+            if not loaded:
+                loaded.append(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+                              if directory is None else load_tuned_model(model_dir, directory, model_method, device))
+            return loaded[0]
+
+        def cached(part: str, compute) -> dict:
+            # a candidate without an id is scored afresh (nothing says it is the same model next time)
+            return compute() if model_id is None else _cached(cache_dir, identity | {"model": model_id, "part": part}, compute)
+
+        scores[name] = ModelScores(**cached("test", lambda: vars(score_model(model(), tokenizer, rows, spec, device))))
+        if name == "base" and len(shots):
+            prompted = with_few_shot(rows, shots, spec.task)
+            few = cached(f"few_shot:{','.join(shots['example_id'])}",
+                         lambda: vars(score_model(model(), tokenizer, prompted, spec, device, with_loss=False)))
+            scores["base_few_shot"] = ModelScores(**few)
+        if items is not None:
+            retained[name] = cached(f"retention:{len(items)}",
+                                    lambda: score_retention(model(), tokenizer, items, cfg.batch_size, device, precision))
+        loaded.clear()
+    retention = None
+    if items is not None:
+        retention = retention_summary(items, {n: r["outputs"] for n, r in retained.items()},
+                                      {n: r["nll"] for n, r in retained.items()})
+    few_shot = {"k": len(shots), "seed": cfg.few_shot_seed, "example_ids": shots["example_id"].tolist()}
+    return build_report(rows, scores["base"], scores["tuned"], spec, scores.get("champion"),
+                        champion["version"] if champion else None, scores.get("base_few_shot"), few_shot, retention)
 
 
 def write_report(directory: Path, report: dict) -> None:
@@ -292,8 +358,9 @@ def _fmt(v) -> str:
 
 def _columns(report: dict) -> list[tuple[str, str]]:
     """(key, heading) of each scored model, in report order."""
-    champion = report.get("champion")
-    return [("base", "base"), *([("champion", f"champion {report.get('champion_version')}")] if champion else []),
+    champion, few = report.get("champion"), report.get("base_few_shot")
+    return [("base", "base"), *([("base_few_shot", f"base {report['few_shot']['k']}-shot")] if few else []),
+            *([("champion", f"champion {report.get('champion_version')}")] if champion else []),
             ("tuned", "candidate")]
 
 
@@ -316,6 +383,14 @@ def render_markdown(report: dict) -> str:
         lines.append(f"| {m} | {values} | {_fmt(reference.get(m, ''))} |")
     if decision := report.get("promotion"):
         lines += ["", f"**Promotion: {'promote' if decision['promote'] else 'do not promote'}.** {decision['reason']}"]
+    if retention := report.get("retention"):
+        names = [(k, h) for k, h in cols if k in retention["models"]]
+        lines += ["", "## Retention (general prompts, catastrophic forgetting)", "",
+                  f"{retention['n']} general prompts with reference answers; the base model answers "
+                  f"{retention['base_right']} right. Forgetting = share of those the model now gets wrong.", "",
+                  "| | " + " | ".join(h for _, h in names) + " |", "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
+        for field in ("accuracy", "reference_nll", "forgetting", "nll_change"):
+            lines.append(f"| {field} | " + " | ".join(_fmt(retention["models"][k].get(field, "")) for k, _ in names) + " |")
     if view := report.get("corrected_view"):
         scored = ", ".join(f"{h} {_fmt(view[k]['accuracy'])}" for k, h in cols if k in view)
         lines += ["", f"Corrected view ({view['relabelled_rows']} test rows flagged by cleanlab scored against the "

@@ -24,12 +24,13 @@ def _gain(metric: str, candidate: float, reference: float) -> float:
     return (reference - candidate) if metric in LOWER_IS_BETTER else (candidate - reference)
 
 
-def promotion_decision(report: dict, metric: str, min_improvement: float) -> dict:
+def promotion_decision(report: dict, metric: str, min_improvement: float, max_forgetting: float | None = None) -> dict:
     """Champion / challenger: may the candidate (`tuned`) replace the current promoted model?
 
     With a champion in the report, the candidate must beat it on `metric` by `min_improvement` and must
     not be worse on the report's primary metric; before the first promotion the reference is the base
-    model. A candidate that *is* the champion (same lineage) needs no promotion and passes.
+    model. With `max_forgetting`, it must also keep answering the general prompts the base model answers
+    right (report["retention"]): forgetting above the limit blocks promotion. A candidate that *is* the champion (same lineage) needs no promotion and passes.
     Returns `{"promote", "reason", "compared_with", "metric", "candidate", "reference", "gain", ...}`.
     """
     tuned = report["tuned"]
@@ -60,6 +61,13 @@ def promotion_decision(report: dict, metric: str, min_improvement: float) -> dic
         if primary_gain < 0:
             ok = False
             reasons.append(f"and it is worse on the primary metric {primary} ({tuned[primary]:.4f} vs {champion[primary]:.4f})")
+    retention = (report.get("retention") or {}).get("models", {}).get("tuned")
+    if retention is not None:
+        decision["forgetting"] = retention["forgetting"]
+        if max_forgetting is not None and retention["forgetting"] > max_forgetting:
+            ok = False
+            reasons.append(f"and it forgets {retention['forgetting']:.1%} of the general prompts the base model answers "
+                           f"right (promotion.max_forgetting {max_forgetting:.1%})")
     return decision | {"promote": ok, "reason": "; ".join(reasons)}
 
 

@@ -201,6 +201,13 @@ class EvaluationSpec(_Strict):
     max_new_tokens: int = Field(16, ge=1)
     batch_size: int = Field(16, ge=1)
     num_samples: int = Field(5, ge=0)  # sample generations shown in the report
+    # Few-shot baseline: the base model with k examples from the train split in its prompt (0: off), so
+    # the report shows what fine-tuning buys over prompting.
+    few_shot_k: int = Field(5, ge=0)
+    few_shot_seed: int = 0
+    # Catastrophic forgetting: this many general prompts (sft_dagster/retention.py) scored for base,
+    # champion and candidate (0: off).
+    retention_examples: int = Field(200, ge=0)
 
 
 class PromotionSpec(_Strict):
@@ -210,6 +217,9 @@ class PromotionSpec(_Strict):
     min_improvement: float = 0.0
     # `base`: compare with the base model only (e.g. after switching to another base model).
     compare_with: Literal["champion", "base"] = "champion"
+    # Block promotion when the candidate gets wrong more than this share of the general prompts the base
+    # model answers right (see sft_dagster/retention.py); None: report forgetting, never block on it.
+    max_forgetting: float | None = Field(None, ge=0, le=1)
     registry: str | None = None  # default: <storage root>/registry
 
 

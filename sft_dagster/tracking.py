@@ -9,7 +9,8 @@ A training run (whatever its method) opens an MLflow run in the pipeline's exper
   through the `Progress(on_step=[...])` hook of `training/progress.py` (in the Dagster process, or in
   the Pipes / torchrun worker, which gets the run id in `SFT_DAGSTER_MLFLOW_RUN_ID`);
 - at the end, the trainer's summary numbers (`summary.*`);
-- later, the evaluation report's metrics (`eval.<model>.<metric>`) and the report itself as artifacts.
+- later, the evaluation report's metrics (`eval.<model>.<metric>`, `eval.retention.<model>.<field>`)
+  and the report itself as artifacts.
 
 The tracking store defaults to SQLite under the storage root (`sqlite:///<root>/mlflow/mlflow.db`,
 artifacts in `<root>/mlflow/artifacts/`): no server. `MLFLOW_TRACKING_URI` or the `mlflow` resource
@@ -186,9 +187,12 @@ def log_evaluation(run: TrackedRun, report: dict, files: list[Path], artifact_pa
     """The evaluation report's metrics (`eval.<model>.<metric>`, `eval.promote`) and files, into the
     training run's MLflow run; returns the metrics logged."""
     metrics = {}
-    for model in ("base", "champion", "tuned"):
+    for model in ("base", "base_few_shot", "champion", "tuned"):
         for name, value in (report.get(model) or {}).items():
             metrics[f"eval.{model}.{name}"] = value
+    for model, values in ((report.get("retention") or {}).get("models") or {}).items():
+        for name, value in (values or {}).items():
+            metrics[f"eval.retention.{model}.{name}"] = value
     if decision := report.get("promotion"):
         metrics["eval.promote"] = 1.0 if decision.get("promote") else 0.0
     run.log_metrics(metrics)

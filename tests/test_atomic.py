@@ -100,3 +100,22 @@ def test_old_training_runs_are_pruned_but_never_the_current_one(tmp_path):
     removed = prune_training_runs(training, keep=runs[0], n=3)
     assert sorted(p.name for p in training.iterdir()) == ["run0", "run3", "run4"]
     assert sorted(p.name for p in removed) == ["run1", "run2"]
+
+
+def test_locked_serialises_read_modify_write_across_processes(tmp_path):
+    # Four processes each append 50 lines through read-modify-replace under the lock: none is lost.
+    target = tmp_path / "log.txt"
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from sft_dagster import atomic
+        path = Path({str(target)!r})
+        for i in range(50):
+            with atomic.locked(path):
+                old = path.read_text() if path.exists() else ""
+                atomic.write_text(path, old + f"{{sys.argv[1]}}-{{i}}\\n")
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(n)]) for n in range(4)]
+    assert [p.wait() for p in procs] == [0, 0, 0, 0]
+    lines = target.read_text().splitlines()
+    assert sorted(lines) == sorted(f"{n}-{i}" for n in range(4) for i in range(50))

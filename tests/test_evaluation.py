@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
+import pytest
 
 from sft_dagster.evaluation import (
     INVALID,
@@ -71,3 +74,58 @@ def test_score_model_runs_generation_and_loss(tiny_model_dir):
     assert len(scores.predictions) == 3 and set(scores.predictions) <= {*LABELS, INVALID}
     assert scores.loss > 0 and scores.metrics["perplexity"] > 1
     assert 0 <= scores.metrics["accuracy"] <= 1
+
+
+def test_few_shot_examples_come_from_train_cover_labels_and_are_seeded():
+    from sft_dagster.evaluation import few_shot_examples, with_few_shot
+
+    train = pd.DataFrame({"example_id": [f"t{i}" for i in range(30)], "prompt": [f"text {i}" for i in range(30)],
+                          "response": [LABELS[0]] * 20 + [LABELS[1]] * 8 + [LABELS[2]] * 2, "system": [None] * 30})
+    task = spec().task
+    shots = few_shot_examples(train, task, 3, seed=0)
+    assert sorted(shots["response"]) == sorted(LABELS)  # one of each label first, despite the 20/8/2 skew
+    assert shots["example_id"].tolist() == few_shot_examples(train, task, 3, seed=0)["example_id"].tolist()
+    assert shots["example_id"].tolist() != few_shot_examples(train, task, 3, seed=1)["example_id"].tolist()
+    rows = pd.DataFrame({"example_id": ["x"], "prompt": ["new"], "response": ["positive"], "system": [None]})
+    history = json.loads(with_few_shot(rows, shots, task)["history"][0])
+    assert [t["role"] for t in history] == ["user", "assistant"] * 3
+    assert history[1]["content"] == shots["response"].iloc[0]
+
+
+def test_retention_summary_measures_forgetting_of_what_the_base_got_right():
+    from sft_dagster.retention import answer_is_right, retention_set, retention_summary
+
+    items = retention_set()
+    assert len(items) >= 200 and items["family"].nunique() == 9 and items["example_id"].is_unique
+    small = retention_set(18, seed=3)
+    assert len(small) == 18 and small["family"].nunique() == 9
+    assert answer_is_right("The capital of France is Paris.", "Paris") and answer_is_right("Eight legs", "8")
+    assert not answer_is_right("Parisian food", "Paris") and not answer_is_right("It is 18", "8")
+    refs = items.head(4)
+    base = list(refs["response"].iloc[:3]) + ["no idea"]  # the base gets 3 of 4 right
+    tuned = [refs["response"].iloc[0], "wrong", "wrong", refs["response"].iloc[3]]  # keeps 1 of those 3
+    summary = retention_summary(refs, {"base": base, "tuned": tuned}, {"base": 1.0, "tuned": 1.5})
+    assert summary["base_right"] == 3
+    assert summary["models"]["tuned"]["forgetting"] == pytest.approx(2 / 3)
+    assert summary["models"]["tuned"]["accuracy"] == 0.5 and summary["models"]["tuned"]["nll_change"] == 0.5
+
+
+def test_evaluate_reports_few_shot_and_retention_on_the_tiny_model(tiny_model_dir, tmp_path):
+    from sft_dagster.evaluation import evaluate
+
+    rows = lambda n, o: pd.DataFrame({"example_id": [f"e{i}" for i in range(o, o + n)],  # noqa: E731
+                                      "prompt": [f"good item {i}" for i in range(o, o + n)],
+                                      "response": [LABELS[i % 3] for i in range(o, o + n)], "system": [None] * n})
+    s = spec(max_new_tokens=2, few_shot_k=2, retention_examples=9)
+    s = s.model_copy(update={"model": s.model.model_copy(update={"max_length": 128})})
+    report = evaluate(s, tiny_model_dir, tiny_model_dir, rows(4, 0), device="cpu", method="full", adapter_id="a1",
+                      cache_dir=tmp_path / "scores", train=rows(10, 100))
+    assert report["few_shot"]["k"] == 2 and set(report["few_shot"]["example_ids"]) <= {f"e{i}" for i in range(100, 110)}
+    assert "accuracy" in report["base_few_shot"] and "loss" not in report["base_few_shot"]
+    assert report["retention"]["n"] == 9 and set(report["retention"]["models"]) == {"base", "tuned"}
+    # The "candidate" here is the base model itself: it forgets nothing and its reference NLL is the same.
+    assert report["retention"]["models"]["tuned"]["nll_change"] == pytest.approx(0.0, abs=1e-5)
+    assert report["retention"]["models"]["tuned"]["forgetting"] == 0.0
+    assert "Retention" in render_markdown(report) and "base 2-shot" in render_markdown(report)
+    cached = len(list((tmp_path / "scores").glob("*.json")))
+    assert cached == 5  # base test, base few-shot, base retention, candidate test, candidate retention

@@ -40,7 +40,7 @@ def write_spec(tmp_path: Path, model_dir: Path, **overrides) -> Path:
         "model": {"base": str(model_dir), "max_length": 256},
         "training": {"method": "lora", "epochs": 2, "learning_rate": 0.005, "batch_size": 16,
                      "lora": {"r": 8, "alpha": 16}, "checkpoint_every_steps": 10},
-        "evaluation": {"max_new_tokens": 3, "num_samples": 3},
+        "evaluation": {"max_new_tokens": 3, "num_samples": 3, "few_shot_k": 2, "retention_examples": 18},
         "promotion": {"metric": "loss", "min_improvement": 0.0},
     }
     for dotted, value in overrides.items():

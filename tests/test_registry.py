@@ -62,3 +62,12 @@ def test_promotion_decision_against_the_champion():
     unknown = promotion_decision(champion_report({"accuracy": 0.9, "loss": 0.5}, None) | {"champion_error": "other base"},
                                  "accuracy", 0.0)
     assert unknown["promote"] is False and "could not be scored" in unknown["reason"]
+
+
+def test_promotion_blocks_on_forgetting_when_asked():
+    report = champion_report({"accuracy": 0.9, "loss": 0.5}, None) | {
+        "retention": {"models": {"tuned": {"forgetting": 0.25}}}}
+    assert promotion_decision(report, "accuracy", 0.05)["promote"]  # reported, not blocking by default
+    blocked = promotion_decision(report, "accuracy", 0.05, max_forgetting=0.1)
+    assert blocked["promote"] is False and "forgets 25.0%" in blocked["reason"]
+    assert promotion_decision(report, "accuracy", 0.05, max_forgetting=0.3)["promote"]

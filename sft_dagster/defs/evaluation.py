@@ -80,11 +80,13 @@ def build(p: PipelineDefs) -> None:
                 spec, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), test_df,
                 device=compute.resolved_device(), method=fine_tuned_adapter["method"],
                 adapter_id=fine_tuned_adapter["lineage_hash"], champion=champion,
+                train=dataset_splits[dataset_splits["split"] == "train"],
                 cache_dir=paths.reports_dir / "scores",
                 cache_key={"base_model": base_model["model_hash"], "tokenizer": base_model["tokenizer_hash"], "code": code})
             report |= champion_note | {"adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
                                        "seconds": round(time.perf_counter() - start, 1)}
-            report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement)
+            report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement,
+                                                              spec.promotion.max_forgetting)
             evaluation.write_report(report_dir, report)
             skipped = False
         # The latest report, where people look for it, with the promoted versions so far (not part of the
@@ -104,6 +106,8 @@ def build(p: PipelineDefs) -> None:
             f"champion_{metric}": (report.get("champion") or {}).get(metric),
             f"candidate_{metric}": report["tuned"].get(metric),
             "champion_version": report.get("champion_version"),
+            f"base_few_shot_{metric}": (report.get("base_few_shot") or {}).get(metric),
+            "forgetting": ((report.get("retention") or {}).get("models", {}).get("tuned") or {}).get("forgetting"),
             "promote": decision["promote"], "decision": decision["reason"],
             "n_test": report["n_test"], "seconds": report.get("seconds"), "inputs_hash": inputs_hash,
             "adapter_lineage_hash": report["adapter_lineage_hash"], "skipped_evaluation": skipped,
