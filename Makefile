@@ -6,7 +6,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 
-.PHONY: setup demo test ui validate benchmarks clean
+MLFLOW_VENV ?= .venv-mlflow
+MLFLOW_PORT ?= 5000
+STORAGE ?= $(or $(SFT_DAGSTER_STORAGE),$(CURDIR)/.sft)
+
+.PHONY: setup demo test test-postgres ui validate mlflow mlflow-screenshot benchmarks clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +38,25 @@ validate: setup
 ui: setup
 	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/dagster dev -w workspace.yaml
+
+# The Postgres-backed instance test beside a throwaway PostgreSQL server (apt-get install postgresql).
+test-postgres: setup
+	scripts/with_postgres.sh $(BIN)/python -m pytest -q tests/test_postgres.py
+
+# The MLflow UI on the local tracking store (training writes it with mlflow-skinny; the UI is full
+# mlflow, in its own environment, at the same version so that it reads the same store schema).
+$(MLFLOW_VENV)/.installed: $(VENV)/.installed
+	$(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q "mlflow==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("mlflow-skinny"))')" "selenium>=4.20"
+	touch $@
+
+mlflow: $(MLFLOW_VENV)/.installed
+	$(MLFLOW_VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(STORAGE)/mlflow/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# A headless-Chromium screenshot of the demo run's loss curve in the MLflow UI (after `make demo`).
+mlflow-screenshot: $(MLFLOW_VENV)/.installed
+	$(MLFLOW_VENV)/bin/python scripts/mlflow_screenshot.py --store $(STORAGE)/mlflow/mlflow.db \
+		--experiment demo_sentiment --out docs/img/mlflow_loss_curve.png
 
 clean:
 	rm -rf .sft .dagster_home

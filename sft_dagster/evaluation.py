@@ -400,6 +400,13 @@ def render_markdown(report: dict) -> str:
         lines += ["", f"## Error analysis {name.replace('_', ' ')}", "", f"| slice | n | {heading} |",
                   f"|{rule}|"]
         lines += [f"| {k} | {v['n']} | " + " | ".join(_fmt(v.get(c, '')) for c, _ in cols) + " |" for k, v in table.items()]
+    if versions := report.get("history"):
+        names = sorted({m for v in versions for m in v["metrics"]}, key=lambda m: (m != report["primary_metric"], m))
+        lines += ["", f"## Promoted versions (last {len(versions)}, newest first)", "",
+                  "| version | promoted at | test rows | " + " | ".join(names) + " |",
+                  "|" + "|".join("---" for _ in range(len(names) + 3)) + "|"]
+        lines += [f"| {v['version']}{' (champion)' if v['champion'] else ''} | {v['promoted_at']} | {v['n_test']} | "
+                  + " | ".join(_fmt(v["metrics"].get(m, "")) for m in names) + " |" for v in versions]
     # PII masked: the rendered report is also the asset's metadata in Dagster's event log.
     cell = lambda s: mask_pii(str(s)).replace("|", "\\|").replace("\n", " ")[:160]  # noqa: E731
     lines += ["", "## Sample generations", "", f"| prompt | expected | {heading} |", f"|{rule}|"]

@@ -78,8 +78,8 @@ def _decode(path: Path, encoding: str) -> str:
         raise IngestError(f"{path}: sources[].encoding: unknown encoding {encoding!r}") from None
 
 
-def _iter_jsonl(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
-    for line_no, text in enumerate(_decode(path, source.encoding).split("\n"), start=1):
+def _iter_jsonl(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any, str | None]]:
+    for line_no, text in enumerate(_decode(path, encoding).split("\n"), start=1):
         text = text.removesuffix("\r").lstrip("\ufeff")  # a BOM also where exported files were concatenated
         if not text.strip():
             continue
@@ -89,13 +89,13 @@ def _iter_jsonl(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str 
             yield line_no, {"_raw": text}, f"invalid JSON: {exc.msg} (column {exc.colno})"
 
 
-def _csv_rows(path: Path, source: SourceSpec):
-    return csv.reader(io.StringIO(_decode(path, source.encoding), newline=""))
+def _csv_rows(path: Path, encoding: str = "utf-8"):
+    return csv.reader(io.StringIO(_decode(path, encoding), newline=""))
 
 
-def _iter_csv(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
+def _iter_csv(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any, str | None]]:
     try:
-        reader = _csv_rows(path, source)
+        reader = _csv_rows(path, encoding)
         header = next(reader, None)
         if header is None:
             return
@@ -112,11 +112,11 @@ def _iter_csv(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | 
         raise IngestError(f"{path}: not valid CSV: {exc}") from None
 
 
-def _csv_header(path: Path, source: SourceSpec) -> list[str]:
-    return next(_csv_rows(path, source), [])
+def _csv_header(path: Path, encoding: str = "utf-8") -> list[str]:
+    return next(_csv_rows(path, encoding), [])
 
 
-def _iter_parquet(path: Path, source: SourceSpec) -> Iterator[tuple[int, Any, str | None]]:
+def _iter_parquet(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any, str | None]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -199,7 +199,7 @@ def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple
     else:
         wanted = {k: source.columns.get(k, k) for k in REQUIRED}
     if fmt == "csv":
-        header = _csv_header(path, source)
+        header = _csv_header(path, source.encoding)
         present = set(header)
         line = 1
     else:
@@ -221,7 +221,7 @@ def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple
 def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[dict]]:
     """One file -> (canonical rows, quarantined rows); a file without rows gives two empty lists."""
     fmt = _format_of(path, source)
-    records = list(_READERS[fmt](path, source))
+    records = list(_READERS[fmt](path, source.encoding))
     if not records:
         return [], []
     _check_columns(path, fmt, source, records)

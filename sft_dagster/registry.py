@@ -1,6 +1,7 @@
 """A folder-based model registry: promoted adapters with their model card, lineage and evaluation.
 
-Layout: `<registry>/<pipeline>/v<N>/{adapter files, MODEL_CARD.md, lineage.json, evaluation.json}` and
+Layout: `<registry>/<pipeline>/v<N>/{adapter files, MODEL_CARD.md, lineage.json, evaluation.json,
+promotion.json}` and
 `<registry>/<pipeline>/LATEST` naming the current version: the **champion** every new candidate must
 beat. A version is built under a temp name and renamed into place, and LATEST is replaced atomically,
 so a reader never sees a half-copied model or a pointer to one.
@@ -91,6 +92,27 @@ def champion(pipeline_dir: Path) -> dict | None:
             "lineage": lineage, "lineage_hash": lineage_hash_of(lineage), "base_model_hash": lineage.get("base_model_hash")}
 
 
+def history(pipeline_dir: Path, n: int) -> list[dict]:
+    """The last `n` promoted versions, newest first: version, when it was promoted, the candidate's
+    metrics in the report that promoted it, and whether it is the current champion. A drift over
+    nights shows here without opening the experiment tracker."""
+    current = latest_version(pipeline_dir)
+    out = []
+    for number in reversed(_versions(pipeline_dir)[-n:] if n > 0 else []):
+        version_dir = pipeline_dir / f"v{number}"
+        report_file, promotion_file = version_dir / "evaluation.json", version_dir / "promotion.json"
+        if not report_file.exists():
+            continue
+        report = json.loads(report_file.read_text())
+        promotion = json.loads(promotion_file.read_text()) if promotion_file.exists() else {}
+        promoted_at = promotion.get("promoted_at") or datetime.fromtimestamp(
+            report_file.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        out.append({"version": version_dir.name, "promoted_at": promoted_at, "n_test": report.get("n_test"),
+                    "champion": current is not None and current.name == version_dir.name,
+                    "metrics": {k: v for k, v in (report.get("tuned") or {}).items() if isinstance(v, (int, float))}})
+    return out
+
+
 def model_card(pipeline: str, version: str, report: dict, lineage: dict, decision: dict) -> str:
     metric = report["primary_metric"]
     champion_line = (f", champion {report['champion_version']} {report['champion'][metric]:.4f}"
@@ -137,10 +159,13 @@ def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, 
         if json.loads((current / "lineage.json").read_text()) == lineage:
             return current
     version = f"v{(existing[-1] + 1) if existing else 1}"
+    promoted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with atomic.atomic_dir(registry_dir / version) as tmp:
         shutil.copytree(adapter_dir, tmp, dirs_exist_ok=True)
         (tmp / "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True))
         (tmp / "evaluation.json").write_text(json.dumps(report, indent=2, default=str))
         (tmp / "MODEL_CARD.md").write_text(model_card(registry_dir.name, version, report, lineage, decision))
+        (tmp / "promotion.json").write_text(json.dumps({"version": version, "promoted_at": promoted_at,
+                                                        "decision": decision}, indent=2, default=str))
     atomic.write_text(registry_dir / "LATEST", version + "\n")
     return registry_dir / version

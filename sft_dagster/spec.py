@@ -204,6 +204,20 @@ class SearchSpec(_Strict):
         return self
 
 
+class PodSpec(_Strict):
+    """The pod a `launcher: k8s` training run gets (image, namespace and volume are the deployment's:
+    the `k8s_training` resource)."""
+
+    gpus: int | None = Field(None, ge=0)  # default: num_processes (one torchrun rank per GPU)
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str | None = None  # Kubernetes quantities, e.g. "8", "500m"
+    memory: str | None = None  # e.g. "64Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+    def gpu_count(self, num_processes: int) -> int:
+        return num_processes if self.gpus is None else self.gpus
+
+
 class TrainingSpec(_Strict):
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
@@ -230,7 +244,10 @@ class TrainingSpec(_Strict):
     packing: bool = False
     export_merged: bool = False  # also write the adapter folded into the base weights (for serving)
     num_processes: int = Field(1, ge=1)
-    launcher: Literal["in_process", "subprocess"] = "in_process"
+    # in_process: in the Dagster step; subprocess: a Pipes child process (torchrun when num_processes > 1);
+    # k8s: a pod per training run through dagster-k8s Pipes (`pod` below, docs/training.md)
+    launcher: Literal["in_process", "subprocess", "k8s"] = "in_process"
+    pod: PodSpec = PodSpec()
     seed: int = 0
     search: SearchSpec = SearchSpec()
 

@@ -43,7 +43,7 @@ def test_failed_gate_sensor_alerts_once(tmp_path, tiny_model_dir):
     spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{"quality.cleanlab.max_label_issue_rate": 0.0}))
     store = tmp_path / "store"
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=store)
-    sensor = defs.resolve_sensor_def("failed_quality_gate_sensor")
+    sensor = defs.resolve_sensor_def(f"{spec.name}_failed_quality_gate_sensor")
     storage = SFTStorage(root=str(store))
     with dg.instance_for_test() as instance:
         result = run(defs, spec, instance, ["raw_examples", "label_corrections", "labelled_examples", "label_issues"])

@@ -65,6 +65,7 @@ def test_generation_task_warnings_exit_0_with_only_applicable_gates_and_no_pii_i
     out = captured.out
     assert "DEBUG" not in out + captured.err and "Traceback" not in out + captured.err
     assert "raw_examples" in out and " 42 rows" in out  # one line per stage, with its rows
+    assert "label issues: 42 rows, about" in out  # the label views' pre-flight, in words (it was parsed as training's)
     assert "no_pii (warning)" in out and "(blocking)" not in out
     instance = dg.DagsterInstance.get()
     run = instance.get_runs(limit=1)[0]

@@ -137,6 +137,12 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
 
 
 def test_failed_blocking_gate_stops_training_across_runs(tmp_path, tiny_model_dir, instance):
+    gate_blocks_training_across_runs(tmp_path, tiny_model_dir, instance)
+
+
+def gate_blocks_training_across_runs(tmp_path, tiny_model_dir, instance) -> None:
+    """Data stages pass, a stricter gate then fails, and a later run of training alone is refused
+    (also run against a PostgreSQL instance in test_postgres.py)."""
     data_stages = ["raw_examples", "label_corrections", "labelled_examples", "label_issues", "curated_examples",
                    "quarantine", "dataset_splits"]
     # Data that passed its gates once: splits exist on disk from that run.
@@ -221,6 +227,11 @@ def test_training_through_pipes_and_torchrun(tmp_path, tiny_model_dir, instance)
     assert (Path(adapter["adapter_dir"]) / "adapter_model.safetensors").exists()
     logs = instance.all_logs(result.run_id)
     assert any("launching:" in (e.user_message or "") and "torchrun" in e.user_message for e in logs)
+    # The worker (rank 0) logged every optimizer step to the MLflow run the asset opened (MLFLOW_TRACKING_URI).
+    from mlflow import MlflowClient
+
+    history = MlflowClient().get_metric_history(adapter["mlflow_run_id"], "train_loss")
+    assert [m.step for m in history] == list(range(1, adapter["metrics"]["steps"] + 1))
 
 
 def test_cleanlab_disabled_in_the_spec_runs_no_cleanlab_and_says_so(tmp_path, tiny_model_dir, instance):

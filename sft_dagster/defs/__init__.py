@@ -1,7 +1,14 @@
-"""The Dagster layer: thin wiring of the pure stages into assets, checks, jobs and automation."""
+"""The Dagster layer: thin wiring of the pure stages into assets, checks, jobs and automation.
+
+Two ways in, one schema: `build_definitions` loads every spec in `assets/` (the `workspace.yaml` code
+location), and the `sft_dagster.SFTPipeline` component (`defs/component.py`) takes one spec's fields as
+its attributes in a `dg` project. Both build a pipeline with `pipeline_definitions` and share the
+resources of `shared_resources`.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -9,11 +16,10 @@ import dagster as dg
 
 from ..spec import PipelineSpec, load_specs
 from ..storage import default_storage_root
-from .common import PipelineDefs
-from .pipeline import build_pipeline_assets
 from .automation import data_change_sensor, failed_gate_sensor, nightly_schedule, pipeline_job
 from .common import JSON_IO
-from .resources import ComputeResource, JsonIOManager, ParquetIOManager, SFTStorage
+from .pipeline import build_pipeline_assets
+from .resources import ComputeResource, JsonIOManager, K8sTraining, MLflowTracking, ParquetIOManager, SFTStorage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,38 +32,38 @@ def checks_dir() -> Path:
     return Path(os.environ.get("SFT_DAGSTER_CHECKS", PROJECT_ROOT / "data_checks"))
 
 
+def pipeline_definitions(spec: PipelineSpec, checks: Path | None = None) -> dg.Definitions:
+    """One spec's asset group, job, nightly schedule, data-change sensor and failed-gate sensor (no resources)."""
+    pipeline = build_pipeline_assets(spec, checks or checks_dir())
+    job = pipeline_job(spec)
+    return dg.Definitions(assets=pipeline.assets, asset_checks=pipeline.checks, jobs=[job],
+                          schedules=[nightly_schedule(spec, job)],
+                          sensors=[data_change_sensor(spec, job), failed_gate_sensor(pipeline)])
+
+
+@functools.lru_cache(maxsize=16)
+def shared_resources(storage_root: str, device: str = "auto") -> dict:
+    """The resources every pipeline uses. Cached: pipelines loaded separately (several components in a
+    `dg` project) get the very same objects, which `Definitions.merge` requires of a shared key."""
+    return {
+        "storage": SFTStorage(root=storage_root),
+        "compute": ComputeResource(device=device),
+        "mlflow": MLflowTracking(),
+        "io_manager": ParquetIOManager(root=storage_root),
+        JSON_IO: JsonIOManager(root=storage_root),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "k8s_training": K8sTraining(),
+    }
+
+
 def build_definitions(
     specs: list[PipelineSpec] | None = None,
     checks: Path | None = None,
     storage_root: str | Path | None = None,
     device: str = "auto",
 ) -> dg.Definitions:
-    """One asset group, job, schedule and data sensor per spec, plus the failed-gate sensor."""
+    """Every spec (default: `assets/*.yaml`) as its own pipeline, with the shared resources."""
     specs = load_specs(specs_dir()) if specs is None else specs
-    checks = checks or checks_dir()
     root = str(Path(storage_root or default_storage_root()).resolve())
-    pipelines: list[PipelineDefs] = [build_pipeline_assets(spec, checks) for spec in specs]
-    assets, asset_checks, jobs, schedules, sensors = [], [], [], [], []
-    for pipeline in pipelines:
-        job = pipeline_job(pipeline.spec)
-        assets += pipeline.assets
-        asset_checks += pipeline.checks
-        jobs.append(job)
-        schedules.append(nightly_schedule(pipeline.spec, job))
-        sensors.append(data_change_sensor(pipeline.spec, job))
-    if pipelines:
-        sensors.append(failed_gate_sensor(pipelines))
-    return dg.Definitions(
-        assets=assets,
-        asset_checks=asset_checks,
-        jobs=jobs,
-        schedules=schedules,
-        sensors=sensors,
-        resources={
-            "storage": SFTStorage(root=root),
-            "compute": ComputeResource(device=device),
-            "io_manager": ParquetIOManager(root=root),
-            JSON_IO: JsonIOManager(root=root),
-            "pipes_subprocess_client": dg.PipesSubprocessClient(),
-        },
-    )
+    return dg.Definitions.merge(*(pipeline_definitions(spec, checks) for spec in specs),
+                                dg.Definitions(resources=shared_resources(root, device)))

@@ -79,19 +79,17 @@ def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
     return _sensor
 
 
-def failed_gate_sensor(pipelines: list[PipelineDefs]) -> dg.SensorDefinition:
-    """Reports failed blocking checks the way a run-failure sensor reports failed runs.
+def failed_gate_sensor(pipeline: PipelineDefs) -> dg.SensorDefinition:
+    """Reports a pipeline's failed blocking checks the way a run-failure sensor reports failed runs.
 
     A failed check does not fail its run, so nothing else would tell anyone. Each new failure is
     logged and appended to `<storage root>/alerts.jsonl` (point a log shipper or a hook at it).
     """
-    check_keys = [key for p in pipelines for key in p.blocking_checks] + [
-        p.check_key("evaluation_report", PROMOTION_CHECK) for p in pipelines
-    ]
+    check_keys = [*pipeline.blocking_checks, pipeline.check_key("evaluation_report", PROMOTION_CHECK)]
 
-    @dg.sensor(name="failed_quality_gate_sensor", minimum_interval_seconds=60,
+    @dg.sensor(name=f"{pipeline.name}_failed_quality_gate_sensor", minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Alerts on every newly failed blocking data-quality or promotion check.")
+               description=f"Alerts on every newly failed blocking data-quality or promotion check of {pipeline.name}.")
     def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
         seen = json.loads(context.cursor) if context.cursor else {}
         records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(check_keys)

@@ -14,12 +14,14 @@ import pandas as pd
 
 from .. import evaluation, formatting, registry
 from ..schema import frame_hash, lineage_hash_of
+from ..tracking import TrackedRun, log_evaluation
 from .common import JSON_IO, PipelineDefs, code_version
 from .guards import BlockedByQualityGate, require_checks_passed
 from .resources import ComputeResource, SFTStorage
 from .shared import registry_dir
 
 PROMOTION_CHECK = "beats_champion"
+HISTORY_VERSIONS = 10  # promoted versions listed in every report (nightly drift, newest first)
 
 
 class StaleEvaluation(BlockedByQualityGate):
@@ -87,7 +89,15 @@ def build(p: PipelineDefs) -> None:
                                                               spec.promotion.max_forgetting)
             evaluation.write_report(report_dir, report)
             skipped = False
-        evaluation.write_report(paths.reports_dir, report)  # the latest report, where people look for it
+        # The latest report, where people look for it, with the promoted versions so far (not part of the
+        # per-inputs copy: a promotion changes the history, not the scores).
+        report = {**report, "history": registry.history(registry_dir(spec, storage), HISTORY_VERSIONS)}
+        evaluation.write_report(paths.reports_dir, report)
+        tracked = TrackedRun.from_record(fine_tuned_adapter.get("mlflow"))
+        if tracked is not None and not skipped:
+            log_evaluation(tracked, report, [paths.reports_dir / "evaluation.json", paths.reports_dir / "evaluation.md"])
+        link = {"mlflow_run_id": tracked.run_id, **({"mlflow_run": dg.MetadataValue.url(tracked.url)} if tracked.url else {})} \
+            if tracked is not None else {}
         metric, decision = spec.promotion.metric, report["promotion"]
         yield dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata={
             "report": dg.MetadataValue.md(evaluation.render_markdown(report)),
@@ -101,6 +111,7 @@ def build(p: PipelineDefs) -> None:
             "promote": decision["promote"], "decision": decision["reason"],
             "n_test": report["n_test"], "seconds": report.get("seconds"), "inputs_hash": inputs_hash,
             "adapter_lineage_hash": report["adapter_lineage_hash"], "skipped_evaluation": skipped,
+            "promoted_versions": dg.MetadataValue.json(report["history"]), **link,
         })
         yield dg.AssetCheckResult(
             asset_key=K("evaluation_report"), check_name=PROMOTION_CHECK, passed=bool(decision["promote"]),

@@ -10,6 +10,7 @@ import pandas as pd
 from .. import atomic, labels, quality
 from ..quality import duplicates, find_label_issues
 from ..quality.label_issues import label_issue_preflight
+from ..console import LABEL_PREFLIGHT
 from ..schema import frame_hash
 from .common import PipelineDefs, code_version, outcome_to_check_result, severity
 from .resources import SFTStorage
@@ -49,7 +50,7 @@ def build(p: PipelineDefs) -> None:
         plan = None
         if cfg.enabled:
             plan = label_issue_preflight(labelled_examples, spec.task, cfg, model_dir=model_dir, seed=spec.splits.seed)
-            context.log.info(f"label-issue pre-flight: {json.dumps(plan, default=str)}")
+            context.log.info(f"{LABEL_PREFLIGHT}{json.dumps(plan, default=str)}")
         start = time.perf_counter()
         report = find_label_issues(labelled_examples, spec.task, cfg, seed=spec.splits.seed, model_dir=model_dir)
         queue = report.review_queue

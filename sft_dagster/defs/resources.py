@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -73,3 +74,57 @@ class JsonIOManager(_PipelineIOManager):
 
     def load_input(self, context: dg.InputContext) -> dict:
         return json.loads(self._existing(context, "records", ".json").read_text())
+
+
+class MLflowTracking(dg.ConfigurableResource):
+    """Experiment tracking (`sft_dagster/tracking.py`): where training and evaluation log their MLflow runs.
+
+    `tracking_uri` unset: `$MLFLOW_TRACKING_URI`, else SQLite under the storage root (no server).
+    `ui_url` is where people open the MLflow UI, for the links in asset metadata: by default the
+    tracking server when the URI is http(s), else `make mlflow`'s http://127.0.0.1:5000.
+    """
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    ui_url: str | None = None
+    experiment_prefix: str = ""  # the experiment of pipeline P is `<prefix>P`
+
+    def uri(self, storage_root: str | Path) -> str:
+        from ..tracking import URI_ENV, default_tracking_uri
+
+        return self.tracking_uri or os.environ.get(URI_ENV) or default_tracking_uri(storage_root)
+
+    def link_base(self, storage_root: str | Path) -> str:
+        from ..tracking import DEFAULT_UI_URL
+
+        uri = self.uri(storage_root)
+        return self.ui_url or (uri if uri.startswith(("http://", "https://")) else DEFAULT_UI_URL)
+
+    def start_run(self, storage_root: str | Path, pipeline: str, run_name: str, params: dict, tags: dict):
+        """A new MLflow run in the pipeline's experiment, or None when tracking is off."""
+        if not self.enabled:
+            return None
+        from ..tracking import default_artifact_root, start_run
+
+        uri = self.uri(storage_root)
+        local = not uri.startswith(("http://", "https://", "databricks"))
+        return start_run(uri, f"{self.experiment_prefix}{pipeline}", run_name, params, tags,
+                         artifact_root=default_artifact_root(storage_root) if local else None,
+                         ui_url=self.link_base(storage_root))
+
+
+class K8sTraining(dg.ConfigurableResource):
+    """Where `training.launcher: k8s` runs a training pod (`training/k8s.py`); the deployment's side.
+
+    Defaults come from the environment of the code location (`deploy/k8s/`): the image holds this
+    project and the CUDA build of torch; the claim is the PersistentVolumeClaim of the storage root.
+    """
+
+    image: str = os.environ.get("SFT_DAGSTER_IMAGE", "sft-dagster:latest")
+    namespace: str = os.environ.get("SFT_DAGSTER_NAMESPACE", "default")
+    storage_claim: str = os.environ.get("SFT_DAGSTER_STORAGE_CLAIM", "sft-storage")
+    service_account: str | None = os.environ.get("SFT_DAGSTER_TRAINING_SERVICE_ACCOUNT", "sft-training")
+    image_pull_policy: str = "IfNotPresent"
+    env_from_secrets: list[str] = []  # Secrets whose keys become the pod's env (e.g. MLflow server credentials)
+    load_incluster_config: bool | None = None  # None: in-cluster when running in a pod, else the kubeconfig
+    kubeconfig_file: str | None = None

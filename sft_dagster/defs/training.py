@@ -15,14 +15,18 @@ import dagster as dg
 import pandas as pd
 
 from .. import atomic, formatting, models, training
+from ..console import PREFLIGHT
 from ..schema import frame_hash, lineage_hash_of
+from ..tracking import StepLogger, TrackedRun
+from ..training.k8s import device_kind as k8s_device_kind
 from ..training.progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
 from .guards import require_checks_passed
-from .resources import ComputeResource, SFTStorage
+from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
 from .shared import resolve_base_model
 
 LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
+TRACKING_FILE = "mlflow_run.json"  # the MLflow run of a training run (when tracking is on)
 TRAINING_RUNS_KEPT = 3
 
 
@@ -57,7 +61,20 @@ def completed_run(run_dir: Path) -> dict | None:
     adapter_dir = run_dir / ("model" if metrics.get("method") == "full" else "adapter")
     if not adapter_dir.is_dir():
         return None
-    return {"adapter_dir": str(adapter_dir), "lineage": json.loads(lineage_file.read_text()), "metrics": metrics}
+    tracking = run_dir / TRACKING_FILE
+    return {"adapter_dir": str(adapter_dir), "lineage": json.loads(lineage_file.read_text()), "metrics": metrics,
+            "mlflow": json.loads(tracking.read_text()) if tracking.exists() else None}
+
+
+def input_data_versions(context: dg.AssetExecutionContext, keys: list[dg.AssetKey]) -> dict[str, str]:
+    """The Dagster data version of each input's latest materialization (what this step loaded: the
+    pipeline's pool lets no other run write them meanwhile)."""
+    out = {}
+    for key in keys:
+        record = context.instance.get_latest_data_version_record(key)
+        tags = record.asset_materialization.tags if record and record.asset_materialization else {}
+        out[key.path[-1]] = (tags or {}).get("dagster/data_version", "unknown")
+    return out
 
 
 def prune_training_runs(training_dir: Path, keep: Path, n: int = TRAINING_RUNS_KEPT) -> list[Path]:
@@ -87,8 +104,8 @@ def build(p: PipelineDefs) -> None:
                              ins=p.ins("dataset_splits", "base_model"), deps=[K("quarantine")],
                              description=f"{spec.training.method} fine-tune of the base model on the train split."))
     def fine_tuned_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
-                           pipes_subprocess_client: dg.PipesSubprocessClient, dataset_splits: pd.DataFrame,
-                           base_model: dict) -> dg.Output[dict]:
+                           mlflow: MLflowTracking, pipes_subprocess_client: dg.PipesSubprocessClient,
+                           k8s_training: K8sTraining, dataset_splits: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
         require_checks_passed(context, p.blocking_checks)
         paths = p.paths(storage)
         model_dir = Path(base_model["path"])
@@ -105,7 +122,7 @@ def build(p: PipelineDefs) -> None:
             "method": spec.training.method,
             "base_model": base_model["source"],
             "libraries": library_versions(),
-            "device": device_kind(device),
+            "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
         }
         lineage_hash = lineage_hash_of(lineage)
         run_dir = paths.training_dir / lineage_hash
@@ -114,7 +131,15 @@ def build(p: PipelineDefs) -> None:
             context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its adapter")
             metrics, skipped = done["metrics"], True
         else:
-            metrics = _train(context, p, compute, pipes_subprocess_client, model_dir, train_df, val_df, run_dir, device)
+            params = {"lineage": lineage, "lineage_hash": lineage_hash,
+                      "data_versions": input_data_versions(context, [K("dataset_splits"), K("base_model")])}
+            tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.method,
+                    "dagster_run_id": context.run_id}
+            launchers = {"pipes": pipes_subprocess_client, "k8s": k8s_training, "storage_root": storage.root}
+            metrics = _train(context, p, compute, launchers, model_dir, train_df, val_df, run_dir, device,
+                             start_tracking=lambda train_spec: mlflow.start_run(
+                                 storage.root, spec.name, f"{spec.name}-{lineage_hash[:8]}",
+                                 {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
             atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
             pruned = prune_training_runs(paths.training_dir, run_dir)
@@ -126,22 +151,30 @@ def build(p: PipelineDefs) -> None:
         if spec.training.export_merged and spec.training.method != "full":
             record["merged_model_dir"] = str(run_dir / "merged")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        link = {}
+        if done["mlflow"]:
+            record["mlflow"] = done["mlflow"]
+            link = {"mlflow_run_id": done["mlflow"]["run_id"]}
+            if done["mlflow"].get("url"):
+                link["mlflow_run"] = dg.MetadataValue.url(done["mlflow"]["url"])
         return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
             "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
             "skipped_training": skipped, "lineage": dg.MetadataValue.json(lineage),
-            "metrics": dg.MetadataValue.json(metrics), **numbers,
+            "metrics": dg.MetadataValue.json(metrics), **numbers, **link,
         })
 
     p.assets += [base_model, fine_tuned_adapter]
 
 
-def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, train_df: pd.DataFrame,
-           val_df: pd.DataFrame, run_dir: Path, device: str) -> dict:
-    """Pre-flight, optional hyperparameter search, then the training run itself (in process or launched)."""
+def _train(context, p: PipelineDefs, compute, launchers: dict, model_dir: Path, train_df: pd.DataFrame,
+           val_df: pd.DataFrame, run_dir: Path, device: str, start_tracking=lambda train_spec: None) -> dict:
+    """Pre-flight, optional hyperparameter search, then the training run itself (in process or launched),
+    tracked in MLflow when `start_tracking(spec actually trained)` returns a run."""
     spec = p.spec
-    plan = training.preflight(spec, model_dir, train_df, device=device)
-    context.log.info(f"pre-flight: {json.dumps(plan)}")
-    context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
+    if spec.training.launcher != "k8s":  # a pod's hardware is not this process's: no timed step here
+        plan = training.preflight(spec, model_dir, train_df, device=device)
+        context.log.info(f"{PREFLIGHT}{json.dumps(plan)}")
+        context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
     train_spec = spec
     if spec.training.search.strategy != "none":
         from ..training.search import search_hyperparameters, with_overrides
@@ -151,21 +184,42 @@ def _train(context, p: PipelineDefs, compute, pipes_client, model_dir: Path, tra
         train_spec = with_overrides(spec, best)
         context.add_output_metadata({"search_best": dg.MetadataValue.json(best),
                                      "search_trials": preview(pd.DataFrame(trials), n=100)})
-    if spec.training.launcher == "subprocess" or spec.training.num_processes > 1:
-        from ..training.launch import launch_training_pipes
+    tracked: TrackedRun | None = start_tracking(train_spec)
+    if tracked is not None:
+        atomic.write_json(run_dir / TRACKING_FILE, tracked.to_record())
+        context.log.info(f"MLflow run {tracked.run_id}: {tracked.url or tracked.tracking_uri}")
+    try:
+        if spec.training.launcher in ("subprocess", "k8s") or spec.training.num_processes > 1:
+            from ..training.k8s import launch_training_k8s
+            from ..training.launch import launch_training_pipes
 
-        # The worker reads exactly the rows this asset was given, from the run's own folder.
-        train_path = atomic.write_parquet(run_dir / "data" / "train.parquet", train_df)
-        val_path = atomic.write_parquet(run_dir / "data" / "validation.parquet", val_df)
-        result = launch_training_pipes(context, pipes_client, train_spec, model_dir, train_path, val_path, run_dir,
-                                       device=device)
-        adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
-        curve = result.get("curve", [])
-    else:
-        progress = Progress(context.log.info)
-        result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device, log=context.log.info,
-                                on_metrics=progress)
-        adapter_dir, metrics, curve = result.adapter_dir, result.metrics, progress.curve
+            # The worker reads exactly the rows this asset was given, from the run's own folder.
+            train_path = atomic.write_parquet(run_dir / "data" / "train.parquet", train_df)
+            val_path = atomic.write_parquet(run_dir / "data" / "validation.parquet", val_df)
+            env = tracked.env() if tracked else None
+            if spec.training.launcher == "k8s":
+                result = launch_training_k8s(context, launchers["k8s"], train_spec, model_dir, train_path, val_path,
+                                             run_dir, launchers["storage_root"], env=env)
+            else:
+                result = launch_training_pipes(context, launchers["pipes"], train_spec, model_dir, train_path,
+                                               val_path, run_dir, device=device, env=env)
+            adapter_dir, metrics = Path(result["adapter_dir"]), result["metrics"]
+            curve = result.get("curve", [])
+        else:
+            steps = StepLogger(tracked) if tracked else None
+            progress = Progress(context.log.info, on_step=[steps] if steps else [])
+            result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device,
+                                    log=context.log.info, on_metrics=progress)
+            if steps:
+                steps.flush()
+            adapter_dir, metrics, curve = result.adapter_dir, result.metrics, progress.curve
+    except BaseException:
+        if tracked is not None:
+            tracked.finish("FAILED")
+        raise
+    if tracked is not None:
+        tracked.log_metrics({f"summary.{k}": v for k, v in metrics.items()})
+        tracked.finish()
     if curve:  # the curve a person reads on the asset's page (every logged step and every evaluation)
         context.add_output_metadata({"loss_curve": dg.MetadataValue.md(pd.DataFrame(curve).to_markdown(index=False))})
     if spec.training.export_merged and spec.training.method != "full":

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from ..spec import parse_spec
+    from ..tracking import step_logger_from_env
     from .progress import Progress
     from .trainer import train
 
@@ -51,9 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         pipes = _pipes(stack)
         log = pipes.log.info if pipes else print
-        progress = Progress(log)
+        steps = step_logger_from_env()  # MLflow, when the launcher passed a run (rank 0)
+        progress = Progress(log, on_step=[steps] if steps else [])
         result = train(spec, Path(args.model_dir), pd.read_parquet(args.train), pd.read_parquet(args.validation),
                        Path(args.output_dir), device=args.device, log=log, on_metrics=progress)
+        if steps:
+            steps.flush()
         if pipes:
             pipes.report_custom_message({"adapter_dir": str(result.adapter_dir), "metrics": result.metrics,
                                          "curve": progress.curve})
