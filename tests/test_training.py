@@ -214,6 +214,59 @@ def test_qlora_trains_adapters_over_a_4bit_base_on_cpu(tmp_path):
     assert any("lora_A" in n for n, _ in tuned.named_parameters())
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, monkeypatch, batch_size):
+    """A validation pass must not switch the 4-bit layers to bitsandbytes' CPU inference layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` for its `gemv_4bit` kernel the first
+    time it runs in eval mode without gradients; that kernel has no backward, so later training steps
+    silently dropped the gradient through the frozen weights. The condition is forced here on any CPU
+    by the switch bitsandbytes itself reads (`has_avx512bf16`, copied into each layer when built).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+    from sft_dagster.training.trainer import collate, load_model, summed_response_loss, validation_loss
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
+    spec = spec_for(model_dir, method="qlora")
+    qlora = load_model(spec, model_dir, "cpu")
+    reference = load_model(spec_for(model_dir, method="lora"), model_dir, "cpu")
+    ref_params = dict(reference.named_parameters())
+    torch.manual_seed(0)
+    with torch.no_grad():  # the reference holds the dequantised 4-bit weights and the same (non-zero) adapters
+        quantized = {n: m for n, m in qlora.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert len(quantized) == 14
+        for name, module in quantized.items():
+            ref_params[name + ".weight"].copy_(dequantize_4bit(module.weight.data, module.weight.quant_state))
+        for name, p in qlora.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+                ref_params[name].copy_(p)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    encode = lambda df: [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)  # noqa: E731
+                         for p, r in zip(df["prompt"], df["response"])]
+    validation_loss(qlora, encode(examples(4, 50)), 2, tokenizer.pad_token_id, "cpu", "fp32")
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized.values())
+
+    batch = collate(encode(examples(batch_size)), tokenizer.pad_token_id, "cpu")
+    grads = []
+    for model in (qlora, reference):
+        model.train()
+        loss, _ = summed_response_loss(model, batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    diff = torch.sqrt(sum(((grads[0][n] - grads[1][n]) ** 2).sum() for n in grads[1]))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads[1].values()))
+    assert norm > 0 and diff / norm < 1e-5, float(diff / norm)  # global relative error
+
+
 def test_qlora_on_cpu_refuses_widths_its_kernels_cannot_quantise(tiny_model_dir):
     from sft_dagster.training.trainer import load_model
 

@@ -248,6 +248,7 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str):
             raise ValueError(f"training.method qlora on CPU needs layer widths that are multiples of 64; "
                              f"{odd[0][0]} has {odd[0][1]} inputs: use method lora")
     if method == "qlora":
+        keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
     lora = spec.training.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
@@ -255,6 +256,29 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str):
     model = get_peft_model(model, config)
     use_fast_lora(model)  # same maths, cheaper dropout on CPU (see fast_lora.py)
     return model
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Keep every bitsandbytes `Linear4bit` of `model` in its trainable layout for the whole run.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer for its CPU inference kernel
+    (`gemv_4bit`) the first time the layer runs in eval mode without gradients, i.e. during the first
+    validation pass, and keeps that layout: later training forwards go through `gemv_4bit`, which has
+    no backward, so the gradient through the frozen weights was silently dropped (issue #8, measured
+    on a tiny Llama on an AVX512-BF16 CPU: LoRA gradients 67% off the dequantised-fp32 reference after
+    one validation pass, exact before; 80% with the condition forced on an AVX2 CPU, where the default
+    `gemv_4bit` kernel also misreads the repacked weights). Each layer copies the CPU check into `support_avx512bf16_for_cpu` when built; clearing it
+    keeps validation on the same dequantise-and-multiply path as training. Returns the layers switched.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("a 4-bit layer is already in bitsandbytes' CPU inference layout; "
+                               "call keep_4bit_layers_trainable before its first forward")
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path) -> str:
