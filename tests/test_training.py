@@ -382,6 +382,27 @@ def test_qlora_on_cuda(tiny_model_dir, tmp_path):
     assert (result.adapter_dir / "adapter_config.json").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_lora_on_cuda_keeps_the_base_in_bf16_and_follows_fp32(tiny_model_dir, tmp_path):
+    from sft_dagster.training import preflight
+    from sft_dagster.training.trainer import load_model
+
+    model = load_model(spec_for(tiny_model_dir, precision="bf16"), tiny_model_dir, "cuda", "bf16")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    common = {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8}
+    ref, _ = losses(spec_for(tiny_model_dir, precision="fp32", **common), tiny_model_dir, examples(8), examples(3, 50),
+                    tmp_path / "fp32", device="cuda")
+    got, result = losses(spec_for(tiny_model_dir, precision="bf16", **common), tiny_model_dir, examples(8),
+                         examples(3, 50), tmp_path / "bf16", device="cuda")
+    assert result.metrics["precision"] == "bf16" and ref[0] - ref[-1] > 0.1
+    assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=2e-3), (got, ref)
+    plan = preflight(spec_for(tiny_model_dir, precision="auto"), tiny_model_dir, examples(8), device="cuda",
+                     probe_cache=tmp_path / "probes")
+    assert plan["precision_choice"]["measured"]["matmul_gflops"]["bf16"] > 0
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})

@@ -430,6 +430,18 @@ def latest_checkpoint(ckpt_root: Path, fingerprint: str) -> Path | None:
     return None
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per parameter on CPU and CUDA.
+
+    torch's default on CPU is a Python loop of ~10 operations per parameter: for SmolLM2's 420 LoRA
+    matrices (4.9M values) the clipped step took 120-510 ms against 18-59 ms fused, three runs each
+    on the loaded 2-core development machine (BENCHMARKS.md); the updates differ by float rounding
+    only (max 3e-8 after one step).
+    """
+    fused = torch.device(device).type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
     t = spec.training
     per_epoch = math.ceil(math.ceil(n_examples / t.batch_size) / t.gradient_accumulation_steps)
@@ -470,7 +482,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     model = load_model(spec, model_dir, device, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay, device)
     total_steps = optimizer_steps(len(train_set), spec)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -529,7 +541,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 summed = torch.tensor([loss_sum], dtype=torch.float64)
                 dist.all_reduce(summed)
                 loss_sum = float(summed)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
