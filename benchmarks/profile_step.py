@@ -25,7 +25,7 @@ CATEGORIES = {  # first match wins; names are aten / profiler event names
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm",
                "aten::_scaled_dot_product", "aten::_addmm_activation", "mkldnn", "aten::addmm_"),
     "casts and copies": ("aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"),
-    "optimizer": ("aten::_foreach", "Optimizer.", "aten::addcdiv", "aten::lerp", "aten::sqrt"),
+    "optimizer": ("aten::_foreach", "aten::_fused_adam", "Optimizer.", "aten::addcdiv", "aten::lerp", "aten::sqrt"),
     "data": ("aten::full", "aten::tensor", "aten::zeros", "aten::index_put", "aten::fill_", "aten::lift"),
     "random (dropout masks)": ("aten::randint", "aten::random_", "aten::bernoulli"),
 }
@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=8, help="rows per batch")
     args = parser.parse_args()
 
     from torch.profiler import ProfilerActivity, profile
@@ -80,7 +81,7 @@ def main() -> None:
     model, encoded, pad_id = build(args.precision, args.compile)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, 2e-4, 0.0, "cpu")
-    batches = [encoded[i : i + 8] for i in range(0, len(encoded), 8)]
+    batches = [encoded[i : i + args.rows] for i in range(0, len(encoded), args.rows)]
 
     def step(rows) -> int:
         batch = collate(rows, pad_id, "cpu")
