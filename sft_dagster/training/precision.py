@@ -134,7 +134,7 @@ def measure_precision(device: str, widths: tuple[int, int], bf16_supported: bool
         return "fp32", f"{device} has no bf16 support", {}
     hidden, intermediate = widths
     flops = 2 * PROBE_TOKENS * hidden * intermediate
-    rates = {name: round(flops / matmul_seconds(PROBE_TOKENS, hidden, intermediate, dtype, device) / 1e9, 1)
+    rates = {name: float(f"{flops / matmul_seconds(PROBE_TOKENS, hidden, intermediate, dtype, device) / 1e9:.3g}")
              for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     measured = {"matmul_shape": [PROBE_TOKENS, hidden, intermediate], "matmul_gflops": rates}
     if rates["bf16"] <= rates["fp32"]:
