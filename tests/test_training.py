@@ -95,7 +95,8 @@ def test_bf16_lora_keeps_the_base_in_bf16_and_follows_the_fp32_trajectory(tiny_m
     assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=5e-4), (got, ref)
     assert abs(result.metrics["val_loss"] - ref_result.metrics["val_loss"]) < 5e-4 * ref_result.metrics["val_loss"]
     # The optimizer state is fp32 (it follows the adapters), as are the saved adapters.
-    saved = torch.load(sorted((tmp_path / "bf16" / "checkpoints").glob("step-*"))[-1] / "state.pt", weights_only=False)
+    last = max((tmp_path / "bf16" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    saved = torch.load(last / "state.pt", weights_only=True)
     moments = [t for state in saved["optimizer"]["state"].values() for k, t in state.items() if k != "step"]
     assert moments and {t.dtype for t in moments} == {torch.float32}
     from safetensors.torch import load_file
@@ -348,8 +349,10 @@ def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, m
                 ref_params[name].copy_(p)
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encode = lambda df: [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)  # noqa: E731
-                         for p, r in zip(df["prompt"], df["response"])]
+    def encode(df):
+        return [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
+                for p, r in zip(df["prompt"], df["response"])]
+
     validation_loss(qlora, encode(examples(4, 50)), 2, tokenizer.pad_token_id, "cpu", "fp32")
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized.values())
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import examples, spec_for
 
 from sft_dagster.training import train
 from sft_dagster.training.launch import worker_command
-
-from test_training import examples, spec_for
 
 
 # Both precisions to the same tolerance: each micro-batch is computed alike in one process and on a

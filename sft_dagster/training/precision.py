@@ -69,8 +69,8 @@ def _cpu_description() -> dict:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return {"processor": platform.processor() or platform.machine()}
-    model = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.M)
+    model = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
     wanted = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16", "avx_vnni"}
     return {"cpu": model.group(1).strip() if model else platform.machine(),
             "cpu_flags": sorted(wanted & set(flags.group(1).split())) if flags else []}
