@@ -3,17 +3,21 @@
 Each trainer runs in its own subprocess (so peak RSS is its own), on SmolLM2-135M-Instruct (the
 embedded default) with LoRA r=16 on all linear layers, the same examples (Banking77 intents from
 ../shared/datasets when present, else the demo reviews), batch 8, the same number of optimizer steps.
-TRL runs at its defaults (prompt-completion data, completion-only loss, no packing, and bf16 autocast:
-its default even on CPU, where this machine's bf16 matmuls are slower), and on CPU once more in fp32,
-the precision sft_dagster's trainer uses there (like for like); `--packing`
-adds both trainers' packing modes as further runs, `--qlora` a QLoRA run of sft_dagster's trainer.
+sft_dagster runs at `precision: auto` (it measures which precision is faster here, with a fresh probe
+cache under --out, and the report says what it chose and why); `--precisions fp32 bf16` adds runs
+forced to those. TRL runs at its defaults (prompt-completion data, completion-only loss, no packing,
+and bf16 autocast: its default even on CPU) and on CPU once more in fp32; `--packing` adds both
+trainers' packing modes as further runs, `--qlora` a QLoRA run of sft_dagster's trainer.
+`--trl-default-steps N` runs TRL's bf16 default for N steps only (its tokens/s is still a rate; its
+validation loss is then not comparable): for CPUs where bf16 is emulated and 30 steps take an hour.
 Prints JSON: trained (non-padding) tokens/s, peak RSS, final validation loss (the same
-response-token loss for all), the ratios, and tokens/s as a fraction of the measured fp32 and bf16
-matmul rates of this machine. Validation passes are not counted in either trainer's time.
+response-token loss for all), the ratios, tokens/s as a fraction of the measured fp32 and bf16 matmul
+rates of this machine, the CPU's model and bf16-relevant flags, and the load average before and after
+(other work on the machine). Validation passes are not counted in either trainer's time.
 `--device cuda` runs both on the GPU in bf16 (autocast for sft_dagster, `bf16=True` for TRL) and adds
 peak GPU memory and MFU (tokens/s x FLOPs per token over the measured bf16 matmul rate of the GPU).
 
-    .venv/bin/python benchmarks/train_throughput.py --steps 30 --packing --qlora
+    .venv/bin/python benchmarks/train_throughput.py --steps 30 --packing --qlora --precisions fp32 bf16
 """
 
 from __future__ import annotations
@@ -50,13 +54,14 @@ def dataset(n_train: int, n_val: int) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     return df.iloc[:n_train], df.iloc[n_train : n_train + n_val], source
 
 
-def spec(model_dir: str, steps: int, labels: list[str], method: str = "lora", packing: bool = False):
+def spec(model_dir: str, steps: int, labels: list[str], method: str = "lora", packing: bool = False,
+         precision: str = "auto"):
     from sft_dagster.spec import PipelineSpec
 
     return PipelineSpec.model_validate({
         "name": "bench", "task": {"type": "classification", "labels": labels, "prompt_template": PROMPT},
         "sources": [{"path": "unused"}], "model": {"base": model_dir, "max_length": 256},
-        "training": {"method": method, "packing": packing, "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "training": {"method": method, "packing": packing, "precision": precision, "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
                      "batch_size": 8, "max_steps": steps, "epochs": 100, "learning_rate": 2e-4, "warmup_ratio": 0.0,
                      "lr_scheduler": "linear", "early_stopping_patience": None, "checkpoint_every_steps": 10_000,
                      "eval_every_steps": steps},
@@ -69,16 +74,22 @@ def val_loss(model, tokenizer, s, val: pd.DataFrame) -> float:
     return response_loss(model.eval(), tokenizer, val, s.task, s.model.max_length, 16, str(model.device))
 
 
-def run_ours(args, method: str = "lora", packing: bool = False) -> dict:
+def run_ours(args, method: str = "lora", packing: bool = False, precision: str = "auto") -> dict:
     from sft_dagster.training import train
 
     train_df, val_df, _ = dataset(args.examples, args.val)
-    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])), method, packing)
-    out = Path(args.out) / f"ours_{method}{'_packing' if packing else ''}"
-    result = train(s, Path(args.model_dir), train_df, val_df, out, device=args.device, log=lambda _: None)
+    s = spec(args.model_dir, args.steps, sorted(set(train_df["response"]) | set(val_df["response"])), method, packing,
+             precision)
+    out = Path(args.out) / f"ours_{method}{'_packing' if packing else ''}_{precision}"
+    start = time.perf_counter()
+    result = train(s, Path(args.model_dir), train_df, val_df, out, device=args.device, log=lambda _: None,
+                   probe_cache=Path(args.out) / "probes")
     m = result.metrics
     return {"trained_tokens": m["trained_tokens"], "seconds": round(m["seconds"] - m["validation_seconds"], 2),
-            "tokens_per_second": m["tokens_per_second"], "val_loss": m["val_loss"], "steps": m["steps"]}
+            "tokens_per_second": m["tokens_per_second"], "val_loss": m["val_loss"], "steps": m["steps"],
+            "precision": m["precision"], "precision_choice": m["precision_choice"],
+            # everything train() did: loading, the precision probe when not cached, validation, saving
+            "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
 def run_trl(args, packing: bool, fp32: bool = False) -> dict:
@@ -99,6 +110,8 @@ def run_trl(args, packing: bool, fp32: bool = False) -> dict:
     # Packed, TRL fills each of the 8 rows to max_length (its default 1024 would make a step ~14x the
     # unpacked tokens): rows of model.max_length and a third of the steps keep the token count close.
     steps = max(1, args.steps // 3) if packing else args.steps
+    if not fp32 and not packing and args.trl_default_steps:
+        steps = args.trl_default_steps
     extra = {"max_length": s.model.max_length} if packing else {}
     config = SFTConfig(output_dir=str(Path(args.out) / "trl"), per_device_train_batch_size=8, max_steps=steps,
                        learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, logging_steps=args.steps,
@@ -116,27 +129,32 @@ def run_trl(args, packing: bool, fp32: bool = False) -> dict:
             "val_loss": val_loss(trainer.model, tokenizer, s, val_df), "steps": trainer.state.global_step}
 
 
-def matmul_rates(device: str) -> dict:
+def matmul_rates(device: str, budget_seconds: float = 5.0) -> dict:
+    """fp32 and bf16 matrix-product rates; as many repeats as fit in the budget (bf16 emulated on an
+    AVX2 CPU runs a 2048^3 product in a minute)."""
     import torch
 
-    out, size, reps = {}, (8192 if device == "cuda" else 2048), (50 if device == "cuda" else 10)
+    out, size = {}, (8192 if device == "cuda" else 2048)
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(reps):
+        timings = []
+        while len(timings) < 11 and sum(timings) < budget_seconds:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
             a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out[f"{name}_gflops"] = round(reps * 2 * size**3 / (time.perf_counter() - start) / 1e9, 1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            timings.append(time.perf_counter() - start)
+        steady = timings[1:] or timings  # the first product pays one-off costs
+        out[f"{name}_gflops"] = round(2 * size**3 / (sum(steady) / len(steady)) / 1e9, 1)
     return out
 
 
 def child(args) -> None:
     result = {"ours": run_ours, "trl": lambda a: run_trl(a, False), "trl_fp32": lambda a: run_trl(a, False, fp32=True),
               "trl_packing": lambda a: run_trl(a, True, fp32=args.device == "cpu"),
+              "ours_fp32": lambda a: run_ours(a, precision="fp32"), "ours_bf16": lambda a: run_ours(a, precision="bf16"),
               "ours_packing": lambda a: run_ours(a, packing=True), "ours_qlora": lambda a: run_ours(a, "qlora")}[args.child](args)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if args.device == "cuda":
@@ -156,6 +174,11 @@ def main() -> None:
     parser.add_argument("--packing", action="store_true", help="also run both trainers in packing mode")
     parser.add_argument("--qlora", action="store_true", help="also run sft_dagster's trainer with QLoRA")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precisions", nargs="*", choices=["fp32", "bf16"], default=[],
+                        help="also run sft_dagster's trainer forced to these precisions")
+    parser.add_argument("--runs", nargs="*", default=None, help="run only these (e.g. ours_fp32 ours_bf16)")
+    parser.add_argument("--trl-default-steps", type=int, default=None,
+                        help="steps for TRL at its (bf16) defaults, if fewer than --steps")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model_dir is None:
@@ -169,19 +192,27 @@ def main() -> None:
     import shutil
 
     shutil.rmtree(args.out, ignore_errors=True)  # each run trains from scratch
-    runs = ["ours", "trl"] + (["trl_fp32"] if args.device == "cpu" else []) + (["ours_packing", "trl_packing"] if args.packing else []) + (["ours_qlora"] if args.qlora else [])
+    runs = args.runs or (
+        ["ours"] + [f"ours_{p}" for p in args.precisions] + ["trl"] + (["trl_fp32"] if args.device == "cpu" else [])
+        + (["ours_packing", "trl_packing"] if args.packing else []) + (["ours_qlora"] if args.qlora else []))
+    import os
+
+    from sft_dagster.training.precision import machine_key
+
+    conditions = {"machine": machine_key(args.device), "load_average_before": os.getloadavg(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results = {}
     for name in runs:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--examples", str(args.examples),
                "--val", str(args.val), "--model-dir", args.model_dir, "--out", args.out, "--device", args.device]
+        if args.trl_default_steps:
+            cmd += ["--trl-default-steps", str(args.trl_default_steps)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
         results[name] = json.loads(line[len("RESULT "):])
         print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
-    ours, trl = results["ours"], results["trl"]
-
     def ratios(a: dict, b: dict) -> dict:
         return {"tokens_per_second_ratio": round(a["tokens_per_second"] / b["tokens_per_second"], 2),
                 "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 2),
@@ -197,15 +228,21 @@ def main() -> None:
     linear_params = cfg.num_hidden_layers * (2 * h * h + 2 * h * h * cfg.num_key_value_heads / cfg.num_attention_heads
                                              + 3 * h * cfg.intermediate_size)
     flops_per_token = 4 * linear_params
+    conditions["load_average_after"] = os.getloadavg()
+    conditions["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     report = {
+        "conditions": conditions,
         "model": Path(args.model_dir).name, "device": args.device, "data": dataset(args.examples, args.val)[2], "steps": args.steps, "batch_size": 8,
         "results": results,
-        "vs_trl_defaults": ratios(ours, trl),
-        **({"vs_trl_fp32": ratios(ours, results["trl_fp32"])} if "trl_fp32" in results else {}),
+        **{f"{a}_vs_{b}": ratios(results[a], results[b])
+           for a, b in (("ours", "trl"), ("ours", "trl_fp32"), ("ours_bf16", "ours_fp32"), ("ours_fp32", "trl_fp32"),
+                        ("ours_bf16", "trl"))
+           if a in results and b in results},
         "matmul": rates,
         "approx_flops_per_trained_token": int(flops_per_token),
-        "ours_fraction_of_fp32_matmul_rate": round(ours["tokens_per_second"] * flops_per_token / (rates["fp32_gflops"] * 1e9), 3),
-        "ours_fraction_of_bf16_matmul_rate": round(ours["tokens_per_second"] * flops_per_token / (rates["bf16_gflops"] * 1e9), 3),
+        **{f"{name}_fraction_of_{dtype}_matmul_rate":
+           round(results[name]["tokens_per_second"] * flops_per_token / (rates[f"{dtype}_gflops"] * 1e9), 3)
+           for name in results if name.startswith("ours") for dtype in ("fp32", "bf16")},
     }
     print(json.dumps(report, indent=2))
 

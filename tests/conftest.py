@@ -19,13 +19,16 @@ def mlflow_store(tmp_path_factory) -> str:
     """One MLflow tracking store for the whole session (MLFLOW_TRACKING_URI, inherited by training
     workers): a new SQLite store runs MLflow's schema migrations, about 8 s on 2 cores, once instead
     of once per test storage root."""
-    import os
-
     uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if previous is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="session", autouse=True)
+def precision_probe_cache(tmp_path_factory) -> Path:
+    """`precision: auto` caches its measurement here, not under the working directory's storage root."""
+    path = tmp_path_factory.mktemp("probes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SFT_DAGSTER_PROBE_CACHE", str(path))
+        yield path

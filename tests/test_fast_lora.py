@@ -91,3 +91,54 @@ def test_dropout_in_training_only_and_peft_forward_kept_for_other_cases():
     first, second = model.get_base_model()[0].base_layer, model.get_base_model()[2].base_layer
     assert torch.allclose(base_out, second(torch.relu(first(x))), atol=1e-6)
     assert not torch.allclose(base_out, model(x), atol=1e-3)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.detach().double() - want.detach().double()).norm() / want.detach().double().norm())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_bf16_base_with_fp32_adapters_matches_the_reference(p):
+    """`precision: bf16`: bf16 activations and frozen weights, fp32 adapters (and their gradients)."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 50, 64).to(torch.bfloat16).requires_grad_(True)
+    weight, bias = torch.randn(96, 64).to(torch.bfloat16), torch.randn(96).to(torch.bfloat16)
+    a = (torch.randn(8, 64) * 0.3).requires_grad_(True)
+    b = (torch.randn(96, 8) * 0.3).requires_grad_(True)
+    keep = torch.rand(3, 50, 64) > p if p else None
+    scaling = 2.0
+    fused = LoraLinear.apply(x, weight, bias, a, b, keep, scaling / (1 - p))
+    assert fused.dtype == torch.bfloat16 and fused.shape == (3, 50, 96)
+    # The reference in float64 from the same values: only bf16 rounding separates the two.
+    x64, w64, b64 = x.detach().double().requires_grad_(True), weight.double(), bias.double()
+    a64, b_64 = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    dropped = x64 if keep is None else x64 * keep / (1 - p)
+    reference = torch.nn.functional.linear(x64, w64, b64) + (dropped @ a64.t() @ b_64.t()) * scaling
+    assert _relative_error(fused, reference) < 1e-2
+    weights = torch.randn(3, 50, 96)
+    got = torch.autograd.grad((fused.float() * weights).sum(), (x, a, b))
+    want = torch.autograd.grad((reference * weights.double()).sum(), (x64, a64, b_64))
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    for g, w in zip(got, want):
+        assert _relative_error(g, w) < 1e-2, (_relative_error(g, w), g.shape)
+
+
+def test_bf16_base_model_takes_the_fast_path_and_matches_peft():
+    peft_model = _lora_model(dropout=0.0)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    fast_model = copy.deepcopy(peft_model)
+    assert use_fast_lora(fast_model) == 2
+    x = torch.randn(3, 5, 24).to(torch.bfloat16)
+    out_fast = fast_model(x.clone().requires_grad_(True))
+    assert "LoraLinear" in type(out_fast.grad_fn).__name__  # the fused layer ran, not peft's fallback
+    out_a, grads_a, gx_a = _grads(peft_model, x)
+    out_b, grads_b, gx_b = _grads(fast_model, x)
+    assert out_b.dtype == gx_b.dtype == torch.bfloat16
+    assert _relative_error(out_b, out_a) < 1e-2 and _relative_error(gx_b, gx_a) < 2e-2
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4
+    for name in grads_a:
+        assert grads_b[name].dtype == torch.float32
+        assert _relative_error(grads_b[name], grads_a[name]) < 2e-2, name

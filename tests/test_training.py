@@ -26,7 +26,8 @@ def spec_for(model_dir: Path, **training) -> PipelineSpec:
         "task": {"type": "sentiment", "labels": LABELS, "prompt_template": "Review: {prompt}"},
         "sources": [{"path": "unused.jsonl"}],
         "model": {"base": str(model_dir), "max_length": 128},
-        "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_ratio": 0.0,
+        # fp32 unless a test asks: `auto` measures the machine, and the tolerances below are fp32's.
+        "training": {"learning_rate": 1e-3, "batch_size": 4, "epochs": 2, "warmup_ratio": 0.0, "precision": "fp32",
                      "lora": {"r": 4, "alpha": 8, "dropout": 0.0}} | training,
     })
 
@@ -46,24 +47,123 @@ def losses(spec, model_dir, train_df, val_df, out, device="cpu"):
     return history, result
 
 
-def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
+# bf16 (frozen base stored in bf16, adapters and optimizer in fp32): the same invariances up to bf16
+# rounding, at a learning rate that moves the loss by ~45x the tolerance (measured deviations on the
+# tiny model: fp32 < 3e-6, bf16 < 1e-4 relative).
+@pytest.mark.parametrize(("precision", "learning_rate", "rtol"), [("fp32", 1e-3, 1e-4), ("bf16", 1e-2, 5e-4)])
+def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path, precision, learning_rate, rtol):
     data = examples(8)
-    a, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4), tiny_model_dir,
+    common = {"epochs": 4, "precision": precision, "learning_rate": learning_rate}
+    a, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, **common), tiny_model_dir,
                   data, examples(3, 50), tmp_path / "a")
-    b, _ = losses(spec_for(tiny_model_dir, batch_size=1, gradient_accumulation_steps=8, epochs=4), tiny_model_dir,
+    b, _ = losses(spec_for(tiny_model_dir, batch_size=1, gradient_accumulation_steps=8, **common), tiny_model_dir,
                   data, examples(3, 50), tmp_path / "b")
-    c, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4,
-                           max_tokens_per_micro_batch=16), tiny_model_dir, data, examples(3, 50), tmp_path / "c")
-    d, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, epochs=4, packing=True),
+    c, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, max_tokens_per_micro_batch=16,
+                           **common), tiny_model_dir, data, examples(3, 50), tmp_path / "c")
+    d, _ = losses(spec_for(tiny_model_dir, batch_size=8, gradient_accumulation_steps=1, packing=True, **common),
                   tiny_model_dir, data, examples(3, 50), tmp_path / "d")
     assert len(a) == len(b) == len(c) == len(d) == 4
     # Packing the batch into one padding-free row: same trajectory.
-    assert torch.allclose(torch.tensor(a), torch.tensor(d), rtol=1e-4, atol=1e-5), (a, d)
+    assert torch.allclose(torch.tensor(a), torch.tensor(d), rtol=rtol, atol=1e-5), (a, d)
     # A token budget that splits every batch into single rows changes memory, not the trajectory.
-    assert torch.allclose(torch.tensor(a), torch.tensor(c), rtol=1e-4, atol=1e-5), (a, c)
+    assert torch.allclose(torch.tensor(a), torch.tensor(c), rtol=rtol, atol=1e-5), (a, c)
     # Loss normalised by the loss tokens of the whole window: same trajectory up to float rounding.
-    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
+    assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=rtol, atol=1e-5), (a, b)
     assert a[-1] < a[0]
+    if precision == "bf16":
+        assert a[0] - a[-1] > 20 * rtol * a[0]  # the tolerance is small against what training moves
+
+
+def test_bf16_lora_keeps_the_base_in_bf16_and_follows_the_fp32_trajectory(tiny_model_dir, tmp_path):
+    from sft_dagster.training.trainer import load_model
+
+    model = load_model(spec_for(tiny_model_dir, precision="bf16"), tiny_model_dir, "cpu", "bf16")
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    fp32_model = load_model(spec_for(tiny_model_dir), tiny_model_dir, "cpu", "fp32")
+    assert {p.dtype for p in fp32_model.parameters()} == {torch.float32}
+
+    common = {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8, "checkpoint_every_steps": 3}
+    ref, ref_result = losses(spec_for(tiny_model_dir, precision="fp32", **common), tiny_model_dir, examples(8),
+                             examples(3, 50), tmp_path / "fp32")
+    got, result = losses(spec_for(tiny_model_dir, precision="bf16", **common), tiny_model_dir, examples(8),
+                         examples(3, 50), tmp_path / "bf16")
+    assert result.metrics["precision"] == "bf16" and len(got) == len(ref) == 6
+    assert ref[0] - ref[-1] > 0.1  # training moves the loss far more than the tolerance below
+    # bf16 follows the fp32 trajectory (measured: within 1e-4 relative, 0.4% of the loss decrease).
+    assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=5e-4), (got, ref)
+    assert abs(result.metrics["val_loss"] - ref_result.metrics["val_loss"]) < 5e-4 * ref_result.metrics["val_loss"]
+    # The optimizer state is fp32 (it follows the adapters), as are the saved adapters.
+    last = max((tmp_path / "bf16" / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    saved = torch.load(last / "state.pt", weights_only=True)
+    moments = [t for state in saved["optimizer"]["state"].values() for k, t in state.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(result.adapter_dir / "adapter_model.safetensors").values()} == {torch.float32}
+
+
+def test_bf16_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    spec = spec_for(tiny_model_dir, precision="bf16", epochs=3, checkpoint_every_steps=3, learning_rate=1e-2,
+                    lora={"r": 4, "alpha": 8, "dropout": 0.1})
+    stopped = train(spec, tiny_model_dir, examples(16), examples(4, 50), tmp_path / "r", device="cpu",
+                    log=lambda _: None, stop_after_steps=4)
+    assert stopped.metrics["step"] == 4
+    resumed = train(spec, tiny_model_dir, examples(16), examples(4, 50), tmp_path / "r", device="cpu", log=lambda _: None)
+    assert resumed.metrics["resumed_from_step"] == 3 and resumed.metrics["steps"] == 12
+    straight = train(spec, tiny_model_dir, examples(16), examples(4, 50), tmp_path / "s", device="cpu", log=lambda _: None)
+    a = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    b = load_file(straight.adapter_dir / "adapter_model.safetensors")
+    for key in a:  # bf16 kernels are deterministic on CPU: the resumed run is the straight run
+        assert torch.allclose(a[key], b[key], atol=1e-6), key
+
+
+def test_auto_precision_is_measured_once_per_machine_and_reported(tiny_model_dir, tmp_path):
+    from sft_dagster.training import preflight
+    from sft_dagster.training.precision import CACHE_FILE
+
+    spec = spec_for(tiny_model_dir, precision="auto", epochs=1)
+    cache = tmp_path / "probes"
+    first = preflight(spec, tiny_model_dir, examples(8), device="cpu", probe_cache=cache)
+    choice = first["precision_choice"]
+    assert first["precision"] == choice["precision"] in ("fp32", "bf16") and choice["cached"] is False
+    assert first["precision_reason"] == choice["reason"]
+    rates = choice["measured"]["matmul_gflops"]
+    assert rates["fp32"] > 0 and rates["bf16"] > 0
+    if rates["bf16"] > rates["fp32"]:  # the step was timed in both precisions and decided the choice
+        steps = choice["measured"]["step"]
+        assert steps["fp32"]["tokens"] == steps["bf16"]["tokens"] > 0
+    else:
+        assert choice["precision"] == "fp32" and "step" not in choice["measured"]
+    entries = json.loads((cache / CACHE_FILE).read_text())
+    assert len(entries) == 1
+    (entry,) = entries.values()
+    assert entry["key"]["method"] == "lora" and entry["key"]["hidden_size"] == 32 and entry["key"]["torch"]
+    assert entry["precision"] == choice["precision"]
+
+    # Training (and any later run on this machine) reads the measurement instead of repeating it.
+    result = train(spec, tiny_model_dir, examples(8), examples(3, 50), tmp_path / "run", device="cpu",
+                   log=lambda _: None, probe_cache=cache)
+    assert result.metrics["precision"] == choice["precision"] and result.metrics["precision_choice"]["cached"] is True
+    again = preflight(spec, tiny_model_dir, examples(8), device="cpu", probe_cache=cache)
+    assert again["precision_choice"] == {**choice, "cached": True}
+    # Another method is another measurement.
+    preflight(spec_for(tiny_model_dir, precision="auto", method="full"), tiny_model_dir, examples(8), device="cpu",
+              probe_cache=cache)
+    assert len(json.loads((cache / CACHE_FILE).read_text())) == 2
+
+
+def test_precision_decision_takes_the_faster_only_when_the_loss_matches():
+    from sft_dagster.training.precision import decide
+
+    fp32 = {"seconds": 2.0, "loss": 3.000}
+    assert decide(fp32, {"seconds": 1.0, "loss": 3.010})[0] == "bf16"
+    assert decide(fp32, {"seconds": 2.5, "loss": 3.000})[0] == "fp32"  # slower
+    choice, reason = decide(fp32, {"seconds": 1.0, "loss": 3.100})  # faster, but 3.3% off
+    assert choice == "fp32" and "3.33%" in reason
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
@@ -214,6 +314,61 @@ def test_qlora_trains_adapters_over_a_4bit_base_on_cpu(tmp_path):
     assert any("lora_A" in n for n, _ in tuned.named_parameters())
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, monkeypatch, batch_size):
+    """A validation pass must not switch the 4-bit layers to bitsandbytes' CPU inference layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a `Linear4bit` for its `gemv_4bit` kernel the first
+    time it runs in eval mode without gradients; that kernel has no backward, so later training steps
+    silently dropped the gradient through the frozen weights. The condition is forced here on any CPU
+    by the switch bitsandbytes itself reads (`has_avx512bf16`, copied into each layer when built).
+    """
+    import bitsandbytes as bnb
+    import bitsandbytes.nn.modules as bnb_modules
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+    from sft_dagster.training.trainer import collate, load_model, summed_response_loss, validation_loss
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
+    spec = spec_for(model_dir, method="qlora")
+    qlora = load_model(spec, model_dir, "cpu")
+    reference = load_model(spec_for(model_dir, method="lora"), model_dir, "cpu")
+    ref_params = dict(reference.named_parameters())
+    torch.manual_seed(0)
+    with torch.no_grad():  # the reference holds the dequantised 4-bit weights and the same (non-zero) adapters
+        quantized = {n: m for n, m in qlora.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert len(quantized) == 14
+        for name, module in quantized.items():
+            ref_params[name + ".weight"].copy_(dequantize_4bit(module.weight.data, module.weight.quant_state))
+        for name, p in qlora.named_parameters():
+            if p.requires_grad:
+                p.normal_(std=0.2)
+                ref_params[name].copy_(p)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    def encode(df):
+        return [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
+                for p, r in zip(df["prompt"], df["response"])]
+
+    validation_loss(qlora, encode(examples(4, 50)), 2, tokenizer.pad_token_id, "cpu", "fp32")
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in quantized.values())
+
+    batch = collate(encode(examples(batch_size)), tokenizer.pad_token_id, "cpu")
+    grads = []
+    for model in (qlora, reference):
+        model.train()
+        loss, _ = summed_response_loss(model, batch)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 28
+    diff = torch.sqrt(sum(((grads[0][n] - grads[1][n]) ** 2).sum() for n in grads[1]))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads[1].values()))
+    assert norm > 0 and diff / norm < 1e-5, float(diff / norm)  # global relative error
+
+
 def test_qlora_on_cpu_refuses_widths_its_kernels_cannot_quantise(tiny_model_dir):
     from sft_dagster.training.trainer import load_model
 
@@ -224,10 +379,31 @@ def test_qlora_on_cpu_refuses_widths_its_kernels_cannot_quantise(tiny_model_dir)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_qlora_on_cuda(tiny_model_dir, tmp_path):
     tiny_model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
-    _, result = losses(spec_for(tiny_model_dir, method="qlora", epochs=1), tiny_model_dir, examples(8),
+    _, result = losses(spec_for(tiny_model_dir, method="qlora", epochs=1, precision="bf16"), tiny_model_dir, examples(8),
                        examples(3, 50), tmp_path / "q", device="cuda")
     assert result.metrics["device"] == "cuda" and result.metrics["precision"] == "bf16"
     assert (result.adapter_dir / "adapter_config.json").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_lora_on_cuda_keeps_the_base_in_bf16_and_follows_fp32(tiny_model_dir, tmp_path):
+    from sft_dagster.training import preflight
+    from sft_dagster.training.trainer import load_model
+
+    model = load_model(spec_for(tiny_model_dir, precision="bf16"), tiny_model_dir, "cuda", "bf16")
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    common = {"epochs": 6, "learning_rate": 1e-2, "batch_size": 8}
+    ref, _ = losses(spec_for(tiny_model_dir, precision="fp32", **common), tiny_model_dir, examples(8), examples(3, 50),
+                    tmp_path / "fp32", device="cuda")
+    got, result = losses(spec_for(tiny_model_dir, precision="bf16", **common), tiny_model_dir, examples(8),
+                         examples(3, 50), tmp_path / "bf16", device="cuda")
+    assert result.metrics["precision"] == "bf16" and ref[0] - ref[-1] > 0.1
+    assert torch.allclose(torch.tensor(got), torch.tensor(ref), rtol=2e-3), (got, ref)
+    plan = preflight(spec_for(tiny_model_dir, precision="auto"), tiny_model_dir, examples(8), device="cuda",
+                     probe_cache=tmp_path / "probes")
+    assert plan["precision_choice"]["measured"]["matmul_gflops"]["bf16"] > 0
 
 
 KILL_SCRIPT = textwrap.dedent("""

@@ -9,9 +9,12 @@ working), the backward pass recomputes the dropped input from `x` and a one-byte
 dropout factors are applied to the rank-r product, and the LoRA product is added into the frozen
 layer's output (and its gradient into the input gradient) in place.
 
-Only plain LoRA on a dense layer in full precision takes this path (no DoRA or other variants, no
-LoRA bias, no autocast, one active adapter); everything else keeps peft's forward. The adapter
-weights, their names and the saved format are peft's.
+Only plain LoRA on a dense layer takes this path (no DoRA or other variants, no LoRA bias, no
+autocast, one active adapter); everything else keeps peft's forward. The adapter weights, their names
+and the saved format are peft's. Mixed precision (a bf16 base with fp32 adapters, `precision: bf16`):
+the products run in the activations' dtype on bf16 copies of the rank-r adapter matrices (small:
+r x width), the gradients of the adapters come back in fp32, as under autocast; the activations are
+never copied to fp32 (peft's forward casts the input to the adapters' dtype, a full-width pass).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ class LoraLinear(torch.autograd.Function):
         x2d = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, x2d, weight.t()) if bias is not None else x2d @ weight.t()
         dropped = x2d if keep is None else torch.where(keep.view(x2d.shape), x2d, 0.0)
-        low_rank = dropped @ lora_a.t()
-        out.addmm_(low_rank, lora_b.t(), alpha=factor)
+        low_rank = dropped @ lora_a.to(x.dtype).t()
+        out.addmm_(low_rank, lora_b.to(x.dtype).t(), alpha=factor)
         ctx.save_for_backward(x, weight, lora_a, lora_b, keep, low_rank)
         ctx.factor = factor
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -56,18 +59,19 @@ class LoraLinear(torch.autograd.Function):
         x, weight, lora_a, lora_b, keep, low_rank = ctx.saved_tensors
         factor = ctx.factor
         x2d = x.reshape(-1, x.shape[-1])
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # no copies when all share one dtype
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_low = (grad_2d @ lora_b) * factor
-        grad_b = (grad_2d.t() @ low_rank) * factor
+        grad_low = (grad_2d @ b) * factor
+        grad_b = ((grad_2d.t() @ low_rank) * factor).to(lora_b.dtype)
         keep = None if keep is None else keep.view(x2d.shape).to(x.dtype)  # float products are ~5x faster
-        grad_a = grad_low.t() @ (x2d if keep is None else x2d * keep)
+        grad_a = (grad_low.t() @ (x2d if keep is None else x2d * keep)).to(lora_a.dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_2d @ weight
             if keep is None:
-                grad_x.addmm_(grad_low, lora_a)
+                grad_x.addmm_(grad_low, a)
             else:
-                grad_x.addcmul_(grad_low @ lora_a, keep)
+                grad_x.addcmul_(grad_low @ a, keep)
             grad_x = grad_x.view(x.shape)
         return grad_x, None, None, grad_a, grad_b, None, None
 
@@ -79,7 +83,9 @@ def _fast_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if (name is None or args or kwargs or self.disable_adapters or self.merged or name in self.lora_variant
             or self.lora_B[name].bias is not None or base.weight.requires_grad
             or (base.bias is not None and base.bias.requires_grad) or torch.is_autocast_enabled(x.device.type)
-            or not x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype):
+            or x.dtype != base.weight.dtype
+            or self.lora_A[name].weight.dtype not in (x.dtype, torch.float32)
+            or self.lora_B[name].weight.dtype != self.lora_A[name].weight.dtype):
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0

@@ -29,6 +29,7 @@ from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_ex
 from ..schema import column_or_none
 from ..spec import PipelineSpec
 from .fast_lora import use_fast_lora
+from .precision import PrecisionChoice, cached_choice, machine_key, measure_precision, probe_cache_dir
 from .progress import Progress
 
 CHECKPOINTS_KEPT = 2
@@ -92,7 +93,10 @@ def pick_device(requested: str = "auto") -> str:
 
 
 def pick_precision(requested: str, device: str) -> str:
-    """bf16 autocast on CUDA with bf16 support; fp32 on CPU unless asked (see BENCHMARKS.md)."""
+    """A precision without measuring: bf16 on CUDA with bf16 support, else fp32 (evaluation uses it).
+
+    Training resolves `auto` by measurement instead (`resolve_precision`).
+    """
     if requested != "auto":
         return requested
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -104,6 +108,30 @@ def autocast(device: str, precision: str):
     if precision == "bf16":
         return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def uses_autocast(method: str, precision: str) -> bool:
+    """Whether bf16 runs under autocast: for `full` (the trained weights stay fp32 masters) and `qlora`
+    (4-bit base). `lora` in bf16 stores its frozen base in bf16 instead (`store_frozen_weights`)."""
+    return precision == "bf16" and method != "lora"
+
+
+def store_frozen_weights(model, dtype: torch.dtype) -> int:
+    """Keep every frozen floating-point parameter in `dtype`; trainable ones (the adapters, hence the
+    optimizer state) stay fp32. Returns the number of parameters cast.
+
+    For LoRA in bf16: the forward and backward run on bf16 weights directly, where autocast would copy
+    every fp32 weight to bf16 again at each step, and the resident base weights take half the memory.
+    The adapters are created on the fp32 model before the cast, so they start from the same values as
+    in an fp32 run.
+    """
+    cast = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += 1
+    return cast
 
 
 def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec) -> list[EncodedExample]:
@@ -212,20 +240,23 @@ def validation_loss(model, examples: list[EncodedExample], batch_size: int, pad_
     return total / max(1, count)
 
 
-def load_model(spec: PipelineSpec, model_dir: Path, device: str):
-    """The base model prepared for the spec's method (lora, qlora or full).
+def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str | None = None):
+    """The base model prepared for the spec's method (lora, qlora or full) and precision.
 
-    QLoRA quantises the frozen base to 4-bit NF4 with bitsandbytes (on CUDA and, with its CPU backend,
-    on CPU); the LoRA adapters stay in full precision and compute in bf16 or fp32 as picked for the run.
+    `precision` is the run's resolved precision (default: `pick_precision` of the spec's). LoRA in bf16
+    keeps the frozen base in bf16 and the adapters in fp32. QLoRA quantises the frozen base to 4-bit
+    NF4 with bitsandbytes (on CUDA and, with its CPU backend, on CPU); the LoRA adapters stay in full
+    precision and compute in bf16 or fp32.
     """
     from transformers import AutoModelForCausalLM
 
     method = spec.training.method
+    precision = precision or pick_precision(spec.training.precision, device)
     kwargs: dict = {"dtype": torch.float32}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
-        compute = torch.bfloat16 if pick_precision(spec.training.precision, device) == "bf16" else torch.float32
+        compute = torch.bfloat16 if precision == "bf16" else torch.float32
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute,
         )
@@ -248,18 +279,126 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str):
             raise ValueError(f"training.method qlora on CPU needs layer widths that are multiples of 64; "
                              f"{odd[0][0]} has {odd[0][1]} inputs: use method lora")
     if method == "qlora":
+        keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
     lora = spec.training.lora
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
+    if method == "lora" and precision == "bf16":
+        store_frozen_weights(model, torch.bfloat16)
+        if not device.startswith("cuda"):
+            release_freed_memory_to_os()  # the fp32 copies of the base weights
     use_fast_lora(model)  # same maths, cheaper dropout on CPU (see fast_lora.py)
     return model
 
 
-def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path) -> str:
+def probe_batch(encoded: list[EncodedExample], batch_size: int, pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """A typical batch: `batch_size` rows from the middle of the length distribution."""
+    sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][:batch_size]
+    return collate(sample, pad_id, device)
+
+
+def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precision: str,
+                       batch: dict[str, torch.Tensor], repeats: int = 2) -> dict:
+    """Best time of one forward + backward of a freshly loaded model after a warm-up step, and its loss.
+
+    The global RNG is left as it was (the run's seed decides the adapters' initial values, whether or
+    not a probe ran before).
+    """
+    import gc
+
+    devices = [torch.device(device).index or 0] if device.startswith("cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(spec.training.seed)
+        model = load_model(spec, model_dir, device, precision)
+        model.train()
+        amp = precision if uses_autocast(spec.training.method, precision) else "fp32"
+        times, first_loss = [], None
+        for _ in range(1 + repeats):
+            torch.manual_seed(spec.training.seed)  # the same dropout masks in every repeat and precision
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with autocast(device, amp):
+                loss, n = summed_response_loss(model, batch)
+            (loss / n).backward()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+            first_loss = float(loss.detach()) / n if first_loss is None else first_loss
+    del model
+    gc.collect()
+    if not device.startswith("cuda"):
+        release_freed_memory_to_os()
+    tokens = int(batch["attention_mask"].sum())
+    return {"seconds": round(min(times[1:]), 4), "tokens": tokens, "loss": round(first_loss, 6)}
+
+
+def resolve_precision(spec: PipelineSpec, model_dir: Path, device: str, encoded: list[EncodedExample], pad_id: int,
+                      cache_dir: Path | str | None = None) -> PrecisionChoice:
+    """The run's precision: the spec's, or for `auto` the measured choice (cached; see precision.py)."""
+    requested = spec.training.precision
+    if requested != "auto":
+        return PrecisionChoice(requested, "set in the spec (training.precision)")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    widths = (config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
+    key = machine_key(device) | {
+        "method": spec.training.method, "lora_r": spec.training.lora.r, "model_type": config.model_type,
+        "hidden_size": config.hidden_size, "intermediate_size": widths[1],
+        "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
+    }
+    bf16_supported = torch.cuda.is_bf16_supported() if device.startswith("cuda") else True
+    batch = probe_batch(encoded, spec.training.batch_size, pad_id, device)
+
+    def measure():
+        return measure_precision(device, widths, bf16_supported,
+                                 lambda precision: time_training_step(spec, model_dir, device, precision, batch))
+
+    return cached_choice(probe_cache_dir(cache_dir), key, measure)
+
+
+def keep_4bit_layers_trainable(model) -> int:
+    """Keep every bitsandbytes `Linear4bit` of `model` in its trainable layout for the whole run.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer for its CPU inference kernel
+    (`gemv_4bit`) the first time the layer runs in eval mode without gradients, i.e. during the first
+    validation pass, and keeps that layout: later training forwards go through `gemv_4bit`, which has
+    no backward, so the gradient through the frozen weights was silently dropped (issue #8, measured
+    on a tiny Llama on an AVX512-BF16 CPU: LoRA gradients 67% off the dequantised-fp32 reference after
+    one validation pass, exact before; 80% with the condition forced on an AVX2 CPU, where the default
+    `gemv_4bit` kernel also misreads the repacked weights). Each layer copies the CPU check into `support_avx512bf16_for_cpu` when built; clearing it
+    keeps validation on the same dequantise-and-multiply path as training. Returns the layers switched.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+            raise RuntimeError("a 4-bit layer is already in bitsandbytes' CPU inference layout; "
+                               "call keep_4bit_layers_trainable before its first forward")
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank: int,
+                                world: int) -> PrecisionChoice:
+    """Rank 0 resolves (and if need be measures) the precision alone; the other ranks take its choice."""
+    if world == 1:
+        return resolve_precision(spec, model_dir, device, train_set, pad_id, probe_cache)
+    import torch.distributed as dist
+
+    box = [resolve_precision(spec, model_dir, device, train_set, pad_id, probe_cache) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path, precision: str) -> str:
     h = hashlib.sha256(json.dumps(spec.training.model_dump(mode="json"), sort_keys=True).encode())
     h.update(str(model_dir).encode())
+    h.update(precision.encode())  # `auto` may resolve differently on another machine: not the same run
     for e in train:
         h.update(bytes(str(e.input_ids), "ascii"))
     return h.hexdigest()[:16]
@@ -291,6 +430,18 @@ def latest_checkpoint(ckpt_root: Path, fingerprint: str) -> Path | None:
     return None
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, device: str) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per parameter on CPU and CUDA.
+
+    torch's default on CPU is a Python loop of ~10 operations per parameter: for SmolLM2's 420 LoRA
+    matrices (4.9M values) the clipped step took 120-510 ms against 18-59 ms fused, three runs each
+    on the loaded 2-core development machine (BENCHMARKS.md); the updates differ by float rounding
+    only (max 3e-8 after one step).
+    """
+    fused = torch.device(device).type in ("cpu", "cuda") and all(p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
     t = spec.training
     per_epoch = math.ceil(math.ceil(n_examples / t.batch_size) / t.gradient_accumulation_steps)
@@ -300,10 +451,11 @@ def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
 
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
-          stop_after_steps: int | None = None) -> TrainingResult:
+          stop_after_steps: int | None = None, probe_cache: Path | str | None = None) -> TrainingResult:
     """Train and save the adapter (or full model) under `output_dir`; resumes from its checkpoints.
 
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
+    `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
     """
     from transformers import AutoTokenizer, get_scheduler
 
@@ -313,7 +465,6 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     device = pick_device(device)
     if device == "cuda" and world > 1:
         device = f"cuda:{rank % torch.cuda.device_count()}"
-    precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -322,12 +473,16 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     val_set = encode_frame(tokenizer, val_df, spec)
     if not train_set:
         raise ValueError("the train split is empty")
+    choice = _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank, world)
+    precision = choice.precision
+    amp = precision if uses_autocast(cfg.method, precision) else "fp32"  # what autocast() is given
+    log(f"precision {precision}: {choice.reason}{' (cached measurement)' if choice.cached else ''}")
     if not device.startswith("cuda"):
         release_freed_memory_to_os()
-    model = load_model(spec, model_dir, device)
+    model = load_model(spec, model_dir, device, precision)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay, device)
     total_steps = optimizer_steps(len(train_set), spec)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
@@ -338,7 +493,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
 
     ckpt_root = output_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    fingerprint = _run_fingerprint(spec, train_set, model_dir)
+    fingerprint = _run_fingerprint(spec, train_set, model_dir, precision)
     state = {"fingerprint": fingerprint, "step": 0, "trained_tokens": 0, "best_val": None, "bad_evals": 0,
              "val_history": [], "train_loss": None, "seconds": 0.0, "validation_seconds": 0.0}
     resumed_from = None
@@ -374,7 +529,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             for piece in pieces:
                 rows = [train_set[i] for i in piece]
                 batch = collate_packed(rows, device) if cfg.packing else collate(rows, pad_id, device)
-                with autocast(device, precision):
+                with autocast(device, amp):
                     loss, n = summed_response_loss(model, batch)
                 (loss / window_tokens).backward()
                 loss_sum += float(loss.detach())
@@ -386,7 +541,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 summed = torch.tensor([loss_sum], dtype=torch.float64)
                 dist.all_reduce(summed)
                 loss_sum = float(summed)
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -398,7 +553,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             val = None
             if step % eval_every == 0 or step == total_steps:
                 eval_start = time.perf_counter()
-                val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, precision)
+                val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, amp)
                 state["validation_seconds"] += time.perf_counter() - eval_start
                 state["val_history"].append({"step": step, "val_loss": val})
                 if state["best_val"] is None or val < state["best_val"]:
@@ -441,7 +596,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             if cfg.method == "full":
                 tokenizer.save_pretrained(tmp)
     metrics = {
-        "method": cfg.method, "device": device, "precision": precision, "steps": step, "optimizer_steps_planned": total_steps,
+        "method": cfg.method, "device": device, "precision": precision, "precision_choice": choice.to_metadata(),
+        "steps": step, "optimizer_steps_planned": total_steps,
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
         "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
         # Throughput of the training steps; validation passes are timed separately.
@@ -455,30 +611,25 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
 
 
-def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto") -> dict:
-    """Token counts, optimizer steps and an estimated duration (one timed training step), before training."""
+def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto",
+              probe_cache: Path | str | None = None) -> dict:
+    """Token counts, optimizer steps, the precision (and why) and an estimated duration (one timed
+    training step), before training. `precision: auto` is measured here, or read from the probe cache."""
     from transformers import AutoTokenizer
 
     device = pick_device(device)
-    precision = pick_precision(spec.training.precision, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = encode_frame(tokenizer, train_df, spec)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    choice = resolve_precision(spec, model_dir, device, encoded, pad_id, probe_cache)
     n_tokens = sum(len(e.input_ids) for e in encoded)
     steps = optimizer_steps(len(encoded), spec)
     plan = {"n_examples": len(encoded), "n_tokens": n_tokens, "n_loss_tokens": sum(e.n_loss_tokens for e in encoded),
-            "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": precision}
-    model = load_model(spec, model_dir, device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
-    batch = collate(sample, pad_id, device)
-    timings = []
-    for _ in range(2):  # the first step pays one-off costs
-        t0 = time.perf_counter()
-        with autocast(device, precision):
-            loss, _ = summed_response_loss(model, batch)
-        loss.backward()
-        timings.append(time.perf_counter() - t0)
-    tokens_per_second = int(batch["attention_mask"].sum()) / timings[-1]
+            "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": choice.precision,
+            "precision_reason": choice.reason, "precision_choice": choice.to_metadata()}
+    batch = probe_batch(encoded, spec.training.batch_size, pad_id, device)
+    step = time_training_step(spec, model_dir, device, choice.precision, batch, repeats=1)
+    tokens_per_second = step["tokens"] / step["seconds"]
     epochs = steps * spec.training.gradient_accumulation_steps * spec.training.batch_size / max(1, len(encoded))
     plan["estimated_seconds"] = round(n_tokens * epochs / tokens_per_second, 1)
     plan["measured_tokens_per_second"] = round(tokens_per_second, 1)
