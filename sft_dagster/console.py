@@ -93,10 +93,10 @@ class StageConsole:
                     self._bar_open = True
                 else:
                     self._print(bar)
-            elif message.startswith(PREFLIGHT):  # the trainer's plan, timed on one step: the first time-left estimate
-                self._print(preflight_line(json.loads(message[len(PREFLIGHT):])))
-            elif message.startswith(LABEL_PREFLIGHT):
-                self._print(label_preflight_line(json.loads(message[len(LABEL_PREFLIGHT):])))
+            elif LABEL_PREFLIGHT in message:  # the label views' estimate (tested before training's: it contains it)
+                self._print(label_preflight_line(json.loads(message[message.index(LABEL_PREFLIGHT) + len(LABEL_PREFLIGHT):])))
+            elif PREFLIGHT in message:  # the trainer's plan, timed on one step: the first time-left estimate
+                self._print(preflight_line(json.loads(message[message.index(PREFLIGHT) + len(PREFLIGHT):])))
             elif message.startswith("Dependencies for step"):  # Dagster skipping what a failure left unfed
                 self._print(f"{self.stage(entry.step_key):<26} {'skipped':>12}")
             elif entry.level >= 30:  # logging.WARNING

@@ -168,6 +168,11 @@ def test_progress_lines_become_a_progress_bar():
     out = io.StringIO()
     StageConsole({}, out, tty=True).handle(Entry())
     assert out.getvalue() == "training: 103 steps, 63,665 tokens, about 4m 22s (pre-flight: 243 tokens/s on cpu)\n"
+    Entry.user_message = ('label_issues: label-issue pre-flight: {"enabled": true, "rows": 1230, "views": '
+                          '{"tfidf": {"estimated_seconds": 1.5}, "embeddings": {"estimated_seconds": 42.0}}}')
+    out = io.StringIO()
+    StageConsole({}, out, tty=False).handle(Entry())
+    assert out.getvalue() == "label issues: 1,230 rows, about 44s (tfidf 2s, embeddings 42s)\n"
 
 
 def test_spec_rejects_a_suite_path(tmp_path, tiny_model_dir, capsys):
