@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -219,6 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_config: dict = {"execution": {"config": {"in_process": {}}}}
     if not args.verbose:  # Dagster's per-event DEBUG lines; the event log keeps them all
         run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
+        quiet_libraries()
     instance = dg.DagsterInstance.get()
     job, run = create_cli_run(instance, spec, args.spec, storage_root=args.storage, device=args.device,
                               asset_selection=selection, run_config=run_config)
@@ -269,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     review_cli.register(sub)
     rank_cli.register(sub)
     return parser
+
+
+# The run executes in this process: libraries' own progress bars and INFO lines (transformers' weight
+# loading, the GGUF conversion, MLflow's store set-up) would interleave with the stage console.
+QUIET_LIBRARIES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "MLFLOW_LOGGING_LEVEL": "WARNING"}
+
+
+def quiet_libraries() -> None:
+    """Silence library progress bars and INFO logs for a console run (a user's own setting wins)."""
+    for name, value in QUIET_LIBRARIES.items():
+        os.environ.setdefault(name, value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
 import dagster as dg
 import pytest
 
-from sft_dagster.cli import main
+from sft_dagster.cli import main, quiet_libraries
 from sft_dagster.console import StageConsole, progress_bar
 from sft_dagster.instance import ensure_dagster_home
 from sft_dagster.training.progress import format_line, parse_line
@@ -180,3 +183,22 @@ def test_spec_rejects_a_suite_path(tmp_path, tiny_model_dir, capsys):
     assert main(["run", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "quality.suite" in err and "is not a suite name" in err
+
+
+def test_a_console_run_silences_library_progress_bars(tiny_model_dir):
+    """transformers' "Loading weights" bar (and the GGUF conversion's, MLflow's INFO lines) broke into the
+    stage console of `sft-dagster run`; the quiet settings remove it."""
+    code = (f"import sys\nfrom sft_dagster.cli import quiet_libraries\nif sys.argv[1] == 'quiet': quiet_libraries()\n"
+            f"from transformers import AutoModelForCausalLM\nAutoModelForCausalLM.from_pretrained({str(tiny_model_dir)!r})")
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    loud = subprocess.run([sys.executable, "-c", code, "loud"], capture_output=True, text=True, env=env, check=True)
+    quiet = subprocess.run([sys.executable, "-c", code, "quiet"], capture_output=True, text=True, env=env, check=True)
+    assert "Loading weights" in loud.stderr and "Loading weights" not in quiet.stderr
+
+
+def test_quiet_libraries_keeps_a_users_own_setting(monkeypatch):
+    monkeypatch.setenv("MLFLOW_LOGGING_LEVEL", "DEBUG")
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    quiet_libraries()
+    assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG" and os.environ["TQDM_DISABLE"] == "1"
