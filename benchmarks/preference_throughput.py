@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -170,6 +169,8 @@ def main() -> None:
         from sft_dagster.spec import ModelSpec
 
         args.model_dir = str(resolve_base_model(ModelSpec(), ROOT / ".sft" / "models").path)
+    from train_throughput import run_child  # benchmarks/, on sys.path when run as a script
+
     from sft_dagster.training.precision import machine_key
 
     conditions = {"machine": machine_key("cpu"), "load_average_before": os.getloadavg(),
@@ -178,12 +179,7 @@ def main() -> None:
     for name in args.runs:
         cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--model-dir", args.model_dir,
                "--out", args.out]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
-        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        results[name] = run_child(name, cmd)
     conditions["load_average_after"] = os.getloadavg()
     conditions["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
