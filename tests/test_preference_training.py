@@ -180,13 +180,14 @@ def test_dpo_trains_from_the_sft_adapter_and_saves_an_adapter_like_sft(tiny_mode
 
 
 def test_dpo_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
-    """The loss of a step is the mean over the pairs of its accumulation window, however it is split."""
+    """The loss of a step is the mean over the pairs of its accumulation window, however it is split
+    (8 pairs: each step's window holds all of them, in either shape, as in the SFT test)."""
     runs = {}
     for name, batch, accumulation in (("8x1", 8, 1), ("1x8", 1, 8)):
-        spec = spec_for(tiny_model_dir, batch_size=batch, gradient_accumulation_steps=accumulation, epochs=3,
+        spec = spec_for(tiny_model_dir, batch_size=batch, gradient_accumulation_steps=accumulation, epochs=6,
                         learning_rate=2e-2)
         history = []
-        train_dpo(spec, DPOConfig(beta=0.5), tiny_model_dir, None, pairs(16), pairs(4, offset=100), tmp_path / name,
+        train_dpo(spec, DPOConfig(beta=0.5), tiny_model_dir, None, pairs(8), pairs(4, offset=100), tmp_path / name,
                   device="cpu", log=quiet, on_metrics=lambda m, h=history: h.append(m["train_loss"]))
         runs[name] = history
     assert len(runs["8x1"]) == 6
