@@ -1,4 +1,4 @@
-"""Jobs, the nightly schedule, the data-change sensor, and the failed-gate sensor."""
+"""Jobs, the nightly schedule, the data-change sensor, the rankings sensor, and the failed-gate sensor."""
 
 
 import glob
@@ -28,6 +28,54 @@ def pipeline_job(spec: PipelineSpec):
         description=f"Materialize the whole {spec.name} pipeline: data, gates, training, evaluation, promotion.",
         tags={"pipeline": spec.name},
     )
+
+
+def preference_job_name(spec: PipelineSpec) -> str:
+    return f"{spec.name}_preference_job"
+
+
+def preference_job(spec: PipelineSpec):
+    """`preference_pairs` and everything downstream of it: what new rankings change."""
+    pairs = dg.AssetKey([spec.name, "preference_pairs"])
+    return dg.define_asset_job(
+        preference_job_name(spec),
+        selection=dg.AssetSelection.assets(pairs).downstream().required_multi_asset_neighbors(),
+        description=f"Rebuild {spec.name}'s preference pairs from the rankings and train, report and promote from them.",
+        tags={"pipeline": spec.name},
+    )
+
+
+def file_stamp(path: Path) -> list | None:
+    """[size, mtime_ns] of a file, None when it does not exist."""
+    if not path.exists():
+        return None
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def rankings_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
+    """Starts the preference job when the rankings file changes (`sft-dagster rank` appends to it)."""
+    from .preference import rankings_path
+
+    @dg.sensor(name=f"{spec.name}_rankings_sensor", job=job, minimum_interval_seconds=60,
+               default_status=dg.DefaultSensorStatus.RUNNING,
+               description="Starts a run of preference_pairs and downstream when new rankings are recorded.")
+    def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
+        path = rankings_path(spec, storage)
+        current = file_stamp(path)
+        if context.cursor is None:
+            # First tick: remember the file as it is; only later changes start runs.
+            context.update_cursor(json.dumps(current))
+            return dg.SkipReason(f"watching {path}")
+        if json.loads(context.cursor) == current:
+            return dg.SkipReason("no new rankings")
+        context.update_cursor(json.dumps(current))
+        if current is None:
+            return dg.SkipReason(f"{path} was removed")
+        run_key = hashlib.sha256(json.dumps([str(path), current]).encode()).hexdigest()[:16]
+        return dg.RunRequest(run_key=run_key, tags={"sft_dagster/changed_files": path.name})
+
+    return _sensor
 
 
 def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
@@ -85,7 +133,8 @@ def failed_gate_sensor(pipeline: PipelineDefs) -> dg.SensorDefinition:
     A failed check does not fail its run, so nothing else would tell anyone. Each new failure is
     logged and appended to `<storage root>/alerts.jsonl` (point a log shipper or a hook at it).
     """
-    check_keys = [*pipeline.blocking_checks, pipeline.check_key("evaluation_report", PROMOTION_CHECK)]
+    check_keys = [*pipeline.blocking_checks, pipeline.check_key("evaluation_report", PROMOTION_CHECK),
+                  *pipeline.preference_blocking_checks]
 
     @dg.sensor(name=f"{pipeline.name}_failed_quality_gate_sensor", minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,
