@@ -15,8 +15,6 @@ Training assets refuse to run while a blocking pair gate (or, for PPO, the rewar
 has not passed on the current data (`guards.require_checks_passed`), in any run.
 """
 
-from __future__ import annotations
-
 import json
 import time
 from pathlib import Path
