@@ -49,5 +49,7 @@ def worker_result(invocation, spec: PipelineSpec, output_dir: Path) -> dict:
     if messages:
         return messages[-1]
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    adapter = output_dir / ("model" if spec.training.method == "full" else "adapter")
+    from .methods import sft_output_name
+
+    adapter = output_dir / sft_output_name(spec.training.method)
     return {"adapter_dir": str(adapter), "metrics": metrics}

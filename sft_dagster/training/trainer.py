@@ -225,19 +225,26 @@ def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: str, precision: str) -> float:
-    if not examples:
+def mean_loss_over(model, items: list, batch_size: int, length, collate_fn, loss_fn, device: str,
+                   precision: str) -> float:
+    """Summed loss / summed count of `loss_fn` over `items` in length order, in eval mode (dropout off)."""
+    if not items:
         return float("nan")
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    order = sorted(range(len(items)), key=lambda i: length(items[i]))
     for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, device)
+        batch = collate_fn([items[i] for i in order[start : start + batch_size]])
         with autocast(device, precision):
-            loss, n = summed_response_loss(model, batch)
+            loss, n = loss_fn(model, batch)
         total, count = total + float(loss), count + n
     model.train()
     return total / max(1, count)
+
+
+def validation_loss(model, examples: list[EncodedExample], batch_size: int, pad_id: int, device: str, precision: str) -> float:
+    return mean_loss_over(model, examples, batch_size, lambda e: len(e.input_ids),
+                          lambda rows: collate(rows, pad_id, device), summed_response_loss, device, precision)
 
 
 def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str | None = None):
@@ -383,24 +390,26 @@ def keep_4bit_layers_trainable(model) -> int:
     return len(layers)
 
 
-def _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank: int,
+def _resolve_precision_on_rank0(method, model_dir, device, train_set, pad_id, probe_cache, rank: int,
                                 world: int) -> PrecisionChoice:
     """Rank 0 resolves (and if need be measures) the precision alone; the other ranks take its choice."""
     if world == 1:
-        return resolve_precision(spec, model_dir, device, train_set, pad_id, probe_cache)
+        return method.resolve_precision(model_dir, device, train_set, pad_id, probe_cache)
     import torch.distributed as dist
 
-    box = [resolve_precision(spec, model_dir, device, train_set, pad_id, probe_cache) if rank == 0 else None]
+    box = [method.resolve_precision(model_dir, device, train_set, pad_id, probe_cache) if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
-def _run_fingerprint(spec: PipelineSpec, train: list[EncodedExample], model_dir: Path, precision: str) -> str:
+def _run_fingerprint(spec: PipelineSpec, method, train: list, model_dir: Path, precision: str) -> str:
     h = hashlib.sha256(json.dumps(spec.training.model_dump(mode="json"), sort_keys=True).encode())
+    if identity := method.identity():  # SFT adds nothing: its fingerprints are the ones it always had
+        h.update(json.dumps(identity, sort_keys=True, default=str).encode())
     h.update(str(model_dir).encode())
     h.update(precision.encode())  # `auto` may resolve differently on another machine: not the same run
     for e in train:
-        h.update(bytes(str(e.input_ids), "ascii"))
+        h.update(bytes(method.item_key(e), "ascii"))
     return h.hexdigest()[:16]
 
 
@@ -452,7 +461,20 @@ def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, probe_cache: Path | str | None = None) -> TrainingResult:
-    """Train and save the adapter (or full model) under `output_dir`; resumes from its checkpoints.
+    """SFT (`training.method` lora / qlora / full): train and save the adapter (or full model) under
+    `output_dir`; resumes from its checkpoints. See `run_training`."""
+    from .methods.sft import SFTMethod
+
+    return run_training(SFTMethod(spec), spec, model_dir, train_df, val_df, output_dir, device=device, log=log,
+                        on_metrics=on_metrics, stop_after_steps=stop_after_steps, probe_cache=probe_cache)
+
+
+def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_data, output_dir: Path,
+                 device: str = "auto", log: Callable[[str], None] = print,
+                 on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None,
+                 probe_cache: Path | str | None = None) -> TrainingResult:
+    """The shared loop: train `method` (a `methods.base.TrainingMethod`) on `train_data`, keep the weights
+    with the best validation loss, save `output_dir / method.output_name`; resumes from its checkpoints.
 
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
     `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
@@ -469,31 +491,34 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     random.seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = encode_frame(tokenizer, train_df, spec)
-    val_set = encode_frame(tokenizer, val_df, spec)
+    train_set = method.encode(tokenizer, train_data)
+    val_set = method.encode(tokenizer, val_data)
     if not train_set:
         raise ValueError("the train split is empty")
-    choice = _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank, world)
+    choice = _resolve_precision_on_rank0(method, model_dir, device, train_set, pad_id, probe_cache, rank, world)
     precision = choice.precision
-    amp = precision if uses_autocast(cfg.method, precision) else "fp32"  # what autocast() is given
+    amp = precision if method.uses_autocast(precision) else "fp32"  # what autocast() is given
     log(f"precision {precision}: {choice.reason}{' (cached measurement)' if choice.cached else ''}")
     if not device.startswith("cuda"):
         release_freed_memory_to_os()
-    model = load_model(spec, model_dir, device, precision)
+    model = method.load_model(model_dir, device, precision)
     model.train()
+    method.prepare(model, train_set, val_set, pad_id, device, amp, log)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay, device)
     total_steps = optimizer_steps(len(train_set), spec)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
-    lengths = [len(e.input_ids) for e in train_set]
+    lengths = [method.length(e) for e in train_set]
+    weights = [method.weight(e) for e in train_set]
+    tokens = [method.tokens(e) for e in train_set]
     micro_per_epoch = length_grouped_batches(lengths, cfg.batch_size, cfg.seed)
     steps_per_epoch = math.ceil(len(micro_per_epoch) / cfg.gradient_accumulation_steps)
     eval_every = cfg.eval_every_steps or steps_per_epoch
 
     ckpt_root = output_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    fingerprint = _run_fingerprint(spec, train_set, model_dir, precision)
+    fingerprint = _run_fingerprint(spec, method, train_set, model_dir, precision)
     state = {"fingerprint": fingerprint, "step": 0, "trained_tokens": 0, "best_val": None, "bad_evals": 0,
              "val_history": [], "train_loss": None, "seconds": 0.0, "validation_seconds": 0.0}
     resumed_from = None
@@ -520,20 +545,17 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
         groups = [batches[i : i + cfg.gradient_accumulation_steps] for i in range(0, len(batches), cfg.gradient_accumulation_steps)]
         for group in groups[offset:]:
-            window_tokens = sum(
-                sum(sum(1 for lab in train_set[i].labels[1:] if lab != IGNORE_INDEX) for i in micro) for micro in group
-            )
+            window_weight = sum(weights[i] for micro in group for i in micro)
             loss_sum = 0.0
             pieces = [piece for micro in group[rank::world]  # each rank takes its share of the window
-                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch, cfg.packing)]
+                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch, method.packing)]
             for piece in pieces:
-                rows = [train_set[i] for i in piece]
-                batch = collate_packed(rows, device) if cfg.packing else collate(rows, pad_id, device)
+                batch = method.collate([train_set[i] for i in piece], pad_id, device)
                 with autocast(device, amp):
-                    loss, n = summed_response_loss(model, batch)
-                (loss / window_tokens).backward()
+                    loss, n = method.loss(model, batch)
+                (loss / window_weight).backward()
                 loss_sum += float(loss.detach())
-                state["trained_tokens"] += sum(lengths[i] for i in piece)
+                state["trained_tokens"] += sum(tokens[i] for i in piece)
             _all_reduce_gradients(params, world)
             if world > 1:
                 import torch.distributed as dist
@@ -548,16 +570,19 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             if not device.startswith("cuda"):
                 release_freed_memory_to_os()
             step += 1
-            state["step"], state["train_loss"] = step, loss_sum / window_tokens
+            state["step"], state["train_loss"] = step, loss_sum / window_weight
             state["seconds"] = time.perf_counter() - start_time
-            val = None
+            step_stats = method.pop_stats()
+            val, val_stats = None, {}
             if step % eval_every == 0 or step == total_steps:
                 eval_start = time.perf_counter()
-                val = validation_loss(model, val_set, cfg.batch_size, pad_id, device, amp)
+                val_stats = method.validate(model, val_set, cfg.batch_size, pad_id, device, amp)
+                val = val_stats["val_loss"]
                 state["validation_seconds"] += time.perf_counter() - eval_start
-                state["val_history"].append({"step": step, "val_loss": val})
+                state["val_history"].append({"step": step, **val_stats})
                 if state["best_val"] is None or val < state["best_val"]:
                     state["best_val"], state["bad_evals"] = val, 0
+                    state["best_val_stats"] = val_stats
                     if rank == 0:
                         atomic.torch_save(best_path, _trainable_state(model))
                 else:
@@ -566,13 +591,14 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                         log(f"early stopping: validation loss has not improved for {state['bad_evals']} evaluations")
                         early_stopped = True
             if on_metrics:  # by default a progress line every few steps (training/progress.py)
-                on_metrics({"step": step, "total_steps": total_steps, "train_loss": state["train_loss"],
-                            "lr": scheduler.get_last_lr()[0], "val_loss": val, "trained_tokens": state["trained_tokens"],
-                            "seconds": time.perf_counter() - start_time, "validation_seconds": state["validation_seconds"]})
+                on_metrics({**step_stats, **val_stats, "step": step, "total_steps": total_steps,
+                            "train_loss": state["train_loss"], "lr": scheduler.get_last_lr()[0], "val_loss": val,
+                            "trained_tokens": state["trained_tokens"], "seconds": time.perf_counter() - start_time,
+                            "validation_seconds": state["validation_seconds"]})
             if rank == 0 and (step % cfg.checkpoint_every_steps == 0 or early_stopped or step == total_steps):
                 _save_checkpoint(ckpt_root, step, model, optimizer, scheduler, state)
             if stop_after_steps is not None and step >= stop_after_steps:
-                return TrainingResult(adapter_dir=output_dir, method=cfg.method, metrics=dict(state))
+                return TrainingResult(adapter_dir=output_dir, method=method.name, metrics=dict(state))
             if early_stopped or step >= total_steps:
                 break
 
@@ -580,23 +606,21 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         import torch.distributed as dist
 
         dist.barrier()
-        tokens = torch.tensor([state["trained_tokens"]], dtype=torch.int64)
-        dist.all_reduce(tokens)
-        state["trained_tokens"] = int(tokens)
+        trained = torch.tensor([state["trained_tokens"]], dtype=torch.int64)
+        dist.all_reduce(trained)
+        state["trained_tokens"] = int(trained)
     if best_path.exists():  # keep the weights with the best validation loss
         with torch.no_grad():
             named = dict(model.named_parameters())
             for k, v in torch.load(best_path, weights_only=True).items():
                 named[k].copy_(v.to(named[k].device))
     seconds = time.perf_counter() - start_time
-    out = output_dir / ("model" if cfg.method == "full" else "adapter")
+    out = output_dir / method.output_name
     if rank == 0:
         with atomic.atomic_dir(out) as tmp:  # readers see the previous complete adapter or the new one
-            model.save_pretrained(tmp, safe_serialization=True)
-            if cfg.method == "full":
-                tokenizer.save_pretrained(tmp)
+            method.save(model, tokenizer, tmp, model_dir)
     metrics = {
-        "method": cfg.method, "device": device, "precision": precision, "precision_choice": choice.to_metadata(),
+        "method": method.name, "device": device, "precision": precision, "precision_choice": choice.to_metadata(),
         "steps": step, "optimizer_steps_planned": total_steps,
         "epochs_completed": round(step / steps_per_epoch, 3), "train_loss": state["train_loss"],
         "val_loss": state["best_val"], "val_loss_history": state["val_history"], "trained_tokens": state["trained_tokens"],
@@ -605,10 +629,12 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "seconds": round(seconds, 2), "validation_seconds": round(state["validation_seconds"], 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
+        **{k: v for k, v in state.get("best_val_stats", {}).items() if k != "val_loss"},
+        **method.extra_metrics(),
     }
     if rank == 0:
         atomic.write_json(output_dir / "metrics.json", metrics)
-    return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
+    return TrainingResult(adapter_dir=out, method=method.name, metrics=metrics)
 
 
 def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto",

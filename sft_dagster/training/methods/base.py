@@ -1,0 +1,130 @@
+"""The method interface of the shared training loop (`training.trainer.run_training`).
+
+One class per training method, in the spirit of TRL's config + trainer pairs and torchtune's recipes:
+the loop owns what every method shares (length-grouped micro-batches under a token budget, gradient
+accumulation with the loss normalised over the whole window, clipping, scheduler, evaluation and
+early stopping with the best weights kept, checkpoints and resume, progress lines, atomic saves); the
+method answers what differs:
+
+- `load_model`: the model to train (frozen parts frozen) in the run's precision;
+- `encode`: the rows as training items (refusing, never truncating, rows that do not fit);
+- `length` / `tokens` / `weight` of an item: its padded width for the token budget, the tokens it
+  trains on (throughput), and its share of the loss normaliser (loss tokens for SFT, 1 per pair);
+- `collate` and `loss`: a batch of items, and its summed loss with the weight it covers;
+- `prepare`: work done once before the first step (DPO's reference log-probabilities);
+- `save`: what the run leaves in `output_dir`, and `extra_metrics` for `metrics.json`.
+
+Statistics a method wants logged per step (DPO's reward margins, the reward model's accuracy) are
+recorded with `record` inside `loss` and read back, weighted by each batch's count, with `pop_stats`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...spec import PipelineSpec
+
+
+class TrainingMethod:
+    """Base class; subclasses set `name` and implement `load_model`, `encode`, `collate`, `loss`, `save`."""
+
+    name: str = ""
+    packing: bool = False  # micro-batches are concatenated into one row (SFT only)
+    output_name: str = "adapter"  # the folder under output_dir that `save` writes
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+        self._stats: dict[str, float] = {}
+        self._stats_weight = 0.0
+
+    # -- the model ---------------------------------------------------------------------------------
+    def load_model(self, model_dir: Path, device: str, precision: str):
+        raise NotImplementedError
+
+    def uses_autocast(self, precision: str) -> bool:
+        """Whether bf16 runs under autocast (True) or on weights stored in bf16 (False)."""
+        return precision == "bf16"
+
+    def resolve_precision(self, model_dir: Path, device: str, items: list, pad_id: int, probe_cache):
+        """The run's precision and why. Default: the spec's, or for `auto` bf16 on CUDA with bf16 support
+        and fp32 elsewhere, without measuring (the measured probe times an SFT step; see sft.py)."""
+        from ..precision import PrecisionChoice
+        from ..trainer import pick_precision
+
+        requested = self.spec.training.precision
+        if requested != "auto":
+            return PrecisionChoice(requested, "set in the spec (training.precision)")
+        return PrecisionChoice(pick_precision("auto", device),
+                               f"auto, not measured for {self.name}: bf16 on CUDA with bf16 support, else fp32")
+
+    # -- the data ----------------------------------------------------------------------------------
+    def encode(self, tokenizer, frame) -> list:
+        raise NotImplementedError
+
+    def length(self, item) -> int:
+        """Tokens one item adds to a padded micro-batch's width x rows (the token budget's unit)."""
+        raise NotImplementedError
+
+    def tokens(self, item) -> int:
+        """Real (unpadded) tokens the item trains on."""
+        return self.length(item)
+
+    def weight(self, item) -> int:
+        """The item's share of the loss normaliser of an accumulation window."""
+        return 1
+
+    def item_key(self, item) -> str:
+        """What identifies an item in the run's fingerprint (resume only continues the same run)."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """Settings beyond `spec.training` that make a different run (method config, starting adapter)."""
+        return {"method": self.name}
+
+    def collate(self, items: list, pad_id: int, device: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def evaluation_collate(self, items: list, pad_id: int, device: str) -> dict[str, torch.Tensor]:
+        return self.collate(items, pad_id, device)
+
+    # -- the loss ----------------------------------------------------------------------------------
+    def prepare(self, model, train_items: list, val_items: list, pad_id: int, device: str, autocast_precision: str,
+                log) -> None:
+        """Called once after loading, before any checkpoint is restored or step is taken."""
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(summed loss over the batch, the weight it covers)."""
+        raise NotImplementedError
+
+    def record(self, stats: dict[str, float], weight: float) -> None:
+        for key, value in stats.items():
+            self._stats[key] = self._stats.get(key, 0.0) + float(value) * weight
+        self._stats_weight += weight
+
+    def pop_stats(self) -> dict[str, float]:
+        """The recorded statistics since the last call, averaged with the batches' weights."""
+        weight, stats = self._stats_weight, self._stats
+        self._stats, self._stats_weight = {}, 0.0
+        return {k: v / weight for k, v in stats.items()} if weight else {}
+
+    def validate(self, model, items: list, batch_size: int, pad_id: int, device: str, autocast_precision: str) -> dict:
+        """`val_loss` (summed loss / summed weight over `items`, dropout off) and the statistics recorded
+        meanwhile as `val_<name>`."""
+        from ..trainer import mean_loss_over
+
+        self.pop_stats()  # a validation pass never mixes with the training step's statistics
+        val = mean_loss_over(model, items, batch_size, self.length,
+                             lambda rows: self.evaluation_collate(rows, pad_id, device), self.loss, device,
+                             autocast_precision)
+        return {"val_loss": val, **{f"val_{k}": v for k, v in self.pop_stats().items()}}
+
+    # -- the result --------------------------------------------------------------------------------
+    def save(self, model, tokenizer, out_dir: Path, model_dir: Path) -> None:
+        """Write the trained result into `out_dir` (a temporary folder renamed into place atomically)."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def extra_metrics(self) -> dict[str, Any]:
+        return {}

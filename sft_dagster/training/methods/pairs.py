@@ -1,0 +1,66 @@
+"""What the pair-trained methods (reward model, DPO) share: encoding pairs and their sizes in the loop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ...spec import PipelineSpec
+from .base import TrainingMethod
+
+
+class PairMethod(TrainingMethod):
+    """Items are `preference.losses.EncodedPair`s (or objects with a `.pair`); one pair weighs 1, so the
+    loss of an optimizer step is the mean over the pairs of its accumulation window."""
+
+    def encode(self, tokenizer, frame):
+        from ...preference.losses import encode_pairs
+
+        return encode_pairs(tokenizer, frame, self.spec.task, self.spec.model.max_length)
+
+    @staticmethod
+    def _pair(item):
+        return getattr(item, "pair", item)
+
+    def length(self, item) -> int:
+        """A pair fills two rows of its batch (chosen and rejected), each padded to the longest side."""
+        pair = self._pair(item)
+        return 2 * max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+
+    def tokens(self, item) -> int:
+        pair = self._pair(item)
+        return len(pair.chosen.input_ids) + len(pair.rejected.input_ids)
+
+    def item_key(self, item) -> str:
+        pair = self._pair(item)
+        return f"{pair.chosen.input_ids}|{pair.rejected.input_ids}"
+
+
+def lora_config(spec: PipelineSpec, task_type: str):
+    from peft import LoraConfig
+
+    lora = spec.training.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
+                      target_modules=lora.target_modules, task_type=task_type)
+
+
+def load_policy(spec: PipelineSpec, model_dir: Path, start: Path | None, device: str, trainable: bool = True):
+    """A causal LM policy with a LoRA adapter: the SFT adapter `start` (trainable, it keeps its own
+    LoRA settings), or a full fine-tuned model folder `start` / the base model with a new adapter from
+    `spec.training.lora` (B = 0: the policy starts equal to the model it starts from)."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ..fast_lora import use_fast_lora
+
+    start = Path(start) if start is not None else None
+    is_adapter = start is not None and (start / "adapter_config.json").exists()
+    base_dir = start if start is not None and not is_adapter else model_dir
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    if is_adapter:
+        model = PeftModel.from_pretrained(base, start, is_trainable=trainable)
+    else:
+        model = get_peft_model(base, lora_config(spec, "CAUSAL_LM"))
+    use_fast_lora(model)
+    return model

@@ -1,0 +1,124 @@
+"""The reward model: a Bradley-Terry scorer trained on preference pairs through the shared loop.
+
+The causal checkpoint becomes a sequence classifier with one output (`preference.losses.load_reward_model`,
+score head seeded from `training.seed`), LoRA adapters on its body (`training.lora`) and the score head
+trained in full (peft's `modules_to_save`). A pair's two sides run as one batch; the loss is
+`-log sigmoid(r_chosen - r_rejected)` (plus the optional centring term), the mean over the pairs of an
+optimizer step. Validation reports the loss and the pairwise accuracy on the held-out pairs.
+
+The saved folder holds the peft adapter with the score head, the tokenizer and `reward_model.json`
+(base model, task, max_length); `load_trained_reward_model` gives it back ready to score.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ... import atomic
+from ...spec import PipelineSpec, TaskSpec
+from .pairs import PairMethod, lora_config
+
+META_FILE = "reward_model.json"
+
+
+class RewardModelMethod(PairMethod):
+    name = "reward_model"
+    output_name = "reward_model"
+
+    def __init__(self, spec: PipelineSpec, config):
+        super().__init__(spec)
+        self.config = config
+
+    def identity(self) -> dict:
+        return {"method": self.name, "config": self.config.model_dump(mode="json")}
+
+    def load_model(self, model_dir: Path, device: str, precision: str):
+        from peft import get_peft_model
+
+        from ...preference.losses import load_reward_model
+        from ..fast_lora import use_fast_lora
+
+        model = get_peft_model(load_reward_model(model_dir, device, seed=self.spec.training.seed),
+                               lora_config(self.spec, "SEQ_CLS"))
+        use_fast_lora(model)
+        return model
+
+    def collate(self, items, pad_id, device):
+        from ...preference.losses import collate_reward_pairs
+
+        return collate_reward_pairs(items, pad_id, device)
+
+    def loss(self, model, batch):
+        from ...preference.losses import reward_batch_loss
+
+        loss, stats = reward_batch_loss(model, batch, center_rewards_coefficient=self.config.center_rewards_coefficient)
+        n = batch["input_ids"].shape[0] // 2
+        self.record({k: stats[k] for k in ("accuracy", "margin", "mean_reward")}, n)
+        return loss * n, n
+
+    def save(self, model, tokenizer, out_dir: Path, model_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        meta = {"base_model": str(Path(model_dir).resolve()), "task": self.spec.task.model_dump(mode="json"),
+                "max_length": self.spec.model.max_length, "seed": self.spec.training.seed}
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+@dataclass
+class TrainedRewardModel:
+    """A trained reward model ready to score: `model` (merged, eval mode), its tokenizer and settings."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: TaskSpec
+    max_length: int
+    device: str
+
+    def reward_fn(self, batch_size: int = 16) -> Callable[[list[str], list[str]], list[float]]:
+        """`preference.ppo.reward_model_fn` of this model: (prompts, replies) -> scores."""
+        from ...preference.ppo import reward_model_fn
+
+        return reward_model_fn(self.model, self.tokenizer, self.task, self.max_length, self.device, batch_size)
+
+
+def load_trained_reward_model(path: str | Path, device: str = "cpu", base_model_dir: str | Path | None = None
+                              ) -> TrainedRewardModel:
+    """The reward model `train_reward_model` saved (the `reward_model` folder, or the run folder above it);
+    `base_model_dir` overrides the base model path recorded at training time."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from ...preference.losses import load_reward_model
+
+    path = Path(path)
+    if not (path / META_FILE).exists() and (path / RewardModelMethod.output_name / META_FILE).exists():
+        path = path / RewardModelMethod.output_name
+    meta = json.loads((path / META_FILE).read_text())
+    base = load_reward_model(base_model_dir or meta["base_model"], device, seed=meta.get("seed", 0))
+    model = PeftModel.from_pretrained(base, path).merge_and_unload().to(device).eval()
+    return TrainedRewardModel(model, AutoTokenizer.from_pretrained(path), TaskSpec.model_validate(meta["task"]),
+                              int(meta["max_length"]), device)
+
+
+def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame,
+                       output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
+                       on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
+    """Train a Bradley-Terry reward model (`preference.config.RewardModelConfig`) on pairs (PAIR_COLUMNS);
+    learning rate, epochs, batch size, LoRA and seed come from `spec.training`. Saves
+    `output_dir/reward_model` (see `load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
+    saved weights on `val_pairs`."""
+    from ..trainer import run_training
+
+    result = run_training(RewardModelMethod(spec, config), spec, Path(model_dir), train_pairs, val_pairs,
+                          Path(output_dir), device=device, log=log, on_metrics=on_metrics,
+                          stop_after_steps=stop_after_steps)
+    if stop_after_steps is None:
+        result.metrics["pairwise_accuracy"] = result.metrics.get("val_accuracy", float("nan"))
+        atomic.write_json(Path(output_dir) / "metrics.json", result.metrics)
+    return result
