@@ -195,3 +195,47 @@ def test_spec_section_errors_name_file_line_and_key(tmp_path, tiny_model_dir):
     keys = {k.path[-1] for k in build_definitions([spec], checks=ROOT / "data_checks",
                                                   storage_root=tmp_path / "s").resolve_asset_graph().get_all_asset_keys()}
     assert not keys & {"candidate_generations", "preference_pairs", "reward_model", "preference_report"}
+
+
+def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_model_dir, instance, one_torch_thread):
+    """The whole demo graph on the tiny model: reward model, DPO, PPO, the report and promotion through the
+    SFT registry; a second run keeps every trained model (same lineage)."""
+    spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
+        "preference.min_reward_accuracy": 0.0,  # a tiny random model after a few steps: the gate's wiring is tested
+        "preference.promotion.max_task_metric_drop": 1.0}))
+    storage = tmp_path / "store"
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
+    result = run(defs, spec, instance)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert {"reward_model", "dpo_adapter", "ppo_policy", "preference_report", "preference_promoted_model",
+            "promoted_model"} <= materialized(result)
+    checks = check_results(result)
+    assert checks["reward_model:min_pairwise_accuracy"] and checks["preference_report:keeps_task_metric"]
+
+    reward = metadata(instance, spec, "reward_model")
+    assert reward["train_pairs"] > reward["validation_pairs"] > 0
+    assert reward["pairwise_accuracy"] == metadata(instance, spec, "reward_model")["metrics"]["pairwise_accuracy"]
+    ppo = metadata(instance, spec, "ppo_policy")
+    assert len(ppo["metrics"]["history"]) == 2 and ppo["train_prompts"] > 0
+
+    report = json.loads((storage / spec.name / "preference" / "report" / "preference_report.json").read_text())
+    assert set(report["policies"]) == {"sft", "dpo", "ppo"}
+    assert report["policies"]["sft"]["win_rate_vs_sft"] == 0.5  # SFT against itself: every prompt a tie
+    for row in report["policies"].values():
+        assert set(row) >= {"reward_score", "win_rate_vs_sft", "logprob_pairwise_accuracy", "task_exact_match",
+                            "rule_satisfaction", "rule_correct"}
+    assert report["held_out_prompts"] > 0 and report["held_out_pairs"] > 0
+    assert len(report["samples"]) == 3 * min(5, report["held_out_prompts"])
+    decision = report["promotion"]
+    assert decision["candidate_policy"] == "dpo" and decision["promote"] and decision["required_gain"] == -1.0
+
+    # The DPO adapter became the pipeline's champion, after SFT's own v1.
+    promoted = metadata(instance, spec, "preference_promoted_model")
+    lineage = json.loads((Path(promoted["path"]) / "lineage.json").read_text())
+    assert lineage["preference_method"] == "dpo" and lineage["sft_adapter"]
+    assert (storage / "registry" / spec.name / "LATEST").read_text().strip() == promoted["version"]
+
+    again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy"])
+    assert again.success
+    for stage in ("reward_model", "dpo_adapter", "ppo_policy"):
+        assert metadata(instance, spec, stage)["skipped_training"] is True

@@ -396,7 +396,8 @@ def build(p: PipelineDefs) -> None:
             decision = preference_report["promotion"]
             if not decision["promote"]:
                 raise StaleEvaluation(f"refusing to promote: {decision['reason']}")
-            lineage = {**record["lineage"], "method": record["method"], "preference_method": candidate}
+            # `method` is the saved format (a LoRA adapter over the base, as SFT's), what loaders look at.
+            lineage = {**record["lineage"], "method": "lora", "preference_method": candidate}
             version_dir = registry.promote(Path(record["model_dir"]), registry_dir(spec, storage),
                                            preference_report["task_report"][candidate], lineage, decision)
             out = {"version": version_dir.name, "path": str(version_dir), "lineage_hash": record["lineage_hash"]}

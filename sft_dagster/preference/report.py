@@ -7,7 +7,8 @@ For each policy (a LoRA adapter, or a full model, over the base):
 - pairwise accuracy of the policy's own sequence log-probs on held-out human pairs (log pi(chosen) >
   log pi(rejected));
 - the task's metrics on the SFT test split (`evaluation.score_model`), for the promotion gate;
-- with `report.rule: demo`, the share of replies that satisfy the demo annotator's rule.
+- with `report.rule: demo`, the share of replies that satisfy the demo annotator's rule, on the held-out
+  prompts whose row in `preference.prompts` gives the answer (imported pairs' prompts have none).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from .. import evaluation
 from ..spec import PipelineSpec
 from .demo_data import rule_satisfaction
 from .losses import collate_pairs, encode_pairs, pairwise_accuracy, sequence_logprobs
-from .ppo import reward_model_fn
 
 
 def held_out(pairs: pd.DataFrame, max_prompts: int, max_pairs: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -72,13 +72,12 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
     prompts, scored_pairs = held_out(pairs, cfg.max_prompts, cfg.max_pairs)
     test_rows = evaluation.test_rows(sft_test, spec)
     metric = evaluation.primary_metric(task)
-    reward = reward_model_fn(load_trained_reward_model(reward_model_dir, device), tokenizer, task, spec.model.max_length,
-                             device=device, batch_size=cfg.batch_size)
+    reward = load_trained_reward_model(reward_model_dir, device, base_model_dir=model_dir).reward_fn(cfg.batch_size)
     rules = rule_rows(prompts, preference_prompts) if cfg.rule == "demo" else None
-    if rules is not None and rules["answer"].isna().any():
-        missing = rules.loc[rules["answer"].isna(), "prompt"].head(3).tolist()
-        raise ValueError(f"preference.report.rule: demo needs `answer` in every held-out prompt's row of "
-                         f"preference.prompts; missing for {len(missing)}+ prompts, e.g. {missing}")
+    if rules is not None and rules["answer"].isna().all():
+        raise ValueError("preference.report.rule: demo needs `answer` (and `allowed_numbers`) in the rows of "
+                         "preference.prompts; no held-out prompt has one")
+    known = rules["answer"].notna().to_numpy() if rules is not None else None  # imported pairs' prompts have none
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     base_task = evaluation.score_model(base, tokenizer, test_rows, spec, device, with_loss=False).metrics
@@ -96,8 +95,8 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
                "logprob_pairwise_accuracy": logprob_accuracy(model, tokenizer, scored_pairs, spec, cfg.batch_size, device),
                f"task_{metric}": task_metrics[name][metric]}
         if rules is not None:
-            satisfied = rule_satisfaction(rules, replies)
-            row |= {"rule_satisfaction": satisfied["satisfied"],
+            satisfied = rule_satisfaction(rules[known], [r for r, k in zip(replies, known) if k])
+            row |= {"rule_prompts": satisfied["n"], "rule_satisfaction": satisfied["satisfied"],
                     **{f"rule_{part}": satisfied[part] for part in ("correct", "no_hedging", "concise")}}
         policies[name] = row
         samples += [{"policy": name, "prompt": p, "reply": r, "reward_score": round(s, 4)}
