@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from sft_dagster.cli import run_summary, stage_names
 from sft_dagster.defs import build_definitions
 from sft_dagster.defs.automation import preference_job_name
 from sft_dagster.preference.demo_data import generate_preference_demo
@@ -234,6 +235,14 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
     lineage = json.loads((Path(promoted["path"]) / "lineage.json").read_text())
     assert lineage["preference_method"] == "dpo" and lineage["sft_adapter"]
     assert (storage / "registry" / spec.name / "LATEST").read_text().strip() == promoted["version"]
+
+    # The CLI's run summary shows the preference outcome beside SFT's.
+    summary = run_summary(instance, spec, result.run_id, defs.resolve_asset_graph(),
+                          stage_names(defs.resolve_job_def(f"{spec.name}_job")))
+    pref = summary["preference"]
+    assert pref["pairs_kept"] == len(pd.read_parquet(storage / spec.name / "tables" / "preference_pairs.parquet"))
+    assert pref["reward_model_pairwise_accuracy"] == reward["pairwise_accuracy"]
+    assert pref["policies"] == report["policies"] and pref["registry"] == promoted["path"]
 
     again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy"])
     assert again.success
