@@ -13,6 +13,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from ..spec import PipelineSpec
 from .common import PipelineDefs
 from .evaluation import PROMOTION_CHECK
+from .preference import rankings_path
 from .shared import corrections_path
 from .resources import SFTStorage
 
@@ -45,37 +46,13 @@ def preference_job(spec: PipelineSpec):
     )
 
 
-def file_stamp(path: Path) -> list | None:
-    """[size, mtime_ns] of a file, None when it does not exist."""
-    if not path.exists():
-        return None
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def rankings_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
     """Starts the preference job when the rankings file changes (`sft-dagster rank` appends to it)."""
-    from .preference import rankings_path
+    def watched(storage: SFTStorage) -> dict[str, list]:
+        return stamps([rankings_path(spec, storage)])
 
-    @dg.sensor(name=f"{spec.name}_rankings_sensor", job=job, minimum_interval_seconds=60,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Starts a run of preference_pairs and downstream when new rankings are recorded.")
-    def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
-        path = rankings_path(spec, storage)
-        current = file_stamp(path)
-        if context.cursor is None:
-            # First tick: remember the file as it is; only later changes start runs.
-            context.update_cursor(json.dumps(current))
-            return dg.SkipReason(f"watching {path}")
-        if json.loads(context.cursor) == current:
-            return dg.SkipReason("no new rankings")
-        context.update_cursor(json.dumps(current))
-        if current is None:
-            return dg.SkipReason(f"{path} was removed")
-        run_key = hashlib.sha256(json.dumps([str(path), current]).encode()).hexdigest()[:16]
-        return dg.RunRequest(run_key=run_key, tags={"sft_dagster/changed_files": path.name})
-
-    return _sensor
+    return file_change_sensor(f"{spec.name}_rankings_sensor", job, watched, "rankings file",
+                              "Starts a run of preference_pairs and downstream when new rankings are recorded.")
 
 
 def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
@@ -91,26 +68,30 @@ def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
     )
 
 
+def stamps(paths) -> dict[str, list]:
+    """Size and mtime of each existing file."""
+    out = {}
+    for path in paths:
+        if Path(path).exists():
+            stat = Path(path).stat()
+            out[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
 def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
     """Size and mtime of every source file and of the corrections file."""
-    files: dict[str, list] = {}
-    for source in spec.sources:
-        for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True)):
-            stat = Path(path).stat()
-            files[path] = [stat.st_size, stat.st_mtime_ns]
-    corrections = corrections_path(spec, storage)
-    if corrections.exists():
-        stat = corrections.stat()
-        files[str(corrections)] = [stat.st_size, stat.st_mtime_ns]
-    return files
+    paths = [path for source in spec.sources
+             for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True))]
+    return stamps([*paths, corrections_path(spec, storage)])
 
 
-def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
-    @dg.sensor(name=f"{spec.name}_data_change_sensor", job=job, minimum_interval_seconds=60,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Starts a run when raw files appear or change, or the corrections file changes.")
+def file_change_sensor(name: str, job, watched, what: str, description: str) -> dg.SensorDefinition:
+    """A sensor that starts `job` when a file of `watched(storage)` (path -> [size, mtime]) appears, changes
+    or disappears; its first tick only remembers what is there."""
+    @dg.sensor(name=name, job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description=description)
     def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
-        current = watched_files(spec, storage)
+        current = watched(storage)
         if context.cursor is None:
             # First tick: remember what is there; only later changes start runs.
             context.update_cursor(json.dumps(current))
@@ -120,11 +101,17 @@ def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
         removed = sorted(set(previous) - set(current))
         context.update_cursor(json.dumps(current))
         if not changed and not removed:
-            return dg.SkipReason("no source or corrections file changed")
+            return dg.SkipReason(f"no {what} changed")
         run_key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:16]
         return dg.RunRequest(run_key=run_key, tags={"sft_dagster/changed_files": ", ".join(Path(p).name for p in changed + removed)[:200]})
 
     return _sensor
+
+
+def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
+    return file_change_sensor(f"{spec.name}_data_change_sensor", job, lambda storage: watched_files(spec, storage),
+                              "source or corrections file",
+                              "Starts a run when raw files appear or change, or the corrections file changes.")
 
 
 def failed_gate_sensor(pipeline: PipelineDefs) -> dg.SensorDefinition:

@@ -31,7 +31,13 @@ from ..preference.rankings import ranking_queue as queue_of
 from ..preference.rankings import read_candidates, read_rankings
 from ..schema import frame_hash, lineage_hash_of
 from ..training.progress import Progress
-from .common import JSON_IO, PipelineDefs, code_version, jsonable, outcome_to_check_result
+from .common import (
+    JSON_IO,
+    PipelineDefs,
+    code_version,
+    jsonable,
+    outcome_to_check_result,
+)
 from .evaluation import StaleEvaluation
 from .guards import require_checks_passed
 from .resources import ComputeResource, SFTStorage
@@ -97,7 +103,7 @@ def _generator(spec, storage: SFTStorage, adapter: dict, base_model: dict) -> tu
         if current is not None and current["base_model_hash"] == base_model["model_hash"]:
             return current["adapter_dir"], current["method"], f"promoted {current['version']}"
         if choice == "promoted":
-            raise StaleEvaluation(f"preference.generator: promoted, but {spec.name} has no promoted model on this base "
+            raise ValueError(f"preference.generator: promoted, but {spec.name} has no promoted model on this base "
                                   "model yet; promote one or use generator: auto")
     if choice == "base":
         return None, "lora", "base model"
