@@ -91,6 +91,13 @@ def test_candidates_queue_and_pairs_with_their_gates(tmp_path, tiny_model_dir, i
     assert meta["prompts_with_written_candidates"] == 24 and meta["prompts_sampled"] == 3
     assert meta["written_candidates"] == len(written)
 
+    # A later run keeps the sampled candidates (rankings point at them) and samples nothing.
+    again = run(defs, spec, instance, ["candidate_generations"])
+    assert again.success
+    assert metadata(instance, spec, "candidate_generations")["prompts_sampled"] == 0
+    assert metadata(instance, spec, "candidate_generations")["prompts_with_earlier_candidates"] == 3
+    assert pd.read_parquet(storage / spec.name / "preference" / "candidates.parquet").equals(candidates)
+
     # The queue: every demo prompt was ranked, so only the three sampled prompts wait.
     queue = metadata(instance, spec, "ranking_queue")
     assert queue["prompts_to_rank"] == 3 and queue["rankings"] == len(read_rankings(spec.resolve("../data/demo_preference/rankings.jsonl")))

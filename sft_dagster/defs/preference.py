@@ -1,9 +1,10 @@
 """Preference stages (the spec's `preference:` section): candidates -> rankings -> pairs and their gates ->
 reward model, DPO, PPO -> the SFT vs DPO vs PPO report -> promotion through the SFT registry.
 
-    candidate_generations (+ preference_prompts, candidates_quarantine)  K seeded samples per prompt from
-                   the promoted model (else the SFT adapter; `preference.generator` names one), plus written
-                   candidates; written to the candidates file `sft-dagster rank` reads
+    candidate_generations (+ preference_prompts, candidates_quarantine)  K seeded samples per new prompt
+                   from the promoted model (else the SFT adapter; `preference.generator` names one), the
+                   candidates earlier runs sampled, and written candidates; written to the candidates file
+                   `sft-dagster rank` reads
     ranking_queue  the prompts still to rank, where the rankings file is, the command to rank them
     preference_pairs (+ preference_quarantine)  rankings and imported files expanded to pairs, split by
                    prompt, every pair gate as an asset check (blocking as the spec says)
@@ -155,21 +156,30 @@ def build(p: PipelineDefs) -> None:
         prompts["prompt_id"] = [prompt_id_of(t, sy) for t, sy in zip(prompts["prompt"], prompts["system"])]
         written = _concat([read_candidates(spec.resolve(f)) for f in pref.candidate_files]) if pref.candidate_files else None
         has_written = set(written["prompt_id"]) if written is not None else set()
-        to_sample = prompts[~prompts["prompt_id"].isin(has_written)].reset_index(drop=True)
+        # Candidates sampled by earlier runs stay as they are (rankings point at them, and a retrained model
+        # would orphan those rankings); only prompts without candidates are sampled.
+        path = candidates_path(spec, storage)
+        earlier = read_candidates(path) if path.exists() else None
+        if earlier is not None:
+            earlier = earlier[earlier["prompt_id"].isin(set(prompts["prompt_id"]) - has_written)]
+        has_earlier = set(earlier["prompt_id"]) if earlier is not None else set()
+        to_sample = prompts[~prompts["prompt_id"].isin(has_written | has_earlier)].reset_index(drop=True)
         adapter_dir, method, generator = _generator(spec, storage, fine_tuned_adapter, base_model)
         sampled, refused, stats = generate_candidates(
             to_sample, Path(base_model["path"]), task=spec.task, config=pref.generation, max_length=spec.model.max_length,
             adapter_dir=adapter_dir, adapter_method=method, device=compute.resolved_device(), model_name=generator)
-        candidates = _concat([sampled, written[[c for c in sampled.columns if c in written]]]) if written is not None else sampled
+        kept = [f[[c for c in sampled.columns if c in f]] for f in (earlier, written) if f is not None]
+        candidates = (_concat([f.astype({"prompt_id": str, "candidate_id": str}) for f in (*kept, sampled)])
+                      .sort_values(["prompt_id", "candidate_id"], kind="stable").reset_index(drop=True))
         repeated = candidates["candidate_id"].duplicated()
         if repeated.any():
             raise ValueError(f"preference.candidate_files: candidate {candidates.loc[repeated, 'candidate_id'].iloc[0]!r} "
                              "appears in more than one candidates file (or was also sampled)")
-        path = candidates_path(spec, storage)
         atomic.write_parquet(path, candidates)  # the table `sft-dagster rank` shows people
         quarantine = _concat([read_quarantine, refused])
         stats |= {"prompt_rows_read": read_stats["rows_read"], "prompt_rows_quarantined": read_stats["rows_quarantined"],
                   "prompts_with_written_candidates": int(prompts["prompt_id"].isin(has_written).sum()),
+                  "prompts_with_earlier_candidates": len(has_earlier),
                   "written_candidates": 0 if written is None else len(written)}
         yield dg.Output(prompts, output_name="preference_prompts", data_version=dg.DataVersion(frame_hash(prompts)),
                         metadata={"dagster/row_count": len(prompts), "preview": p.preview(prompts, ["prompt_id", "prompt"])})
