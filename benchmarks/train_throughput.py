@@ -164,6 +164,17 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def run_child(name: str, cmd: list[str]) -> dict:
+    """Run one measurement in its own process (its own peak RSS) and return what it printed as `RESULT`."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(line[len("RESULT "):])
+    print(f"{name}: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -207,12 +218,7 @@ def main() -> None:
                "--val", str(args.val), "--model-dir", args.model_dir, "--out", args.out, "--device", args.device]
         if args.trl_default_steps:
             cmd += ["--trl-default-steps", str(args.trl_default_steps)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
-        results[name] = json.loads(line[len("RESULT "):])
-        print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        results[name] = run_child(name, cmd)
     def ratios(a: dict, b: dict) -> dict:
         return {"tokens_per_second_ratio": round(a["tokens_per_second"] / b["tokens_per_second"], 2),
                 "peak_rss_ratio": round(a["peak_rss_mib"] / b["peak_rss_mib"], 2),

@@ -179,6 +179,21 @@ def test_dpo_trains_from_the_sft_adapter_and_saves_an_adapter_like_sft(tiny_mode
     assert not torch.allclose(tuned(input_ids=ids).logits, sft(input_ids=ids).logits, atol=1e-4)
 
 
+def test_dpo_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
+    """The loss of a step is the mean over the pairs of its accumulation window, however it is split."""
+    runs = {}
+    for name, batch, accumulation in (("8x1", 8, 1), ("1x8", 1, 8)):
+        spec = spec_for(tiny_model_dir, batch_size=batch, gradient_accumulation_steps=accumulation, epochs=3,
+                        learning_rate=2e-2)
+        history = []
+        train_dpo(spec, DPOConfig(beta=0.5), tiny_model_dir, None, pairs(16), pairs(4, offset=100), tmp_path / name,
+                  device="cpu", log=quiet, on_metrics=lambda m, h=history: h.append(m["train_loss"]))
+        runs[name] = history
+    assert len(runs["8x1"]) == 6
+    assert runs["8x1"][-1] < runs["8x1"][0] - 0.05  # it trains: the comparison is not of constant curves
+    assert runs["8x1"] == pytest.approx(runs["1x8"], rel=1e-4)
+
+
 def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -1,4 +1,6 @@
-"""The SFT training loop: LoRA, QLoRA or full fine-tuning of a causal LM with a response-only loss.
+"""The shared training loop (`run_training`) and SFT's building blocks: LoRA, QLoRA or full fine-tuning
+of a causal LM with a response-only loss. What each method does differently lives in `methods/`
+(SFT, reward model, DPO); `train` is SFT.
 
 What makes it fast on a small CPU: batches grouped by length (little padding), and vocabulary logits
 computed only where a token carries loss (the prompt never goes through the 49k-wide output layer).
