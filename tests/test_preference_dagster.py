@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 from preference_fixtures import one_torch_thread  # noqa: F401
-from test_pipeline_dagster import ROOT, check_results, materialized, metadata, run
+from test_pipeline_dagster import ROOT, check_results, instance, materialized, metadata, run  # noqa: F401 (instance: fixture)
 
 from sft_dagster.cli import run_summary, stage_names
 from sft_dagster.defs import build_definitions
@@ -56,26 +56,11 @@ def write_preference_spec(tmp_path: Path, model_dir: Path, **overrides) -> Path:
     return path
 
 
-def run_with_upstream(defs: dg.Definitions, spec, instance, stages: list[str]):
-    """A run of `stages` and everything they need (the SFT stages included)."""
-    keys = [dg.AssetKey([spec.name, s]) for s in stages]
-    selection = dg.AssetSelection.assets(*keys).upstream().required_multi_asset_neighbors()
-    job = defs.resolve_job_def(f"{spec.name}_job")
-    return job.execute_in_process(instance=instance, raise_on_error=False,
-                                  asset_selection=list(selection.resolve(defs.resolve_asset_graph())))
-
-
-@pytest.fixture()
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
 def test_candidates_queue_and_pairs_with_their_gates(tmp_path, tiny_model_dir, instance):
     spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir))
     storage = tmp_path / "store"
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
-    result = run_with_upstream(defs, spec, instance, DATA_STAGES)
+    result = run(defs, spec, instance, DATA_STAGES, upstream=True)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert {"candidate_generations", "preference_prompts", "candidates_quarantine", "ranking_queue", "preference_pairs",
             "preference_quarantine", "fine_tuned_adapter"} <= materialized(result)
@@ -125,7 +110,7 @@ def test_a_failed_blocking_pair_gate_stops_preference_training_across_runs(tmp_p
     spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir,
                                            **{"preference.gates.identical_sides": {"blocking": True, "max_rate": 0.0}}))
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
-    first = run_with_upstream(defs, spec, instance, ["reward_model", "dpo_adapter"])
+    first = run(defs, spec, instance, ["reward_model", "dpo_adapter"], upstream=True)
     assert check_results(first)["preference_pairs:identical_sides"] is False
     assert not materialized(first) & {"reward_model", "dpo_adapter", "ppo_policy"}
 
