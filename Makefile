@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   - the demo pipeline end to end on the embedded SmolLM2-135M-Instruct
+#   make demo-preference - the preference demo (SFT, rankings, reward model, DPO, PPO, report)
 #   make test   - the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ MLFLOW_VENV ?= .venv-mlflow
 MLFLOW_PORT ?= 5000
 STORAGE ?= $(or $(SFT_DAGSTER_STORAGE),$(CURDIR)/.sft)
 
-.PHONY: setup demo test test-postgres ui validate mlflow mlflow-screenshot benchmarks clean
+.PHONY: setup demo demo-preference test test-postgres ui validate mlflow mlflow-screenshot benchmarks clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/python -m sft_dagster.instance
 	$(BIN)/sft-dagster run assets/demo_sentiment.yaml
+
+# The preference demo's data is written by us (deterministic for the seed) when it is missing.
+data/demo_preference/rankings.jsonl:
+	$(BIN)/sft-dagster demo-preference-data --out data/demo_preference
+
+demo-preference: setup data/demo_preference/rankings.jsonl
+	$(BIN)/python -m sft_dagster.instance
+	$(BIN)/sft-dagster run assets/demo_preference.yaml
 
 test: setup
 	$(BIN)/python -m sft_dagster.instance

@@ -113,9 +113,21 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
         evaluation = {"primary_metric": report["primary_metric"], "base": report["base"], "tuned": report["tuned"],
                       "champion": report.get("champion"), "champion_version": report.get("champion_version"),
                       "promotion": report.get("promotion"), "corrected_view": report.get("corrected_view")}
+    preference = {}
+    if spec.preference is not None:
+        pref = {n: _latest_metadata(instance, key(n)) if n in materialized else {}
+                for n in ("preference_pairs", "reward_model", "preference_report", "preference_promoted_model")}
+        report_file = pref["preference_report"].get("report_path")
+        report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
+        preference = {"pairs_kept": pref["preference_pairs"].get("pairs_kept"),
+                      "pairs_quarantined": pref["preference_pairs"].get("pairs_quarantined"),
+                      "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
+                      "policies": report.get("policies"), "promotion": report.get("promotion"), "report": report_file,
+                      "registry": pref["preference_promoted_model"].get("path")}
     return {
         "pipeline": spec.name,
         "run_id": run_id,
+        "preference": preference,
         "success": bool(run is not None and run.status.value == "SUCCESS") and not failed_blocking,
         "error": error,
         "materialized": materialized,
@@ -188,6 +200,18 @@ def _print_summary(s: dict) -> None:
     for name, path in s["artefacts"].items():
         if path:
             print(f"{name}: {path}")
+    pref = s.get("preference") or {}
+    if pref.get("pairs_kept") is not None:
+        print(f"preference pairs: {pref['pairs_kept']} kept, {pref['pairs_quarantined']} quarantined; reward model "
+              f"pairwise accuracy {pref['reward_model_pairwise_accuracy']}")
+    for name, row in (pref.get("policies") or {}).items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    if pref.get("promotion"):
+        print(f"preference promotion ({pref['promotion']['candidate_policy']}): "
+              f"{'promote' if pref['promotion']['promote'] else 'not promoted'}: {pref['promotion']['reason']}")
+    for name in ("report", "registry"):
+        if pref.get(name):
+            print(f"preference {name}: {pref[name]}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

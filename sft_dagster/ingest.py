@@ -291,3 +291,47 @@ def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         "warnings": warnings,
     }
     return examples, quarantine, stats
+
+
+PROMPT_COLUMNS = ["prompt", "system", "metadata", "source_file", "source_line"]
+
+
+def read_prompts(spec: PipelineSpec, sources) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Prompt files (`preference.prompts`: path, format, encoding, columns prompt/system) -> (prompts,
+    quarantine, stats), read like the spec's sources: a missing file or column fails naming file, line and
+    column; a row without a text prompt is quarantined with its reason; rows read = kept + quarantined.
+    Other fields of a row are kept as JSON in `metadata`."""
+    kept: list[dict] = []
+    bad: list[dict] = []
+    for source in sources:
+        mapping = {"prompt": "prompt", "system": "system"} | dict(source.columns)
+        for path in source_files(spec, source):
+            fmt = _format_of(path, source)
+            records = list(_READERS[fmt](path, source.encoding))
+            objects = [r for _, r, p in records if p is None and isinstance(r, dict)]
+            present = set(_csv_header(path, source.encoding)) if fmt == "csv" else set().union(*(r.keys() for r in objects))
+            if records and (objects or fmt != "jsonl") and mapping["prompt"] not in present:
+                raise IngestError(f"{path}:{records[0][0]}: {mapping['prompt']}: column not found (needed for prompt); "
+                                  f"columns present: {sorted(present)}. Map it with preference.prompts[].columns.prompt")
+            for line_no, record, problem in records:
+                fields: dict[str, Any] = {}
+                if problem is None and not isinstance(record, dict):
+                    problem = f"record is a {type(record).__name__}, not an object"
+                if problem is None:
+                    fields["prompt"], problem = _as_text(record.get(mapping["prompt"]), mapping["prompt"])
+                if problem is None and not fields["prompt"].strip():
+                    problem = f"{mapping['prompt']} is empty"
+                if problem is None:
+                    system = record.get(mapping["system"])
+                    fields["system"] = None if system is None or (isinstance(system, float) and pd.isna(system)) else str(system)
+                    extra = {k: v for k, v in record.items() if k not in set(mapping.values())}
+                    fields["metadata"] = json.dumps(extra, default=str, ensure_ascii=False, sort_keys=True)
+                    kept.append(fields | {"source_file": str(path), "source_line": line_no})
+                else:
+                    bad.append({"example_id": None, "stage": "prompts", "reason": problem, "source_file": str(path),
+                                "source_line": line_no, "record": json.dumps(record, default=str, ensure_ascii=False)})
+    prompts = pd.DataFrame(kept, columns=PROMPT_COLUMNS)
+    prompts["system"] = prompts["system"].astype("object")
+    quarantine = pd.DataFrame(bad, columns=QUARANTINE_COLUMNS)
+    return prompts, quarantine, {"rows_read": len(prompts) + len(quarantine), "rows_kept": len(prompts),
+                                 "rows_quarantined": len(quarantine)}

@@ -14,7 +14,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .preference.config import (
+    CandidateGenerationConfig,
+    DPOConfig,
+    PairGatesConfig,
+    PPOConfig,
+    PreferenceSourceConfig,
+    RankingConfig,
+    RewardModelConfig,
+)
+from .strict import _Strict
 
 LABEL_TASKS = frozenset({"classification", "sentiment"})
 GENERATION_TASKS = frozenset({"qa", "summarization", "translation", "style", "instruction"})
@@ -29,10 +40,6 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 class SpecError(ValueError):
     """A pipeline spec that cannot be used; the message names the file and the key."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TaskSpec(_Strict):
@@ -292,6 +299,72 @@ class ScheduleSpec(_Strict):
         return v
 
 
+class PromptSourceConfig(_Strict):
+    """Prompts to sample candidate replies for: JSONL, CSV or Parquet with a prompt column (and system).
+    Other columns travel with each prompt (the demo's `answer` and `allowed_numbers` feed its rule)."""
+
+    path: str  # a file or a glob, relative to the spec file
+    format: Literal["jsonl", "csv", "parquet"] | None = None  # default: from the extension
+    encoding: str = "utf-8"
+    columns: dict[Literal["prompt", "system"], str] = Field(default_factory=dict)
+
+
+class PreferenceReportSpec(_Strict):
+    """The SFT vs DPO vs PPO comparison on held-out (test-split) prompts and pairs."""
+
+    max_prompts: int = Field(50, ge=1)  # held-out prompts each policy answers
+    max_pairs: int = Field(200, ge=1)  # held-out human pairs scored with each policy's log-probs
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_samples: int = Field(5, ge=0)  # replies shown per policy
+    # demo: score the replies with the preference demo's rule (preference/demo_data.py); needs prompt rows
+    # with `answer` and `allowed_numbers` in `preference.prompts`.
+    rule: Literal["demo"] | None = None
+
+
+class PreferencePromotionSpec(_Strict):
+    """Promotion of a preference-tuned policy: the same registry and decision as SFT (`registry.promotion_decision`)."""
+
+    candidate: Literal["dpo", "ppo"] | None = "dpo"  # None: preference-tuned policies are never promoted
+    # The candidate may lose at most this much of the task's primary metric against the SFT adapter on the
+    # SFT test split (0: it must not lose any).
+    max_task_metric_drop: float = Field(0.0, ge=0)
+
+
+class PreferenceSpec(_Strict):
+    """The human-feedback lifecycle beside SFT (docs/preference.md); a spec without it has no such assets."""
+
+    # Prompts the current model samples K candidates for; a prompt that has written candidates in
+    # `candidate_files` is not sampled (a full ranking names every candidate of its prompt).
+    prompts: list[PromptSourceConfig] = Field(default_factory=list)
+    candidate_files: list[str] = Field(default_factory=list)  # candidates written elsewhere (CANDIDATE_COLUMNS)
+    generation: CandidateGenerationConfig = CandidateGenerationConfig()
+    # Which model writes candidates: auto = the promoted model, else the SFT adapter; or name one.
+    generator: Literal["auto", "promoted", "sft", "base"] = "auto"
+    ranking: RankingConfig = RankingConfig()
+    sources: list[PreferenceSourceConfig] = Field(default_factory=list)  # imported preference data sets
+    gates: PairGatesConfig = PairGatesConfig()
+    reward_model: RewardModelConfig = RewardModelConfig()
+    # Blocking gate of the reward model: pairwise accuracy on the validation pairs at least this.
+    min_reward_accuracy: float = Field(0.6, ge=0, le=1)
+    train: list[Literal["dpo", "ppo"]] = Field(default_factory=lambda: ["dpo"])  # which policies to train
+    dpo: DPOConfig = DPOConfig()
+    ppo: PPOConfig = PPOConfig()
+    report: PreferenceReportSpec = PreferenceReportSpec()
+    promotion: PreferencePromotionSpec = PreferencePromotionSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PreferenceSpec":
+        if not (self.prompts or self.candidate_files or self.sources):
+            raise ValueError("preference needs prompts, candidate_files or sources: there is nothing to rank or import")
+        if len(set(self.train)) != len(self.train):
+            raise ValueError("preference.train lists a method twice")
+        if self.promotion.candidate is not None and self.promotion.candidate not in self.train:
+            raise ValueError(f"preference.promotion.candidate {self.promotion.candidate!r} is not trained: "
+                             f"add it to preference.train {list(self.train)}")
+        return self
+
+
 class PipelineSpec(_Strict):
     name: str
     description: str = ""
@@ -305,6 +378,7 @@ class PipelineSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    preference: PreferenceSpec | None = None
 
     # Set by load_spec, not by the YAML.
     spec_path: Path | None = Field(default=None, exclude=True)
@@ -326,8 +400,9 @@ class PipelineSpec(_Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved spec: part of every adapter's lineage."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` section is left
+        out (it does not shape the SFT adapter; adding it must not retrain SFT)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"preference"}), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

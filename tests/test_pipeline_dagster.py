@@ -54,12 +54,14 @@ def write_spec(tmp_path: Path, model_dir: Path, **overrides) -> Path:
     return path
 
 
-def run(defs: dg.Definitions, spec, instance, stages: list[str] | None = None):
+def run(defs: dg.Definitions, spec, instance, stages: list[str] | None = None, upstream: bool = False):
+    """A run of the pipeline's job: every asset, or `stages` (and, with `upstream`, everything they need)."""
     job = defs.resolve_job_def(job_name(spec))
     selection = None
     if stages:
-        keys = [dg.AssetKey([spec.name, s]) for s in stages]
-        selection = list(dg.AssetSelection.assets(*keys).required_multi_asset_neighbors().resolve(defs.resolve_asset_graph()))
+        chosen = dg.AssetSelection.assets(*[dg.AssetKey([spec.name, s]) for s in stages])
+        chosen = chosen.upstream() if upstream else chosen
+        selection = list(chosen.required_multi_asset_neighbors().resolve(defs.resolve_asset_graph()))
     return job.execute_in_process(instance=instance, asset_selection=selection, raise_on_error=False)
 
 

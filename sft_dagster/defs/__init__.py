@@ -16,7 +16,14 @@ import dagster as dg
 
 from ..spec import PipelineSpec, load_specs
 from ..storage import default_storage_root
-from .automation import data_change_sensor, failed_gate_sensor, nightly_schedule, pipeline_job
+from .automation import (
+    data_change_sensor,
+    failed_gate_sensor,
+    nightly_schedule,
+    pipeline_job,
+    preference_job,
+    rankings_sensor,
+)
 from .common import JSON_IO
 from .pipeline import build_pipeline_assets
 from .resources import ComputeResource, JsonIOManager, K8sTraining, MLflowTracking, ParquetIOManager, SFTStorage
@@ -33,12 +40,16 @@ def checks_dir() -> Path:
 
 
 def pipeline_definitions(spec: PipelineSpec, checks: Path | None = None) -> dg.Definitions:
-    """One spec's asset group, job, nightly schedule, data-change sensor and failed-gate sensor (no resources)."""
+    """One spec's asset group, job, nightly schedule, data-change sensor and failed-gate sensor (no resources);
+    with a `preference:` section also the preference job and the rankings sensor that starts it."""
     pipeline = build_pipeline_assets(spec, checks or checks_dir())
     job = pipeline_job(spec)
-    return dg.Definitions(assets=pipeline.assets, asset_checks=pipeline.checks, jobs=[job],
-                          schedules=[nightly_schedule(spec, job)],
-                          sensors=[data_change_sensor(spec, job), failed_gate_sensor(pipeline)])
+    jobs, sensors = [job], [data_change_sensor(spec, job), failed_gate_sensor(pipeline)]
+    if spec.preference is not None:
+        jobs.append(preference_job(spec))
+        sensors.append(rankings_sensor(spec, jobs[-1]))
+    return dg.Definitions(assets=pipeline.assets, asset_checks=pipeline.checks, jobs=jobs,
+                          schedules=[nightly_schedule(spec, job)], sensors=sensors)
 
 
 @functools.lru_cache(maxsize=16)

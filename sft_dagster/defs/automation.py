@@ -1,4 +1,4 @@
-"""Jobs, the nightly schedule, the data-change sensor, and the failed-gate sensor."""
+"""Jobs, the nightly schedule, the data-change sensor, the rankings sensor, and the failed-gate sensor."""
 
 
 import glob
@@ -13,6 +13,7 @@ from dagster._core.storage.asset_check_execution_record import AssetCheckExecuti
 from ..spec import PipelineSpec
 from .common import PipelineDefs
 from .evaluation import PROMOTION_CHECK
+from .preference import rankings_path
 from .shared import corrections_path
 from .resources import SFTStorage
 
@@ -30,6 +31,30 @@ def pipeline_job(spec: PipelineSpec):
     )
 
 
+def preference_job_name(spec: PipelineSpec) -> str:
+    return f"{spec.name}_preference_job"
+
+
+def preference_job(spec: PipelineSpec):
+    """`preference_pairs` and everything downstream of it: what new rankings change."""
+    pairs = dg.AssetKey([spec.name, "preference_pairs"])
+    return dg.define_asset_job(
+        preference_job_name(spec),
+        selection=dg.AssetSelection.assets(pairs).downstream().required_multi_asset_neighbors(),
+        description=f"Rebuild {spec.name}'s preference pairs from the rankings and train, report and promote from them.",
+        tags={"pipeline": spec.name},
+    )
+
+
+def rankings_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
+    """Starts the preference job when the rankings file changes (`sft-dagster rank` appends to it)."""
+    def watched(storage: SFTStorage) -> dict[str, list]:
+        return stamps([rankings_path(spec, storage)])
+
+    return file_change_sensor(f"{spec.name}_rankings_sensor", job, watched, "rankings file",
+                              "Starts a run of preference_pairs and downstream when new rankings are recorded.")
+
+
 def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
     # Unchanged stages cost little: datasets re-hash to the same data version, and training and
     # evaluation skip themselves when their lineage is unchanged.
@@ -43,26 +68,30 @@ def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
     )
 
 
+def stamps(paths) -> dict[str, list]:
+    """Size and mtime of each existing file."""
+    out = {}
+    for path in paths:
+        if Path(path).exists():
+            stat = Path(path).stat()
+            out[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    return out
+
+
 def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
     """Size and mtime of every source file and of the corrections file."""
-    files: dict[str, list] = {}
-    for source in spec.sources:
-        for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True)):
-            stat = Path(path).stat()
-            files[path] = [stat.st_size, stat.st_mtime_ns]
-    corrections = corrections_path(spec, storage)
-    if corrections.exists():
-        stat = corrections.stat()
-        files[str(corrections)] = [stat.st_size, stat.st_mtime_ns]
-    return files
+    paths = [path for source in spec.sources
+             for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True))]
+    return stamps([*paths, corrections_path(spec, storage)])
 
 
-def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
-    @dg.sensor(name=f"{spec.name}_data_change_sensor", job=job, minimum_interval_seconds=60,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description="Starts a run when raw files appear or change, or the corrections file changes.")
+def file_change_sensor(name: str, job, watched, what: str, description: str) -> dg.SensorDefinition:
+    """A sensor that starts `job` when a file of `watched(storage)` (path -> [size, mtime]) appears, changes
+    or disappears; its first tick only remembers what is there."""
+    @dg.sensor(name=name, job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING,
+               description=description)
     def _sensor(context: dg.SensorEvaluationContext, storage: SFTStorage):
-        current = watched_files(spec, storage)
+        current = watched(storage)
         if context.cursor is None:
             # First tick: remember what is there; only later changes start runs.
             context.update_cursor(json.dumps(current))
@@ -72,11 +101,17 @@ def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
         removed = sorted(set(previous) - set(current))
         context.update_cursor(json.dumps(current))
         if not changed and not removed:
-            return dg.SkipReason("no source or corrections file changed")
+            return dg.SkipReason(f"no {what} changed")
         run_key = hashlib.sha256(json.dumps(current, sort_keys=True).encode()).hexdigest()[:16]
         return dg.RunRequest(run_key=run_key, tags={"sft_dagster/changed_files": ", ".join(Path(p).name for p in changed + removed)[:200]})
 
     return _sensor
+
+
+def data_change_sensor(spec: PipelineSpec, job) -> dg.SensorDefinition:
+    return file_change_sensor(f"{spec.name}_data_change_sensor", job, lambda storage: watched_files(spec, storage),
+                              "source or corrections file",
+                              "Starts a run when raw files appear or change, or the corrections file changes.")
 
 
 def failed_gate_sensor(pipeline: PipelineDefs) -> dg.SensorDefinition:
@@ -85,7 +120,8 @@ def failed_gate_sensor(pipeline: PipelineDefs) -> dg.SensorDefinition:
     A failed check does not fail its run, so nothing else would tell anyone. Each new failure is
     logged and appended to `<storage root>/alerts.jsonl` (point a log shipper or a hook at it).
     """
-    check_keys = [*pipeline.blocking_checks, pipeline.check_key("evaluation_report", PROMOTION_CHECK)]
+    check_keys = [*pipeline.blocking_checks, pipeline.check_key("evaluation_report", PROMOTION_CHECK),
+                  *pipeline.preference_blocking_checks]
 
     @dg.sensor(name=f"{pipeline.name}_failed_quality_gate_sensor", minimum_interval_seconds=60,
                default_status=dg.DefaultSensorStatus.RUNNING,

@@ -106,6 +106,9 @@ class PipelineDefs:
     checks: list = field(default_factory=list)
     # Every blocking check whose failure must stop training, evaluation and promotion, in any run.
     blocking_checks: list[dg.AssetCheckKey] = field(default_factory=list)
+    # The blocking pair gates (and pair accounting) that must pass before preference training; kept apart
+    # from `blocking_checks` so that a failed pair gate never stops SFT.
+    preference_blocking_checks: list[dg.AssetCheckKey] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -6,6 +6,9 @@
     curation.py    curated_examples (+ curation_quarantine), quarantine, dataset_splits
     training.py    base_model, fine_tuned_adapter
     evaluation.py  evaluation_report (base / champion / candidate), promoted_model
+    preference.py  only with a `preference:` section: candidate_generations, ranking_queue,
+                   preference_pairs and their gates, reward_model, dpo_adapter, ppo_policy,
+                   preference_report, preference_promoted_model
 
 Adding a stage means one module with a `build(p)` and one line here.
 """
@@ -16,10 +19,10 @@ from pathlib import Path
 
 from ..quality import load_suite
 from ..spec import PipelineSpec
-from . import curation, data, evaluation, quality, training
+from . import curation, data, evaluation, preference, quality, training
 from .common import PipelineDefs
 
-STAGES = (data, quality, curation, training, evaluation)
+STAGES = (data, quality, curation, training, evaluation, preference)
 
 
 def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:

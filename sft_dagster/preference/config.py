@@ -1,7 +1,6 @@
 """Pydantic models of the preference stages' settings, strict like the pipeline spec.
 
-They are not part of `spec.py` yet: the lead engineer plugs them into the spec (a `preference:`
-section, and one training config per method in a discriminated union keyed by `method`). Every model
+`spec.py` builds the spec's optional `preference:` section (`PreferenceSpec`) from them. Every model
 forbids unknown keys and is frozen, as the spec's own sections are.
 """
 
@@ -11,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..spec import _Strict
+from ..strict import _Strict
 
 
 class CandidateGenerationConfig(_Strict):
