@@ -90,6 +90,11 @@ def _hashes(directory: Path) -> tuple[str, str]:
     return model_hash, tokenizer_hash
 
 
+def directory_hashes(directory: str | Path) -> tuple[str, str]:
+    """(model_hash, tokenizer_hash) of a local model directory (content hashes, cached)."""
+    return _hashes(Path(directory))
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """De-quantise a GGUF model to a safetensors directory once; later calls reuse it."""
     import torch

@@ -41,11 +41,26 @@ class TaskSpec(_Strict):
     labels: list[str] | None = None
     # How a row becomes the user turn; `{prompt}` is the row's prompt text.
     prompt_template: str = "{prompt}"
+    # Label tasks: several templates, one drawn per training example (seeded by training.seed and the
+    # example id; training/augment.py). The first is the main template: validation, evaluation and
+    # serving use it, and `prompt_template` is set to it.
+    prompt_templates: list[str] | None = None
     system: str | None = None
 
     @property
     def is_label_task(self) -> bool:
         return self.type in LABEL_TASKS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _main_template(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prompt_templates"):
+            first, given = data["prompt_templates"][0], data.get("prompt_template")
+            if given is not None and given != first:
+                raise ValueError("task.prompt_template and task.prompt_templates[0] differ: give only prompt_templates "
+                                 "(its first template is the main one)")
+            data = {**data, "prompt_template": first}
+        return data
 
     @model_validator(mode="after")
     def _labels_for_label_tasks(self) -> "TaskSpec":
@@ -55,6 +70,14 @@ class TaskSpec(_Strict):
             raise ValueError("task.labels has duplicates")
         if "{prompt}" not in self.prompt_template:
             raise ValueError("task.prompt_template must contain {prompt}")
+        if self.prompt_templates is not None:
+            if not self.is_label_task:
+                raise ValueError(f"task.prompt_templates is for label tasks (classification, sentiment), not {self.type}")
+            if len(self.prompt_templates) < 2 or len(set(self.prompt_templates)) != len(self.prompt_templates):
+                raise ValueError("task.prompt_templates needs at least two distinct templates")
+            bad = [i for i, t in enumerate(self.prompt_templates) if t.count("{prompt}") != 1]
+            if bad:
+                raise ValueError(f"task.prompt_templates[{bad[0]}] must contain {{prompt}} exactly once")
         return self
 
 
@@ -218,6 +241,37 @@ class PodSpec(_Strict):
         return num_processes if self.gpus is None else self.gpus
 
 
+class ReplaySourceSpec(_Strict):
+    # builtin: general prompts with reference answers written for replay (sft_dagster/retention.py,
+    # `replay_set`), never the prompts the retention evaluation scores; or a JSONL/CSV/Parquet file
+    # with `prompt` and `response` columns, relative to the spec file.
+    source: str = "builtin"
+    examples: int = Field(128, ge=1)  # at most this many general examples are used
+    # Optional column mapping of the file, as in `sources[].columns`.
+    columns: dict[Literal["prompt", "response"], str] = Field(default_factory=dict)
+
+
+class ReplayMixSpec(ReplaySourceSpec):
+    """Plain replay: general examples mixed into the train split as ordinary SFT examples."""
+
+    # general examples added = round(ratio x train rows), capped by `examples`
+    ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DistillationSpec(_Strict):
+    """KL(teacher || student) on the next-token distributions of general replay examples, added to the
+    task loss with `weight` (training/distill.py; the teacher's top-k logits are cached on disk)."""
+
+    weight: float = Field(0.0, ge=0)  # 0: off, the run is the same as without this section
+    # `base`: the base model itself (frozen, before any adapter), or a local model directory with the
+    # same tokenizer.
+    teacher: str = "base"
+    top_k: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)  # replay examples per optimizer step
+    replay: ReplaySourceSpec = ReplaySourceSpec()
+
+
 class TrainingSpec(_Strict):
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
@@ -250,6 +304,11 @@ class TrainingSpec(_Strict):
     pod: PodSpec = PodSpec()
     seed: int = 0
     search: SearchSpec = SearchSpec()
+    # NEFTune (Jain et al. 2023): uniform noise in [-a, a], a = alpha / sqrt(L x d), added to the input
+    # embeddings of training forwards only (L: the example's tokens, d: the hidden size); 0: off.
+    neftune_alpha: float = Field(0.0, ge=0)
+    replay: ReplayMixSpec = ReplayMixSpec()
+    distillation: DistillationSpec = DistillationSpec()
 
 
 class EvaluationSpec(_Strict):

@@ -27,7 +27,9 @@ import torch
 from .. import atomic
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
 from ..schema import column_or_none
-from ..spec import PipelineSpec
+from ..spec import PipelineSpec, TaskSpec
+from . import augment
+from .distill import Distiller
 from .fast_lora import use_fast_lora
 from .precision import PrecisionChoice, cached_choice, machine_key, measure_precision, probe_cache_dir
 from .progress import Progress
@@ -134,12 +136,14 @@ def store_frozen_weights(model, dtype: torch.dtype) -> int:
     return cast
 
 
-def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec) -> list[EncodedExample]:
-    """Encode every row; refuse (never silently truncate) rows that do not fit or carry no loss."""
+def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec, tasks: list[TaskSpec] | None = None) -> list[EncodedExample]:
+    """Encode every row (row i with `tasks[i]`, default the spec's task); refuse (never silently
+    truncate) rows that do not fit or carry no loss."""
     encoded, refused = [], []
-    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
-    for example_id, prompt, response, system, history in rows:
-        messages = build_messages(prompt, response, system if isinstance(system, str) else None, spec.task, history)
+    tasks = tasks or [spec.task] * len(df)
+    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"), tasks)
+    for example_id, prompt, response, system, history, task in rows:
+        messages = build_messages(prompt, response, system if isinstance(system, str) else None, task, history)
         example = encode_example(tokenizer, messages, spec.model.max_length)
         if example.truncated or example.n_loss_tokens == 0:
             refused.append(str(example_id))
@@ -212,16 +216,20 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of token losses over loss positions, computing vocabulary logits only there."""
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 vocabulary logits, target ids) at the loss positions only, row by row in order."""
     lm = _causal_lm(model)
     hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
-    logits = lm.lm_head(hidden[:, :-1][positions]).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[positions], reduction="sum")
-    return loss, int(positions.sum())
+    return lm.lm_head(hidden[:, :-1][positions]).float(), targets[positions]
+
+
+def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses over loss positions, computing vocabulary logits only there."""
+    logits, targets = response_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
 @torch.no_grad()
@@ -451,8 +459,11 @@ def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
 
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
-          stop_after_steps: int | None = None, probe_cache: Path | str | None = None) -> TrainingResult:
+          stop_after_steps: int | None = None, probe_cache: Path | str | None = None,
+          teacher_cache: Path | None = None) -> TrainingResult:
     """Train and save the adapter (or full model) under `output_dir`; resumes from its checkpoints.
+
+    `teacher_cache`: where distillation caches the teacher's top-k logits (default: next to `output_dir`).
 
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
     `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
@@ -469,17 +480,21 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     random.seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = encode_frame(tokenizer, train_df, spec)
-    val_set = encode_frame(tokenizer, val_df, spec)
-    if not train_set:
+    if train_df.empty:
         raise ValueError("the train split is empty")
+    train_df = augment.with_replay(train_df, spec)  # general examples mixed in (training.replay)
+    train_set = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec))
+    val_set = encode_frame(tokenizer, val_df, spec)
     choice = _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank, world)
     precision = choice.precision
     amp = precision if uses_autocast(cfg.method, precision) else "fp32"  # what autocast() is given
     log(f"precision {precision}: {choice.reason}{' (cached measurement)' if choice.cached else ''}")
     if not device.startswith("cuda"):
         release_freed_memory_to_os()
+    distiller = Distiller.prepare(spec, model_dir, tokenizer, teacher_cache or output_dir.parent / "teacher_cache",
+                                  device, pad_id)
     model = load_model(spec, model_dir, device, precision)
+    neftune = augment.attach_neftune(model, cfg.neftune_alpha)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.learning_rate, cfg.weight_decay, device)
@@ -534,6 +549,11 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
                 (loss / window_tokens).backward()
                 loss_sum += float(loss.detach())
                 state["trained_tokens"] += sum(lengths[i] for i in piece)
+            if distiller is not None:  # the KL term on general replay examples, once per optimizer step
+                with autocast(device, amp):
+                    kl, n_kl = distiller.loss(model, distiller.batch_for_step(step))
+                (cfg.distillation.weight * kl / (n_kl * world)).backward()
+                state["distill_kl"] = float(kl.detach()) / n_kl
             _all_reduce_gradients(params, world)
             if world > 1:
                 import torch.distributed as dist
@@ -588,6 +608,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
             named = dict(model.named_parameters())
             for k, v in torch.load(best_path, weights_only=True).items():
                 named[k].copy_(v.to(named[k].device))
+    if neftune is not None:
+        neftune.remove()
     seconds = time.perf_counter() - start_time
     out = output_dir / ("model" if cfg.method == "full" else "adapter")
     if rank == 0:
@@ -605,7 +627,10 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "seconds": round(seconds, 2), "validation_seconds": round(state["validation_seconds"], 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
+        **augment.run_metrics(train_df, spec),
     }
+    if distiller is not None:
+        metrics["distillation"] = distiller.stats | {"final_kl": state.get("distill_kl")}
     if rank == 0:
         atomic.write_json(output_dir / "metrics.json", metrics)
     return TrainingResult(adapter_dir=out, method=cfg.method, metrics=metrics)
