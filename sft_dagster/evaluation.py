@@ -353,6 +353,16 @@ def read_report(path: Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+# What a training run did against overfitting and forgetting (training/augment.py, training/distill.py).
+TRAINING_TECHNIQUES = ("neftune_alpha", "prompt_template_counts", "replay_examples_mixed", "distillation")
+
+
+def training_summary(metrics: dict) -> dict | None:
+    """The techniques a run used, from its metrics (None when it used none): shown beside retention."""
+    used = {k: metrics[k] for k in TRAINING_TECHNIQUES if metrics.get(k)}
+    return used or None
+
+
 def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -392,6 +402,17 @@ def render_markdown(report: dict) -> str:
                   "| | " + " | ".join(h for _, h in names) + " |", "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
         for field in ("accuracy", "reference_nll", "forgetting", "nll_change"):
             lines.append(f"| {field} | " + " | ".join(_fmt(retention["models"][k].get(field, "")) for k, _ in names) + " |")
+    if used := report.get("training"):
+        lines += ["", "## Training against overfitting and forgetting", ""]
+        if used.get("neftune_alpha"):
+            lines.append(f"- NEFTune: noise alpha {used['neftune_alpha']} on the input embeddings (training only)")
+        if counts := used.get("prompt_template_counts"):
+            lines.append("- Prompt templates (training rows each): " + "; ".join(f"`{t}` {n}" for t, n in counts.items()))
+        if used.get("replay_examples_mixed"):
+            lines.append(f"- Replay: {used['replay_examples_mixed']} general examples mixed into the train split")
+        if d := used.get("distillation"):
+            lines.append(f"- Distillation: KL to {d['teacher']} on {d['replay_examples']} replay examples (teacher run for "
+                         f"{d['computed']}, read from the cache for {d['hits']}); last step's KL {_fmt(d.get('final_kl'))}")
     if view := report.get("corrected_view"):
         scored = ", ".join(f"{h} {_fmt(view[k]['accuracy'])}" for k, h in cols if k in view)
         lines += ["", f"Corrected view ({view['relabelled_rows']} test rows flagged by cleanlab scored against the "

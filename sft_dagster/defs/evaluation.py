@@ -83,7 +83,8 @@ def build(p: PipelineDefs) -> None:
                 train=dataset_splits[dataset_splits["split"] == "train"],
                 cache_dir=paths.reports_dir / "scores",
                 cache_key={"base_model": base_model["model_hash"], "tokenizer": base_model["tokenizer_hash"], "code": code})
-            report |= champion_note | {"adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
+            report |= champion_note | {"training": evaluation.training_summary(fine_tuned_adapter.get("metrics") or {}),
+                                       "adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
                                        "seconds": round(time.perf_counter() - start, 1)}
             report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement,
                                                               spec.promotion.max_forgetting)

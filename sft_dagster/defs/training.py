@@ -88,6 +88,22 @@ def prune_training_runs(training_dir: Path, keep: Path, n: int = TRAINING_RUNS_K
     return removed
 
 
+def training_inputs(spec, model_dir: Path) -> dict:
+    """Content hashes of what else a run reads when the spec asks for it: a distillation teacher other
+    than the base model, and replay files. Absent otherwise (a spec without them keeps its lineage)."""
+    from ..training.distill import teacher_dir
+
+    out = {}
+    distillation = spec.training.distillation
+    if distillation.weight > 0 and distillation.teacher != "base":
+        out["distillation_teacher_hash"] = models.directory_hashes(teacher_dir(spec, model_dir))[0]
+    for name, source in (("replay", spec.training.replay), ("distillation_replay", distillation.replay)):
+        used = source.ratio > 0 if name == "replay" else distillation.weight > 0
+        if used and source.source != "builtin":
+            out[f"{name}_file_hash"] = models.file_digest(spec.resolve(source.source))[:16]
+    return out
+
+
 def build(p: PipelineDefs) -> None:
     spec, K = p.spec, p.key
 
@@ -124,6 +140,7 @@ def build(p: PipelineDefs) -> None:
             "libraries": library_versions(),
             "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
         }
+        lineage |= training_inputs(spec, model_dir)
         lineage_hash = lineage_hash_of(lineage)
         run_dir = paths.training_dir / lineage_hash
         done = completed_run(run_dir)
