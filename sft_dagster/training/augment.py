@@ -103,21 +103,36 @@ def template_index(example_id: str, seed: int, n: int) -> int:
     return int.from_bytes(digest[:8], "big") % n
 
 
-def row_tasks(df: pd.DataFrame, spec: PipelineSpec) -> list[TaskSpec]:
-    """The task (hence template and system prompt) each training row is rendered with."""
-    task = spec.task
+def _template_variants(task: TaskSpec) -> list[TaskSpec]:
+    return [task.model_copy(update={"prompt_template": t}) for t in task.prompt_templates or [task.prompt_template]]
+
+
+def row_tasks(df: pd.DataFrame, spec: PipelineSpec, tasks: dict[str, TaskSpec] | None = None) -> list[TaskSpec]:
+    """The task (hence template and system prompt) each training row is rendered with: the spec's, or
+    for a multi-task mix the row's own (`task` column, names in `tasks`; sft_dagster/multitask.py)."""
+    from ..multitask import task_of_rows
+
     replay = df[REPLAY_COLUMN].fillna(False).astype(bool).tolist() if REPLAY_COLUMN in df else [False] * len(df)
-    variants = [task.model_copy(update={"prompt_template": t}) for t in task.prompt_templates or [task.prompt_template]]
-    return [GENERAL_TASK if is_replay else variants[template_index(str(eid), spec.training.seed, len(variants))]
-            for eid, is_replay in zip(df["example_id"], replay)]
+    own = task_of_rows(df.loc[[not r for r in replay]], tasks) if tasks else None
+    variants: dict[int, list[TaskSpec]] = {}
+    out, k = [], 0
+    for eid, is_replay in zip(df["example_id"], replay):
+        if is_replay:
+            out.append(GENERAL_TASK)
+            continue
+        task = own[k] if own is not None else spec.task
+        k += 1
+        options = variants.setdefault(id(task), _template_variants(task))
+        out.append(options[template_index(str(eid), spec.training.seed, len(options))])
+    return out
 
 
-def template_counts(df: pd.DataFrame, spec: PipelineSpec) -> dict[str, int]:
+def template_counts(df: pd.DataFrame, spec: PipelineSpec, tasks: dict[str, TaskSpec] | None = None) -> dict[str, int]:
     """How many training rows each template renders (the run's metrics show it)."""
     counts = {t: 0 for t in spec.task.prompt_templates or [spec.task.prompt_template]}
-    for task in row_tasks(df, spec):
+    for task in row_tasks(df, spec, tasks):
         if task is not GENERAL_TASK:
-            counts[task.prompt_template] += 1
+            counts[task.prompt_template] = counts.get(task.prompt_template, 0) + 1
     return counts
 
 
@@ -164,11 +179,23 @@ def with_replay(train_df: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
     return pd.concat([task_rows, general[[c for c in general.columns if c in task_rows.columns]]], ignore_index=True)
 
 
-def run_metrics(train_df: pd.DataFrame, spec: PipelineSpec) -> dict:
-    """What augmentation did in a run, for its metrics: noise, templates used, replay rows mixed in."""
+def run_metrics(train_df: pd.DataFrame, spec: PipelineSpec, tasks: dict[str, TaskSpec] | None = None) -> dict:
+    """What augmentation did in a run, for its metrics: noise, templates used, replay rows mixed in,
+    and for a multi-task mix the train rows of each task."""
+    from ..multitask import TASK_COLUMN
+
     out: dict = {"neftune_alpha": spec.training.neftune_alpha}
-    if spec.task.prompt_templates:
-        out["prompt_template_counts"] = template_counts(train_df, spec)
+    if spec.task.prompt_templates or (tasks and any(t.prompt_templates for t in tasks.values())):
+        out["prompt_template_counts"] = template_counts(train_df, spec, tasks)
+    if tasks and TASK_COLUMN in train_df:
+        out["task_rows"] = {k: int(v) for k, v in train_df[TASK_COLUMN].value_counts().sort_index().items()}
     if REPLAY_COLUMN in train_df:
         out["replay_examples_mixed"] = int(train_df[REPLAY_COLUMN].fillna(False).astype(bool).sum())
     return out
+
+
+def main_tasks(df: pd.DataFrame, spec: PipelineSpec, tasks: dict[str, TaskSpec] | None = None) -> list[TaskSpec] | None:
+    """Validation rows: each with its task's main template (no variation); None for a single task."""
+    from ..multitask import task_of_rows
+
+    return task_of_rows(df, tasks) if tasks else None

@@ -460,10 +460,11 @@ def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, probe_cache: Path | str | None = None,
-          teacher_cache: Path | None = None) -> TrainingResult:
+          teacher_cache: Path | None = None, tasks: dict[str, TaskSpec] | None = None) -> TrainingResult:
     """Train and save the adapter (or full model) under `output_dir`; resumes from its checkpoints.
 
     `teacher_cache`: where distillation caches the teacher's top-k logits (default: next to `output_dir`).
+    `tasks`: for a multi-task mix (a `task` column in the frames, sft_dagster/multitask.py), each task by name.
 
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
     `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
@@ -483,8 +484,8 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     if train_df.empty:
         raise ValueError("the train split is empty")
     train_df = augment.with_replay(train_df, spec)  # general examples mixed in (training.replay)
-    train_set = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec))
-    val_set = encode_frame(tokenizer, val_df, spec)
+    train_set = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec, tasks))
+    val_set = encode_frame(tokenizer, val_df, spec, augment.main_tasks(val_df, spec, tasks))
     choice = _resolve_precision_on_rank0(spec, model_dir, device, train_set, pad_id, probe_cache, rank, world)
     precision = choice.precision
     amp = precision if uses_autocast(cfg.method, precision) else "fp32"  # what autocast() is given
@@ -627,7 +628,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
         "seconds": round(seconds, 2), "validation_seconds": round(state["validation_seconds"], 2),
         "early_stopped": early_stopped, "resumed_from_step": resumed_from,
         "trainable_parameters": sum(p.numel() for p in params), "processes": world,
-        **augment.run_metrics(train_df, spec),
+        **augment.run_metrics(train_df, spec, tasks),
     }
     if distiller is not None:
         metrics["distillation"] = distiller.stats | {"final_kl": state.get("distill_kl")}
