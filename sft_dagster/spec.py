@@ -351,6 +351,39 @@ class ScheduleSpec(_Strict):
         return v
 
 
+class ExtraTaskSpec(_Strict):
+    """A further task trained into the same adapter (multi-task learning): its own data, labels,
+    quality gates, quarantine accounting and splits (a data sub-pipeline `<name>__<task name>`)."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)  # mixing weight (`mixing` below)
+    task: TaskSpec
+    sources: list[SourceSpec] = Field(min_length=1)
+    labels: LabelsSpec = LabelsSpec()
+    quality: QualitySpec | None = None  # default: the pipeline's
+    splits: SplitSpec | None = None  # default: the pipeline's
+
+    @field_validator("name")
+    @classmethod
+    def _task_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v) or v == MAIN_TASK:
+            raise ValueError(f"must be a lower-case identifier other than {MAIN_TASK!r}")
+        return v
+
+
+MAIN_TASK = "main"  # the name of the spec's own task (`task`, `sources`) in a multi-task mix
+
+
+class MixingSpec(_Strict):
+    """How the tasks' train rows are sampled into one training set (sft_dagster/multitask.py):
+    proportional to rows x weight, or temperature-scaled ((rows x weight)^(1/T), flatter for T > 1)."""
+
+    strategy: Literal["proportional", "temperature"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    weight: float = Field(1.0, ge=0)  # the main task's weight
+    seed: int = 0
+
+
 class PipelineSpec(_Strict):
     name: str
     description: str = ""
@@ -364,6 +397,9 @@ class PipelineSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec = ScheduleSpec()
+    # Multi-task learning: further tasks mixed with this one into one adapter (empty: a single task).
+    tasks: list[ExtraTaskSpec] = Field(default_factory=list)
+    mixing: MixingSpec = MixingSpec()
 
     # Set by load_spec, not by the YAML.
     spec_path: Path | None = Field(default=None, exclude=True)
@@ -374,6 +410,35 @@ class PipelineSpec(_Strict):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
             raise ValueError("must be a lower-case identifier (letters, digits, _), used as the Dagster asset prefix")
         return v
+
+    @model_validator(mode="after")
+    def _multi_task(self) -> "PipelineSpec":
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must be unique, got {names}")
+        if self.tasks and (self.training.launcher != "in_process" or self.training.num_processes > 1):
+            raise ValueError("tasks: a multi-task spec trains in process (training.launcher in_process, num_processes 1)")
+        if self.tasks and self.training.search.strategy != "none":
+            raise ValueError("tasks: hyperparameter search (training.search) is for single-task specs")
+        return self
+
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """Every task of the mix by name: the spec's own as `main`, then `tasks`."""
+        return {MAIN_TASK: self.task, **{t.name: t.task for t in self.tasks}}
+
+    def task_pipeline(self, name: str) -> "PipelineSpec":
+        """The single-task spec of one task of the mix (the spec itself for `main`): its data pipeline
+        and evaluation run as for any single-task spec, under the name `<pipeline>__<task>`."""
+        if name == MAIN_TASK:
+            return self
+        entry = next(t for t in self.tasks if t.name == name)
+        return self.model_copy(update={
+            "name": f"{self.name}__{entry.name}", "task": entry.task, "sources": entry.sources, "labels": entry.labels,
+            "quality": entry.quality or self.quality, "splits": entry.splits or self.splits, "tasks": [],
+        })
+
+    def mixing_weights(self) -> dict[str, float]:
+        return {MAIN_TASK: self.mixing.weight, **{t.name: t.weight for t in self.tasks}}
 
     @property
     def base_dir(self) -> Path:

@@ -77,3 +77,24 @@ def test_one_adapter_trains_on_a_mix_rendering_each_row_with_its_task(tiny_model
     assert result.metrics["task_rows"] == {"qa": 6, "sentiment": 6} and result.metrics["steps"] == 3
     with pytest.raises(ValueError, match="unknown tasks"):
         row_tasks(mixed.assign(task="other"), spec, tasks)
+
+
+def test_multi_task_spec_validation_and_task_pipelines():
+    from sft_dagster.spec import SpecError, parse_spec
+
+    extra = {"name": "intents", "weight": 0.5, "task": {"type": "classification", "labels": ["a", "b"]},
+             "sources": [{"path": "b.jsonl"}], "quality": {"suite": "default"}}
+    base = {"name": "mix", "task": {"type": "sentiment", "labels": ["neg", "pos"]}, "sources": [{"path": "a.jsonl"}],
+            "quality": {"suite": "sentiment"}, "splits": {"test": 0.3}}
+    spec = parse_spec(base | {"tasks": [extra], "mixing": {"strategy": "temperature", "weight": 2.0}})
+    sub = spec.task_pipeline("intents")
+    assert sub.name == "mix__intents" and sub.task.labels == ["a", "b"] and sub.sources[0].path == "b.jsonl"
+    assert sub.quality.suite == "default" and sub.splits.test == 0.3 and sub.tasks == []  # own quality, shared splits
+    assert spec.task_pipeline("main") is spec and spec.mixing_weights() == {"main": 2.0, "intents": 0.5}
+    assert set(spec.task_specs()) == {"main", "intents"}
+    for bad, message in [({"tasks": [extra, extra]}, "unique"), ({"tasks": [extra | {"name": "main"}]}, "other than"),
+                         ({"tasks": [extra], "training": {"launcher": "subprocess"}}, "in process")]:
+        with pytest.raises(SpecError, match=message):
+            parse_spec(base | bad)
+    single = parse_spec(base)
+    assert single.tasks == [] and single.task_specs() == {"main": single.task}

@@ -44,8 +44,10 @@ def nightly_schedule(spec: PipelineSpec, job) -> dg.ScheduleDefinition:
 
 
 def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
-    """Size and mtime of every source file and of the corrections file."""
+    """Size and mtime of every source file and of the corrections file (of every task of a multi-task spec)."""
     files: dict[str, list] = {}
+    for entry in spec.tasks:
+        files |= watched_files(spec.task_pipeline(entry.name), storage)
     for source in spec.sources:
         for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True)):
             stat = Path(path).stat()

@@ -638,14 +638,14 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
 
 
 def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto",
-              probe_cache: Path | str | None = None) -> dict:
+              probe_cache: Path | str | None = None, tasks: dict[str, TaskSpec] | None = None) -> dict:
     """Token counts, optimizer steps, the precision (and why) and an estimated duration (one timed
     training step), before training. `precision: auto` is measured here, or read from the probe cache."""
     from transformers import AutoTokenizer
 
     device = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode_frame(tokenizer, train_df, spec)
+    encoded = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec, tasks))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     choice = resolve_precision(spec, model_dir, device, encoded, pad_id, probe_cache)
     n_tokens = sum(len(e.input_ids) for e in encoded)
