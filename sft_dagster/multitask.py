@@ -1,9 +1,9 @@
 """Multi-task mixing: several tasks' train splits sampled into one training set for one adapter.
 
-The building blocks of issue #12's multi-task learning (not yet reachable from a spec or the Dagster
-graph: see docs/training.md). Each task keeps its own rows, template and labels; only the *train*
-rows are mixed, every task's validation and test rows are kept whole and tagged with their task, so
-each task is still evaluated on its own test split.
+A spec's `tasks:` (spec.py `ExtraTaskSpec`, wired in defs/multitask.py) lists the further tasks; the
+spec's own task is `main`. Each task keeps its own rows, template and labels; only the *train* rows
+are mixed, every task's validation and test rows are kept whole and tagged with their task, so each
+task is still evaluated on its own test split.
 
 Sampling (the T5 paper's "examples-proportional" and "temperature-scaled" mixing, Raffel et al. 2020
 sec. 3.5.2; mT5 uses the latter across languages):

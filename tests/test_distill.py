@@ -143,3 +143,18 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_model_dir, teacher_dir
     spec = spec_for(tiny_model_dir, distillation={"weight": 1.0, "teacher": str(tmp_path / "missing")})
     with pytest.raises(TeacherError, match="not a local model directory"):
         Distiller.prepare(spec, tiny_model_dir, tok, tmp_path / "cache", "cpu", 0)
+
+
+def test_a_local_teacher_and_a_replay_file_join_the_lineage(tiny_model_dir, teacher_dir, tmp_path):
+    from sft_dagster.defs.training import training_inputs
+
+    assert training_inputs(spec_for(tiny_model_dir), tiny_model_dir) == {}
+    assert training_inputs(spec_for(tiny_model_dir, distillation={"weight": 1.0}), tiny_model_dir) == {}  # the base
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"prompt": "Say hi", "response": "hi"}\n')
+    spec = spec_for(tiny_model_dir, distillation={"weight": 1.0, "teacher": str(teacher_dir)},
+                    replay={"ratio": 0.5, "source": str(general)})
+    first = training_inputs(spec, tiny_model_dir)
+    assert set(first) == {"distillation_teacher_hash", "replay_file_hash"}
+    general.write_text('{"prompt": "Say bye", "response": "bye"}\n')
+    assert training_inputs(spec, tiny_model_dir)["replay_file_hash"] != first["replay_file_hash"]
