@@ -22,7 +22,7 @@ import torch
 from .formatting import build_messages, encode_example, generation_prompt_ids
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
-from .spec import PipelineSpec, TaskSpec
+from .spec import MAIN_TASK, PipelineSpec, TaskSpec
 from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
 
 INVALID = "<invalid>"
@@ -341,6 +341,35 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
                         champion["version"] if champion else None, scores.get("base_few_shot"), few_shot, retention)
 
 
+def evaluate_tasks(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, splits: pd.DataFrame, **kwargs) -> dict:
+    """`evaluate` on the test split of a single-task spec; for a multi-task spec, on each task's own test
+    rows (with its own template, labels and few-shot examples from its own train rows).
+
+    A multi-task report is the main task's report (the retention evaluation runs once, there) with
+    `tasks`: every task's report by name, and `mix`: each task's primary metric for base and candidate
+    and their mean weighted by the tasks' test rows.
+    """
+    from .multitask import TASK_COLUMN
+
+    if not spec.tasks:
+        return evaluate(spec, model_dir, adapter_dir, splits[splits["split"] == "test"].reset_index(drop=True),
+                        train=splits[splits["split"] == "train"], **kwargs)
+    reports = {}
+    for name in spec.task_specs():
+        task_spec = spec.task_pipeline(name)
+        if name != MAIN_TASK:  # retention measures the adapter, not a task: once is enough
+            task_spec = task_spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"retention_examples": 0})})
+        rows = splits[splits[TASK_COLUMN] == name]
+        train = rows[rows["split"] == "train"].drop_duplicates("example_id")
+        reports[name] = evaluate(task_spec, model_dir, adapter_dir, rows[rows["split"] == "test"].reset_index(drop=True),
+                                 train=train, **kwargs)
+    mix = {name: {"metric": r["primary_metric"], "n_test": r["n_test"], "base": r["base"].get(r["primary_metric"]),
+                  "tuned": r["tuned"].get(r["primary_metric"])} for name, r in reports.items()}
+    n = sum(m["n_test"] for m in mix.values())
+    mean = {which: sum(m[which] * m["n_test"] for m in mix.values()) / max(1, n) for which in ("base", "tuned")}
+    return reports[MAIN_TASK] | {"tasks": reports, "mix": {"tasks": mix, "mean_primary_metric": mean}}
+
+
 def write_report(directory: Path, report: dict) -> None:
     """`evaluation.json` and `evaluation.md` in `directory`, each written atomically."""
     from . import atomic
@@ -351,6 +380,16 @@ def write_report(directory: Path, report: dict) -> None:
 
 def read_report(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# What a training run did against overfitting and forgetting (training/augment.py, training/distill.py).
+TRAINING_TECHNIQUES = ("neftune_alpha", "prompt_template_counts", "replay_examples_mixed", "distillation")
+
+
+def training_summary(metrics: dict) -> dict | None:
+    """The techniques a run used, from its metrics (None when it used none): shown beside retention."""
+    used = {k: metrics[k] for k in TRAINING_TECHNIQUES if metrics.get(k)}
+    return used or None
 
 
 def _fmt(v) -> str:
@@ -392,6 +431,27 @@ def render_markdown(report: dict) -> str:
                   "| | " + " | ".join(h for _, h in names) + " |", "|" + "|".join("---" for _ in range(len(names) + 1)) + "|"]
         for field in ("accuracy", "reference_nll", "forgetting", "nll_change"):
             lines.append(f"| {field} | " + " | ".join(_fmt(retention["models"][k].get(field, "")) for k, _ in names) + " |")
+    if used := report.get("training"):
+        lines += ["", "## Training against overfitting and forgetting", ""]
+        if used.get("neftune_alpha"):
+            lines.append(f"- NEFTune: noise alpha {used['neftune_alpha']} on the input embeddings (training only)")
+        if counts := used.get("prompt_template_counts"):
+            lines.append("- Prompt templates (training rows each): " + "; ".join(f"`{t}` {n}" for t, n in counts.items()))
+        if used.get("replay_examples_mixed"):
+            lines.append(f"- Replay: {used['replay_examples_mixed']} general examples mixed into the train split")
+        if d := used.get("distillation"):
+            lines.append(f"- Distillation: KL to {d['teacher']} on {d['replay_examples']} replay examples (teacher run for "
+                         f"{d['computed']}, read from the cache for {d['hits']}); last step's KL {_fmt(d.get('final_kl'))}")
+    if mix := report.get("mix"):
+        lines += ["", "## Tasks (one adapter for all)", "", "| task | metric | test rows | base | candidate | promotion |",
+                  "|---|---|---|---|---|---|"]
+        decisions = (report.get("promotion") or {}).get("tasks", {})
+        for name, m in mix["tasks"].items():
+            verdict = decisions.get(name, {}).get("promote")
+            lines.append(f"| {name} | {m['metric']} | {m['n_test']} | {_fmt(m['base'])} | {_fmt(m['tuned'])} | "
+                         f"{'' if verdict is None else ('pass' if verdict else 'block')} |")
+        lines.append(f"| mix (mean weighted by test rows) | | | {_fmt(mix['mean_primary_metric']['base'])} | "
+                     f"{_fmt(mix['mean_primary_metric']['tuned'])} | |")
     if view := report.get("corrected_view"):
         scored = ", ".join(f"{h} {_fmt(view[k]['accuracy'])}" for k, h in cols if k in view)
         lines += ["", f"Corrected view ({view['relabelled_rows']} test rows flagged by cleanlab scored against the "

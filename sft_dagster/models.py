@@ -55,7 +55,7 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):
@@ -68,7 +68,7 @@ def _dir_digest(directory: Path, patterns: tuple[str, ...]) -> str:
     for pattern in patterns:
         for f in sorted(directory.glob(pattern)):
             h.update(f.name.encode())
-            h.update(_file_digest(f).encode())
+            h.update(file_digest(f).encode())
     return h.hexdigest()[:16]
 
 
@@ -90,12 +90,17 @@ def _hashes(directory: Path) -> tuple[str, str]:
     return model_hash, tokenizer_hash
 
 
+def directory_hashes(directory: str | Path) -> tuple[str, str]:
+    """(model_hash, tokenizer_hash) of a local model directory (content hashes, cached)."""
+    return _hashes(Path(directory))
+
+
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """De-quantise a GGUF model to a safetensors directory once; later calls reuse it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = _file_digest(gguf_path)[:16]
+    digest = file_digest(gguf_path)[:16]
     target = cache_root / f"{gguf_path.stem}-{digest}"
     if (target / "config.json").exists():
         return target

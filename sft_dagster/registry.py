@@ -24,6 +24,18 @@ def _gain(metric: str, candidate: float, reference: float) -> float:
     return (reference - candidate) if metric in LOWER_IS_BETTER else (candidate - reference)
 
 
+def all_tasks_decision(report: dict, min_improvement: float) -> dict:
+    """A multi-task report's decision: the main task's (`report["promotion"]`, with forgetting) and every
+    further task's on its own primary metric; the adapter is promoted only when all pass."""
+    main = report["promotion"]
+    decisions = {"main": main} | {
+        name: promotion_decision(task_report, task_report["primary_metric"], min_improvement)
+        for name, task_report in report["tasks"].items() if name != "main"}
+    blocked = [f"{name}: {d['reason']}" for name, d in decisions.items() if not d["promote"]]
+    return main | {"promote": not blocked, "tasks": decisions,
+                   "reason": ("every task passes: " + main["reason"]) if not blocked else "; ".join(blocked)}
+
+
 def promotion_decision(report: dict, metric: str, min_improvement: float, max_forgetting: float | None = None) -> dict:
     """Champion / challenger: may the candidate (`tuned`) replace the current promoted model?
 

@@ -143,3 +143,43 @@ def retention_summary(items: pd.DataFrame, outputs: dict[str, list[str]], nll: d
     by_family = pd.DataFrame({name: right[name] for name in outputs}).groupby(items["family"].to_numpy()).mean()
     summary["by_family"] = {fam: {k: round(float(v), 4) for k, v in row.items()} for fam, row in by_family.iterrows()}
     return summary
+
+
+_LETTER_WORDS = ["apple", "banana", "cherry", "garden", "window", "pencil", "rabbit", "orange", "yellow", "kitchen",
+                 "mountain", "river", "planet", "island", "forest", "castle", "bridge", "candle", "ladder", "marble",
+                 "violin", "tiger", "zebra", "umbrella", "notebook", "helmet", "jacket", "lemon", "dragon", "pillow"]
+
+
+def replay_set(n: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """General prompts with reference answers for replay and distillation (columns as `retention_set`).
+
+    Written for training, never scored: no prompt of `retention_set` is in it (other numbers, and the
+    families ask the other way round: the day *before*, the smaller number, a word's first letter), so
+    training on it cannot inflate the retention evaluation by memorising its items.
+    """
+    scored = set(retention_set()["prompt"])
+    rows: list[tuple[str, str, str]] = []
+    rng = random.Random(98765)
+    while len(rows) < 120:
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        op = rng.choice(["+", "-"])
+        a, b = (b, a) if op == "-" and a < b else (a, b)
+        prompt = f"What is {a} {'plus' if op == '+' else 'minus'} {b}? Reply with the number only."
+        if prompt not in scored and prompt not in {r[0] for r in rows}:
+            rows.append((prompt, str(a + b if op == "+" else a - b), "arithmetic"))
+    for _ in range(60):
+        a, b = rng.sample(range(1, 200), 2)
+        rows.append((f"Which number is smaller, {a} or {b}? Reply with the number only.", str(min(a, b)), "comparison"))
+    rows += [(f"Which day of the week comes before {d}? Reply with one word.", _DAYS[(i - 1) % 7], "sequence")
+             for i, d in enumerate(_DAYS)]
+    rows += [(f"Which month comes before {m}? Reply with one word.", _MONTHS[(i - 1) % 12], "sequence")
+             for i, m in enumerate(_MONTHS)]
+    rows += [(f"What is the first letter of the word '{w}'? Reply with the letter only.", w[0], "spelling")
+             for w in _LETTER_WORDS]
+    rows += [(f"What is the singular of '{p}'? Reply with one word.", w, "plurals") for w, p in _PLURALS.items() if w != p]
+    frame = pd.DataFrame(rows, columns=["prompt", "response", "family"])
+    frame.insert(0, "example_id", [f"replay-{i:03d}" for i in range(len(frame))])
+    frame["system"] = None
+    if n is not None and n < len(frame):
+        frame = frame.sample(n=n, random_state=seed).sort_values("example_id")
+    return frame.reset_index(drop=True)

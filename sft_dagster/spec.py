@@ -48,11 +48,26 @@ class TaskSpec(_Strict):
     labels: list[str] | None = None
     # How a row becomes the user turn; `{prompt}` is the row's prompt text.
     prompt_template: str = "{prompt}"
+    # Label tasks: several templates, one drawn per training example (seeded by training.seed and the
+    # example id; training/augment.py). The first is the main template: validation, evaluation and
+    # serving use it, and `prompt_template` is set to it.
+    prompt_templates: list[str] | None = None
     system: str | None = None
 
     @property
     def is_label_task(self) -> bool:
         return self.type in LABEL_TASKS
+
+    @model_validator(mode="before")
+    @classmethod
+    def _main_template(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("prompt_templates"):
+            first, given = data["prompt_templates"][0], data.get("prompt_template")
+            if given is not None and given != first:
+                raise ValueError("task.prompt_template and task.prompt_templates[0] differ: give only prompt_templates "
+                                 "(its first template is the main one)")
+            data = {**data, "prompt_template": first}
+        return data
 
     @model_validator(mode="after")
     def _labels_for_label_tasks(self) -> "TaskSpec":
@@ -62,6 +77,14 @@ class TaskSpec(_Strict):
             raise ValueError("task.labels has duplicates")
         if "{prompt}" not in self.prompt_template:
             raise ValueError("task.prompt_template must contain {prompt}")
+        if self.prompt_templates is not None:
+            if not self.is_label_task:
+                raise ValueError(f"task.prompt_templates is for label tasks (classification, sentiment), not {self.type}")
+            if len(self.prompt_templates) < 2 or len(set(self.prompt_templates)) != len(self.prompt_templates):
+                raise ValueError("task.prompt_templates needs at least two distinct templates")
+            bad = [i for i, t in enumerate(self.prompt_templates) if t.count("{prompt}") != 1]
+            if bad:
+                raise ValueError(f"task.prompt_templates[{bad[0]}] must contain {{prompt}} exactly once")
         return self
 
 
@@ -225,6 +248,37 @@ class PodSpec(_Strict):
         return num_processes if self.gpus is None else self.gpus
 
 
+class ReplaySourceSpec(_Strict):
+    # builtin: general prompts with reference answers written for replay (sft_dagster/retention.py,
+    # `replay_set`), never the prompts the retention evaluation scores; or a JSONL/CSV/Parquet file
+    # with `prompt` and `response` columns, relative to the spec file.
+    source: str = "builtin"
+    examples: int = Field(128, ge=1)  # at most this many general examples are used
+    # Optional column mapping of the file, as in `sources[].columns`.
+    columns: dict[Literal["prompt", "response"], str] = Field(default_factory=dict)
+
+
+class ReplayMixSpec(ReplaySourceSpec):
+    """Plain replay: general examples mixed into the train split as ordinary SFT examples."""
+
+    # general examples added = round(ratio x train rows), capped by `examples`
+    ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DistillationSpec(_Strict):
+    """KL(teacher || student) on the next-token distributions of general replay examples, added to the
+    task loss with `weight` (training/distill.py; the teacher's top-k logits are cached on disk)."""
+
+    weight: float = Field(0.0, ge=0)  # 0: off, the run is the same as without this section
+    # `base`: the base model itself (frozen, before any adapter), or a local model directory with the
+    # same tokenizer.
+    teacher: str = "base"
+    top_k: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)  # replay examples per optimizer step
+    replay: ReplaySourceSpec = ReplaySourceSpec()
+
+
 class TrainingSpec(_Strict):
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSpec = LoraSpec()
@@ -257,6 +311,11 @@ class TrainingSpec(_Strict):
     pod: PodSpec = PodSpec()
     seed: int = 0
     search: SearchSpec = SearchSpec()
+    # NEFTune (Jain et al. 2023): uniform noise in [-a, a], a = alpha / sqrt(L x d), added to the input
+    # embeddings of training forwards only (L: the example's tokens, d: the hidden size); 0: off.
+    neftune_alpha: float = Field(0.0, ge=0)
+    replay: ReplayMixSpec = ReplayMixSpec()
+    distillation: DistillationSpec = DistillationSpec()
 
 
 class EvaluationSpec(_Strict):
@@ -365,6 +424,39 @@ class PreferenceSpec(_Strict):
         return self
 
 
+class ExtraTaskSpec(_Strict):
+    """A further task trained into the same adapter (multi-task learning): its own data, labels,
+    quality gates, quarantine accounting and splits (a data sub-pipeline `<name>__<task name>`)."""
+
+    name: str
+    weight: float = Field(1.0, ge=0)  # mixing weight (`mixing` below)
+    task: TaskSpec
+    sources: list[SourceSpec] = Field(min_length=1)
+    labels: LabelsSpec = LabelsSpec()
+    quality: QualitySpec | None = None  # default: the pipeline's
+    splits: SplitSpec | None = None  # default: the pipeline's
+
+    @field_validator("name")
+    @classmethod
+    def _task_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", v) or v == MAIN_TASK:
+            raise ValueError(f"must be a lower-case identifier other than {MAIN_TASK!r}")
+        return v
+
+
+MAIN_TASK = "main"  # the name of the spec's own task (`task`, `sources`) in a multi-task mix
+
+
+class MixingSpec(_Strict):
+    """How the tasks' train rows are sampled into one training set (sft_dagster/multitask.py):
+    proportional to rows x weight, or temperature-scaled ((rows x weight)^(1/T), flatter for T > 1)."""
+
+    strategy: Literal["proportional", "temperature"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    weight: float = Field(1.0, ge=0)  # the main task's weight
+    seed: int = 0
+
+
 class PipelineSpec(_Strict):
     name: str
     description: str = ""
@@ -380,6 +472,11 @@ class PipelineSpec(_Strict):
     schedule: ScheduleSpec = ScheduleSpec()
     preference: PreferenceSpec | None = None
 
+
+    # Multi-task learning: further tasks mixed with this one into one adapter (empty: a single task).
+    tasks: list[ExtraTaskSpec] = Field(default_factory=list)
+    mixing: MixingSpec = MixingSpec()
+
     # Set by load_spec, not by the YAML.
     spec_path: Path | None = Field(default=None, exclude=True)
 
@@ -389,6 +486,35 @@ class PipelineSpec(_Strict):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", v):
             raise ValueError("must be a lower-case identifier (letters, digits, _), used as the Dagster asset prefix")
         return v
+
+    @model_validator(mode="after")
+    def _multi_task(self) -> "PipelineSpec":
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tasks: task names must be unique, got {names}")
+        if self.tasks and (self.training.launcher != "in_process" or self.training.num_processes > 1):
+            raise ValueError("tasks: a multi-task spec trains in process (training.launcher in_process, num_processes 1)")
+        if self.tasks and self.training.search.strategy != "none":
+            raise ValueError("tasks: hyperparameter search (training.search) is for single-task specs")
+        return self
+
+    def task_specs(self) -> dict[str, TaskSpec]:
+        """Every task of the mix by name: the spec's own as `main`, then `tasks`."""
+        return {MAIN_TASK: self.task, **{t.name: t.task for t in self.tasks}}
+
+    def task_pipeline(self, name: str) -> "PipelineSpec":
+        """The single-task spec of one task of the mix (the spec itself for `main`): its data pipeline
+        and evaluation run as for any single-task spec, under the name `<pipeline>__<task>`."""
+        if name == MAIN_TASK:
+            return self
+        entry = next(t for t in self.tasks if t.name == name)
+        return self.model_copy(update={
+            "name": f"{self.name}__{entry.name}", "task": entry.task, "sources": entry.sources, "labels": entry.labels,
+            "quality": entry.quality or self.quality, "splits": entry.splits or self.splits, "tasks": [],
+        })
+
+    def mixing_weights(self) -> dict[str, float]:
+        return {MAIN_TASK: self.mixing.weight, **{t.name: t.weight for t in self.tasks}}
 
     @property
     def base_dir(self) -> Path:

@@ -133,3 +133,18 @@ def test_evaluate_reports_few_shot_and_retention_on_the_tiny_model(tiny_model_di
     assert "Retention" in render_markdown(report) and "base 2-shot" in render_markdown(report)
     cached = len(list((tmp_path / "scores").glob("*.json")))
     assert cached == 5  # base test, base few-shot, base retention, candidate test, candidate retention
+
+
+def test_report_shows_the_training_techniques_a_run_used():
+    from sft_dagster.evaluation import training_summary
+
+    assert training_summary({"neftune_alpha": 0.0, "steps": 3}) is None  # nothing used: no section
+    metrics = {"neftune_alpha": 5.0, "prompt_template_counts": {"Review: {prompt}": 7, "{prompt}?": 5},
+               "replay_examples_mixed": 4, "steps": 3,
+               "distillation": {"teacher": "/m", "replay_examples": 6, "computed": 0, "hits": 6, "final_kl": 0.25}}
+    test = pd.DataFrame({"example_id": ["a"], "prompt": ["p"], "response": ["positive"], "system": [None]})
+    scores = ModelScores(predictions=["positive"], raw_outputs=["positive"], loss=1.0, metrics={"accuracy": 1.0})
+    report = build_report(test, scores, scores, spec()) | {"training": training_summary(metrics)}
+    md = render_markdown(report)
+    assert "NEFTune: noise alpha 5.0" in md and "`{prompt}?` 5" in md and "Replay: 4 general examples" in md
+    assert "read from the cache for 6" in md and "0.2500" in md

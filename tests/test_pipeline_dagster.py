@@ -77,6 +77,12 @@ def check_results(result) -> dict[str, bool]:
     }
 
 
+def checks_by_key(result) -> dict[str, bool]:
+    """Check results by the whole asset key (`pipeline/asset:check`), for graphs with several pipelines."""
+    return {f"{e.event_specific_data.asset_key.to_user_string()}:{e.event_specific_data.check_name}":
+            e.event_specific_data.passed for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+
+
 def data_version(instance, spec, asset: str) -> str:
     record = instance.get_latest_data_version_record(dg.AssetKey([spec.name, asset]))
     return record.asset_materialization.tags["dagster/data_version"]
@@ -253,3 +259,47 @@ def test_cleanlab_disabled_in_the_spec_runs_no_cleanlab_and_says_so(tmp_path, ti
     assert "disabled" in meta["status"] and meta["review_queue_rows"] == 0
     curated = metadata(instance, spec, "curated_examples")
     assert "label issue" not in json.dumps(curated.get("quarantine_reasons", {}))
+
+
+def test_multi_task_spec_gates_each_task_and_reports_each_task(tmp_path, tiny_model_dir, instance):
+    """A second task with its own data, template and gates: its failing gate blocks the one adapter;
+    once it passes, one adapter is trained on the mix and the report has a section per task."""
+    generate_demo_dataset(tmp_path / "data2", n_rows=240, seed=2, error_rate=0.05)
+    second = {"name": "reviews", "weight": 2.0,
+              "task": {"type": "sentiment", "labels": ["negative", "neutral", "positive"],
+                       "prompt_template": "Classify the review: {prompt}"},
+              "sources": [{"path": "data2/*.jsonl", "columns": {"prompt": "text", "response": "label"}},
+                          {"path": "data2/*.csv", "columns": {"prompt": "review_text", "response": "sentiment"}}],
+              "quality": {"suite": "sentiment", "cleanlab": {"folds": 3, "max_label_issue_rate": 0.0}}}
+    overrides = {"training.epochs": 1, "evaluation.few_shot_k": 0, "evaluation.retention_examples": 0, "evaluation.max_examples": 8,
+                 "mixing": {"strategy": "temperature", "temperature": 2.0}}
+    strict = load_spec(write_spec(tmp_path, tiny_model_dir, tasks=[second], **overrides))
+    defs = build_definitions([strict], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    blocked = run(defs, strict, instance)
+    checks = checks_by_key(blocked)
+    assert checks[f"{strict.name}__reviews/label_issues:label_issue_rate"] is False  # the second task's own gate
+    assert checks[f"{strict.name}/label_issues:label_issue_rate"] is True  # the main task's passed
+    assert not materialized(blocked) & {"task_mix", "fine_tuned_adapter", "evaluation_report"}
+    sub = dg.AssetKey([f"{strict.name}__reviews", "label_issues"])
+    assert instance.get_latest_materialization_event(sub) is not None
+
+    second["quality"]["cleanlab"]["max_label_issue_rate"] = 0.3
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, tasks=[second], **overrides))
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store", device="cpu")
+    result = run(defs, spec, instance)
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert {"task_mix", "fine_tuned_adapter", "evaluation_report"} <= materialized(result)
+    # Every task keeps its own quarantine accounting.
+    for name in (spec.name, f"{spec.name}__reviews"):
+        assert instance.get_latest_materialization_event(dg.AssetKey([name, "quarantine"])) is not None
+    checks = checks_by_key(result)
+    assert checks[f"{spec.name}/quarantine:rows_accounted_for"] and checks[f"{spec.name}__reviews/quarantine:rows_accounted_for"]
+    adapter = metadata(instance, spec, "fine_tuned_adapter")
+    assert set(adapter["metrics"]["task_rows"]) == {"main", "reviews"}
+    report = json.loads((tmp_path / "store" / spec.name / "reports" / "evaluation.json").read_text())
+    assert set(report["tasks"]) == {"main", "reviews"} and set(report["mix"]["tasks"]) == {"main", "reviews"}
+    splits = pd.read_parquet(tmp_path / "store" / f"{spec.name}__reviews" / "splits" / "test.parquet")
+    assert report["tasks"]["reviews"]["n_test"] == 8 < len(splits)  # evaluation.max_examples of its own test split
+    assert {s["example_id"] for s in report["tasks"]["reviews"]["samples"]} <= set(splits["example_id"])
+    assert set(report["promotion"]["tasks"]) == {"main", "reviews"}
+    assert "## Tasks (one adapter for all)" in metadata(instance, spec, "evaluation_report")["report"]

@@ -79,10 +79,13 @@ def stamps(paths) -> dict[str, list]:
 
 
 def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
-    """Size and mtime of every source file and of the corrections file."""
+    """Size and mtime of every source file and of the corrections file (of every task of a multi-task spec)."""
+    files: dict[str, list] = {}
+    for entry in spec.tasks:
+        files |= watched_files(spec.task_pipeline(entry.name), storage)
     paths = [path for source in spec.sources
              for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True))]
-    return stamps([*paths, corrections_path(spec, storage)])
+    return files | stamps([*paths, corrections_path(spec, storage)])
 
 
 def file_change_sensor(name: str, job, watched, what: str, description: str) -> dg.SensorDefinition:

@@ -109,6 +109,11 @@ class PipelineDefs:
     # The blocking pair gates (and pair accounting) that must pass before preference training; kept apart
     # from `blocking_checks` so that a failed pair gate never stops SFT.
     preference_blocking_checks: list[dg.AssetCheckKey] = field(default_factory=list)
+    # Multi-task specs: each further task's data sub-pipeline by task name (defs/multitask.py).
+    task_pipelines: dict[str, "PipelineDefs"] = field(default_factory=dict)
+    # The Dagster group (hence job) and pool: the spec's name, or for a task's data sub-pipeline the
+    # multi-task pipeline's, so one job runs every task.
+    group: str | None = None
 
     @property
     def name(self) -> str:
@@ -124,16 +129,18 @@ class PipelineDefs:
     def pool(self) -> str:
         """The concurrency pool of every asset that writes this pipeline's artefacts. With the instance's
         pool limit at 1 (the shipped dagster.yaml), two runs never execute them at the same time."""
-        return f"sft_{self.spec.name}"
+        return f"sft_{self.group or self.spec.name}"
 
     def asset_args(self, name: str, **kwargs) -> dict:
         """Keyword arguments every asset of the pipeline shares."""
-        return {"key": self.key(name), "group_name": self.spec.name, "tags": {"pipeline": self.spec.name},
+        group = self.group or self.spec.name
+        return {"key": self.key(name), "group_name": group, "tags": {"pipeline": group},
                 "pool": self.pool, **kwargs}
 
     def out(self, name: str, **kwargs) -> dg.AssetOut:
         """An output of a multi-asset, keyed and grouped like `asset_args`."""
-        return dg.AssetOut(key=self.key(name), group_name=self.spec.name, tags={"pipeline": self.spec.name}, **kwargs)
+        group = self.group or self.spec.name
+        return dg.AssetOut(key=self.key(name), group_name=group, tags={"pipeline": group}, **kwargs)
 
     def preview(self, df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW_ROWS) -> dg.MetadataValue:
         """A row preview, PII masked, or a note when the spec turned previews off."""

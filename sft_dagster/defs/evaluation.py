@@ -17,6 +17,7 @@ from ..schema import frame_hash, lineage_hash_of
 from ..tracking import TrackedRun, log_evaluation
 from .common import JSON_IO, PipelineDefs, code_version
 from .guards import BlockedByQualityGate, require_checks_passed
+from .multitask import splits_asset
 from .resources import ComputeResource, SFTStorage
 from .shared import registry_dir
 
@@ -55,7 +56,7 @@ def build(p: PipelineDefs) -> None:
 
     @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, formatting),
                              io_manager_key=JSON_IO, check_specs=[promotion_check],
-                             ins=p.ins("fine_tuned_adapter", "dataset_splits", "base_model"),
+                             ins={"dataset_splits": dg.AssetIn(splits_asset(p)), **p.ins("fine_tuned_adapter", "base_model")},
                              description="Base model vs champion vs candidate on the test split, and the promotion decision."))
     def evaluation_report(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
                           fine_tuned_adapter: dict, dataset_splits: pd.DataFrame, base_model: dict):
@@ -76,17 +77,19 @@ def build(p: PipelineDefs) -> None:
             skipped = True
         else:
             start = time.perf_counter()
-            report = evaluation.evaluate(
-                spec, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), test_df,
+            report = evaluation.evaluate_tasks(
+                spec, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), dataset_splits,
                 device=compute.resolved_device(), method=fine_tuned_adapter["method"],
                 adapter_id=fine_tuned_adapter["lineage_hash"], champion=champion,
-                train=dataset_splits[dataset_splits["split"] == "train"],
                 cache_dir=paths.reports_dir / "scores",
                 cache_key={"base_model": base_model["model_hash"], "tokenizer": base_model["tokenizer_hash"], "code": code})
-            report |= champion_note | {"adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
+            report |= champion_note | {"training": evaluation.training_summary(fine_tuned_adapter.get("metrics") or {}),
+                                       "adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
                                        "seconds": round(time.perf_counter() - start, 1)}
             report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement,
                                                               spec.promotion.max_forgetting)
+            if report.get("tasks"):  # one adapter serves every task: each must pass on its own metric
+                report["promotion"] = registry.all_tasks_decision(report, spec.promotion.min_improvement)
             evaluation.write_report(report_dir, report)
             skipped = False
         # The latest report, where people look for it, with the promoted versions so far (not part of the

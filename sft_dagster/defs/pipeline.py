@@ -4,6 +4,7 @@
                    (+ labels_quarantine), the data-quality suite as checks
     quality.py     label_issues (cleanlab) and its gates
     curation.py    curated_examples (+ curation_quarantine), quarantine, dataset_splits
+    multitask.py   multi-task specs only: each further task's data stages, and task_mix
     training.py    base_model, fine_tuned_adapter
     evaluation.py  evaluation_report (base / champion / candidate), promoted_model
     preference.py  only with a `preference:` section: candidate_generations, ranking_queue,
@@ -19,14 +20,16 @@ from pathlib import Path
 
 from ..quality import load_suite
 from ..spec import PipelineSpec
-from . import curation, data, evaluation, preference, quality, training
+from . import curation, data, evaluation, multitask, preference, quality, training
 from .common import PipelineDefs
 
-STAGES = (data, quality, curation, training, evaluation, preference)
+DATA_STAGES = (data, quality, curation)
+STAGES = (*DATA_STAGES, multitask, training, evaluation, preference)
 
 
 def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:
     p = PipelineDefs(spec=spec, suite=load_suite(spec.quality.suite, checks_dir))
+    multitask.build_task_pipelines(p, checks_dir, DATA_STAGES)
     for stage in STAGES:
         stage.build(p)
     return p

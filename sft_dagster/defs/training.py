@@ -21,7 +21,9 @@ from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
 from ..training.progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
+from ..multitask import TASK_COLUMN
 from .guards import require_checks_passed
+from .multitask import quarantine_assets, splits_asset
 from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
 from .shared import resolve_base_model
 
@@ -88,6 +90,22 @@ def prune_training_runs(training_dir: Path, keep: Path, n: int = TRAINING_RUNS_K
     return removed
 
 
+def training_inputs(spec, model_dir: Path) -> dict:
+    """Content hashes of what else a run reads when the spec asks for it: a distillation teacher other
+    than the base model, and replay files. Absent otherwise (a spec without them keeps its lineage)."""
+    from ..training.distill import teacher_dir
+
+    out = {}
+    distillation = spec.training.distillation
+    if distillation.weight > 0 and distillation.teacher != "base":
+        out["distillation_teacher_hash"] = models.directory_hashes(teacher_dir(spec, model_dir))[0]
+    for name, source in (("replay", spec.training.replay), ("distillation_replay", distillation.replay)):
+        used = source.ratio > 0 if name == "replay" else distillation.weight > 0
+        if used and source.source != "builtin":
+            out[f"{name}_file_hash"] = models.file_digest(spec.resolve(source.source))[:16]
+    return out
+
+
 def build(p: PipelineDefs) -> None:
     spec, K = p.spec, p.key
 
@@ -101,7 +119,8 @@ def build(p: PipelineDefs) -> None:
 
     @dg.asset(**p.asset_args("fine_tuned_adapter", kinds={"pytorch", "peft"},
                              code_version=code_version(training, formatting), io_manager_key=JSON_IO,
-                             ins=p.ins("dataset_splits", "base_model"), deps=[K("quarantine")],
+                             ins={"dataset_splits": dg.AssetIn(splits_asset(p)), **p.ins("base_model")},
+                             deps=quarantine_assets(p),
                              description=f"{spec.training.method} fine-tune of the base model on the train split."))
     def fine_tuned_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
                            mlflow: MLflowTracking, pipes_subprocess_client: dg.PipesSubprocessClient,
@@ -112,7 +131,8 @@ def build(p: PipelineDefs) -> None:
         train_df = dataset_splits[dataset_splits["split"] == "train"].reset_index(drop=True)
         val_df = dataset_splits[dataset_splits["split"] == "validation"].reset_index(drop=True)
         device = compute.resolved_device()
-        columns = ["example_id", "prompt", "response", "system", "split"] + (["history"] if "history" in train_df else [])
+        columns = ["example_id", "prompt", "response", "system", "split"] + [
+            c for c in ("history", TASK_COLUMN) if c in train_df]
         lineage = {
             "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
             "base_model_hash": base_model["model_hash"],
@@ -124,6 +144,7 @@ def build(p: PipelineDefs) -> None:
             "libraries": library_versions(),
             "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
         }
+        lineage |= training_inputs(spec, model_dir)
         lineage_hash = lineage_hash_of(lineage)
         run_dir = paths.training_dir / lineage_hash
         done = completed_run(run_dir)
@@ -172,7 +193,7 @@ def _train(context, p: PipelineDefs, compute, launchers: dict, model_dir: Path, 
     tracked in MLflow when `start_tracking(spec actually trained)` returns a run."""
     spec = p.spec
     if spec.training.launcher != "k8s":  # a pod's hardware is not this process's: no timed step here
-        plan = training.preflight(spec, model_dir, train_df, device=device)
+        plan = training.preflight(spec, model_dir, train_df, device=device, tasks=spec.task_specs() if spec.tasks else None)
         context.log.info(f"{PREFLIGHT}{json.dumps(plan)}")
         context.add_output_metadata({"preflight": dg.MetadataValue.json(plan)})
     train_spec = spec
@@ -209,7 +230,8 @@ def _train(context, p: PipelineDefs, compute, launchers: dict, model_dir: Path, 
             steps = StepLogger(tracked) if tracked else None
             progress = Progress(context.log.info, on_step=[steps] if steps else [])
             result = training.train(train_spec, model_dir, train_df, val_df, run_dir, device=device,
-                                    log=context.log.info, on_metrics=progress)
+                                    log=context.log.info, on_metrics=progress,
+                                    tasks=spec.task_specs() if spec.tasks else None)
             if steps:
                 steps.flush()
             adapter_dir, metrics, curve = result.adapter_dir, result.metrics, progress.curve

@@ -29,7 +29,8 @@ import torch
 from .. import atomic
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
 from ..schema import column_or_none
-from ..spec import PipelineSpec
+from ..spec import PipelineSpec, TaskSpec
+from . import augment
 from .fast_lora import use_fast_lora
 from .precision import PrecisionChoice, cached_choice, machine_key, measure_precision, probe_cache_dir
 from .progress import Progress
@@ -136,12 +137,14 @@ def store_frozen_weights(model, dtype: torch.dtype) -> int:
     return cast
 
 
-def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec) -> list[EncodedExample]:
-    """Encode every row; refuse (never silently truncate) rows that do not fit or carry no loss."""
+def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec, tasks: list[TaskSpec] | None = None) -> list[EncodedExample]:
+    """Encode every row (row i with `tasks[i]`, default the spec's task); refuse (never silently
+    truncate) rows that do not fit or carry no loss."""
     encoded, refused = [], []
-    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
-    for example_id, prompt, response, system, history in rows:
-        messages = build_messages(prompt, response, system if isinstance(system, str) else None, spec.task, history)
+    tasks = tasks or [spec.task] * len(df)
+    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"), tasks)
+    for example_id, prompt, response, system, history, task in rows:
+        messages = build_messages(prompt, response, system if isinstance(system, str) else None, task, history)
         example = encode_example(tokenizer, messages, spec.model.max_length)
         if example.truncated or example.n_loss_tokens == 0:
             refused.append(str(example_id))
@@ -214,16 +217,20 @@ def _causal_lm(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of token losses over loss positions, computing vocabulary logits only there."""
+def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 vocabulary logits, target ids) at the loss positions only, row by row in order."""
     lm = _causal_lm(model)
     hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
-    logits = lm.lm_head(hidden[:, :-1][positions]).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[positions], reduction="sum")
-    return loss, int(positions.sum())
+    return lm.lm_head(hidden[:, :-1][positions]).float(), targets[positions]
+
+
+def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses over loss positions, computing vocabulary logits only there."""
+    logits, targets = response_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
 @torch.no_grad()
@@ -462,12 +469,18 @@ def optimizer_steps(n_examples: int, spec: PipelineSpec) -> int:
 
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
-          stop_after_steps: int | None = None, probe_cache: Path | str | None = None) -> TrainingResult:
+          stop_after_steps: int | None = None, probe_cache: Path | str | None = None,
+          teacher_cache: Path | None = None, tasks: dict[str, TaskSpec] | None = None) -> TrainingResult:
     """SFT (`training.method` lora / qlora / full): train and save the adapter (or full model) under
-    `output_dir`; resumes from its checkpoints. See `run_training`."""
+    `output_dir`; resumes from its checkpoints. See `run_training`.
+
+    `teacher_cache`: where distillation caches the teacher's top-k logits (default: next to `output_dir`).
+    `tasks`: for a multi-task mix (a `task` column in the frames, sft_dagster/multitask.py), each task by name.
+    """
     from .methods.sft import SFTMethod
 
-    return run_training(SFTMethod(spec), spec, model_dir, train_df, val_df, output_dir, device=device, log=log,
+    method = SFTMethod(spec, tasks=tasks, teacher_cache=teacher_cache or output_dir.parent / "teacher_cache")
+    return run_training(method, spec, model_dir, train_df, val_df, output_dir, device=device, log=log,
                         on_metrics=on_metrics, stop_after_steps=stop_after_steps, probe_cache=probe_cache)
 
 
@@ -477,6 +490,9 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
                  probe_cache: Path | str | None = None) -> TrainingResult:
     """The shared loop: train `method` (a `methods.base.TrainingMethod`) on `train_data`, keep the weights
     with the best validation loss, save `output_dir / method.output_name`; resumes from its checkpoints.
+
+    `teacher_cache`: where distillation caches the teacher's top-k logits (default: next to `output_dir`).
+    `tasks`: for a multi-task mix (a `task` column in the frames, sft_dagster/multitask.py), each task by name.
 
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
     `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
@@ -493,7 +509,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
     random.seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_set = method.encode(tokenizer, train_data)
+    train_set = method.encode_train(tokenizer, train_data)
     val_set = method.encode(tokenizer, val_data)
     if not train_set:
         raise ValueError("the train split is empty")
@@ -558,6 +574,10 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
                 (loss / window_weight).backward()
                 loss_sum += float(loss.detach())
                 state["trained_tokens"] += sum(tokens[i] for i in piece)
+            with autocast(device, amp):  # a term computed once per optimizer step (SFT's distillation)
+                auxiliary = method.auxiliary_loss(model, step)
+            if auxiliary is not None:
+                (auxiliary / world).backward()
             _all_reduce_gradients(params, world)
             if world > 1:
                 import torch.distributed as dist
@@ -616,6 +636,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
             named = dict(model.named_parameters())
             for k, v in torch.load(best_path, weights_only=True).items():
                 named[k].copy_(v.to(named[k].device))
+    method.finish(model)
     seconds = time.perf_counter() - start_time
     out = output_dir / method.output_name
     if rank == 0:
@@ -640,14 +661,14 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
 
 
 def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto",
-              probe_cache: Path | str | None = None) -> dict:
+              probe_cache: Path | str | None = None, tasks: dict[str, TaskSpec] | None = None) -> dict:
     """Token counts, optimizer steps, the precision (and why) and an estimated duration (one timed
     training step), before training. `precision: auto` is measured here, or read from the probe cache."""
     from transformers import AutoTokenizer
 
     device = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    encoded = encode_frame(tokenizer, train_df, spec)
+    encoded = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec, tasks))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     choice = resolve_precision(spec, model_dir, device, encoded, pad_id, probe_cache)
     n_tokens = sum(len(e.input_ids) for e in encoded)

@@ -11,7 +11,11 @@ method answers what differs:
 - `length` / `tokens` / `weight` of an item: its padded width for the token budget, the tokens it
   trains on (throughput), and its share of the loss normaliser (loss tokens for SFT, 1 per pair);
 - `collate` and `loss`: a batch of items, and its summed loss with the weight it covers;
+- `encode_train`: the train split's items, where they differ from `encode` (SFT mixes replay
+  examples in and varies prompt templates; validation rows are encoded as evaluated);
 - `prepare`: work done once before the first step (DPO's reference log-probabilities);
+- `auxiliary_loss`: a term added once per optimizer step (SFT's distillation to a frozen teacher);
+- `finish`: undo training-only changes to the model (SFT's NEFTune hook) before it is saved;
 - `save`: what the run leaves in `output_dir`, and `extra_metrics` for `metrics.json`.
 
 Statistics a method wants logged per step (DPO's reward margins, the reward model's accuracy) are
@@ -64,6 +68,10 @@ class TrainingMethod:
     def encode(self, tokenizer, frame) -> list:
         raise NotImplementedError
 
+    def encode_train(self, tokenizer, frame) -> list:
+        """The train split's items (default: as `encode`)."""
+        return self.encode(tokenizer, frame)
+
     def length(self, item) -> int:
         """Tokens one item adds to a padded micro-batch's width x rows (the token budget's unit)."""
         raise NotImplementedError
@@ -98,6 +106,14 @@ class TrainingMethod:
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed loss over the batch, the weight it covers)."""
         raise NotImplementedError
+
+    def auxiliary_loss(self, model, step: int) -> torch.Tensor | None:
+        """A loss term computed once per optimizer step, already weighted (None: none); the loop runs its
+        backward into the same gradients as the window's loss."""
+        return None
+
+    def finish(self, model) -> None:
+        """Called after the last step (best weights restored), before `save`."""
 
     def record(self, stats: dict[str, float], weight: float) -> None:
         for key, value in stats.items():

@@ -2,7 +2,10 @@
 
 Everything SFT-specific the shared loop needs: the model per method (`trainer.load_model`: LoRA with
 the fused layer, QLoRA's 4-bit base, or every weight), exact loss masks (`formatting.encode_example`),
-packing, precision `auto` by measurement, and the saved adapter or full model.
+packing, precision `auto` by measurement, and the saved adapter or full model; and what guards
+against overfitting and forgetting (`training/augment.py`, `training/distill.py`): prompt-template
+variation, replay mixing, NEFTune noise, the distillation term; for a multi-task mix, each row
+rendered with its own task.
 """
 
 from __future__ import annotations
@@ -12,23 +15,40 @@ from pathlib import Path
 import torch
 
 from ...formatting import IGNORE_INDEX, EncodedExample
-from .. import trainer
+from .. import augment, trainer
+from ..distill import Distiller
 from .base import TrainingMethod
 
 
 class SFTMethod(TrainingMethod):
-    def __init__(self, spec):
+    def __init__(self, spec, tasks: dict | None = None, teacher_cache: Path | None = None):
+        """`tasks`: a multi-task mix's tasks by name (rows name theirs in a `task` column);
+        `teacher_cache`: where distillation caches the teacher's top-k logits."""
         super().__init__(spec)
         self.name = spec.training.method
         self.packing = spec.training.packing
         self.output_name = self.output_name_for(self.name)
+        self.tasks = tasks
+        self.teacher_cache = teacher_cache
+        self.distiller: Distiller | None = None
+        self.neftune = None
+        self.train_frame = None
+        self.last_kl: float | None = None
 
     @staticmethod
     def output_name_for(method: str) -> str:
         return "model" if method == "full" else "adapter"
 
     def load_model(self, model_dir: Path, device: str, precision: str):
-        return trainer.load_model(self.spec, model_dir, device, precision)
+        if self.spec.training.distillation.weight > 0:  # the teacher runs (or its cache is read) before the student loads
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            self.distiller = Distiller.prepare(self.spec, model_dir, tokenizer, self.teacher_cache, device, pad_id)
+        model = trainer.load_model(self.spec, model_dir, device, precision)
+        self.neftune = augment.attach_neftune(model, self.spec.training.neftune_alpha)
+        return model
 
     def uses_autocast(self, precision: str) -> bool:
         return trainer.uses_autocast(self.name, precision)
@@ -37,7 +57,15 @@ class SFTMethod(TrainingMethod):
         return trainer.resolve_precision(self.spec, model_dir, device, items, pad_id, probe_cache)
 
     def encode(self, tokenizer, frame) -> list[EncodedExample]:
-        return trainer.encode_frame(tokenizer, frame, self.spec)
+        """Validation rows, rendered with the main template of their task."""
+        return trainer.encode_frame(tokenizer, frame, self.spec, augment.main_tasks(frame, self.spec, self.tasks))
+
+    def encode_train(self, tokenizer, frame) -> list[EncodedExample]:
+        if frame.empty:  # before replay rows are mixed in
+            raise ValueError("the train split is empty")
+        self.train_frame = augment.with_replay(frame, self.spec)  # general examples mixed in (training.replay)
+        return trainer.encode_frame(tokenizer, self.train_frame, self.spec,
+                                    augment.row_tasks(self.train_frame, self.spec, self.tasks))
 
     def length(self, item: EncodedExample) -> int:
         return len(item.input_ids)
@@ -56,6 +84,23 @@ class SFTMethod(TrainingMethod):
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         return trainer.summed_response_loss(model, batch)
+
+    def auxiliary_loss(self, model, step: int):
+        if self.distiller is None:
+            return None
+        kl, n = self.distiller.loss(model, self.distiller.batch_for_step(step))  # KL on replay examples
+        self.last_kl = float(kl.detach()) / n
+        return self.spec.training.distillation.weight * kl / n
+
+    def finish(self, model) -> None:
+        if self.neftune is not None:
+            self.neftune.remove()
+
+    def extra_metrics(self) -> dict:
+        metrics = augment.run_metrics(self.train_frame, self.spec, self.tasks) if self.train_frame is not None else {}
+        if self.distiller is not None:
+            metrics["distillation"] = self.distiller.stats | {"final_kl": self.last_kl}
+        return metrics
 
     def evaluation_collate(self, items, pad_id, device):
         return trainer.collate(items, pad_id, device)
