@@ -215,6 +215,8 @@ def _print_summary(s: dict) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if not args.verbose:
+        quiet_libraries()  # before tqdm and huggingface_hub are imported: both read these settings on import
     from .spec import SpecError, load_spec
 
     try:
@@ -244,7 +246,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_config: dict = {"execution": {"config": {"in_process": {}}}}
     if not args.verbose:  # Dagster's per-event DEBUG lines; the event log keeps them all
         run_config["loggers"] = {"console": {"config": {"log_level": "CRITICAL"}}}
-        quiet_libraries()
     instance = dg.DagsterInstance.get()
     job, run = create_cli_run(instance, spec, args.spec, storage_root=args.storage, device=args.device,
                               asset_selection=selection, run_config=run_config)
@@ -303,7 +304,10 @@ QUIET_LIBRARIES = {"TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "ML
 
 
 def quiet_libraries() -> None:
-    """Silence library progress bars and INFO logs for a console run (a user's own setting wins)."""
+    """Silence library progress bars and INFO logs for a console run (a user's own setting wins).
+
+    Effective only before those libraries are imported (tqdm and huggingface_hub read the variables
+    on import), so `cmd_run` calls it first."""
     for name, value in QUIET_LIBRARIES.items():
         os.environ.setdefault(name, value)
 
