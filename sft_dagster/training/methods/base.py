@@ -24,6 +24,7 @@ recorded with `record` inside `loss` and read back, weighted by each batch's cou
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ import torch
 from ...spec import PipelineSpec
 
 
-class TrainingMethod:
-    """Base class; subclasses set `name` and implement `load_model`, `encode`, `collate`, `loss`, `save`."""
+class TrainingMethod(ABC):
+    """Base class; subclasses set `name` and implement the abstract methods (`load_model`, `encode`,
+    `length`, `item_key`, `collate`, `loss`); a subclass missing one fails when instantiated."""
 
     name: str = ""
     packing: bool = False  # micro-batches are concatenated into one row (SFT only)
@@ -45,8 +47,9 @@ class TrainingMethod:
         self._stats_weight = 0.0
 
     # -- the model ---------------------------------------------------------------------------------
+    @abstractmethod
     def load_model(self, model_dir: Path, device: str, precision: str):
-        raise NotImplementedError
+        """The model to train, frozen parts frozen, in the run's precision."""
 
     def uses_autocast(self, precision: str) -> bool:
         """Whether bf16 runs under autocast (True) or on weights stored in bf16 (False)."""
@@ -65,16 +68,18 @@ class TrainingMethod:
                                f"auto, not measured for {self.name}: bf16 on CUDA with bf16 support, else fp32")
 
     # -- the data ----------------------------------------------------------------------------------
+    @abstractmethod
     def encode(self, tokenizer, frame) -> list:
-        raise NotImplementedError
+        """The rows as items (validation's; the train split's too unless `encode_train` differs);
+        rows that do not fit are refused, never truncated."""
 
     def encode_train(self, tokenizer, frame) -> list:
         """The train split's items (default: as `encode`)."""
         return self.encode(tokenizer, frame)
 
+    @abstractmethod
     def length(self, item) -> int:
         """Tokens one item adds to a padded micro-batch's width x rows (the token budget's unit)."""
-        raise NotImplementedError
 
     def tokens(self, item) -> int:
         """Real (unpadded) tokens the item trains on."""
@@ -84,16 +89,17 @@ class TrainingMethod:
         """The item's share of the loss normaliser of an accumulation window."""
         return 1
 
+    @abstractmethod
     def item_key(self, item) -> str:
         """What identifies an item in the run's fingerprint (resume only continues the same run)."""
-        raise NotImplementedError
 
     def identity(self) -> dict:
         """Settings beyond `spec.training` that make a different run (method config, starting adapter)."""
         return {"method": self.name}
 
+    @abstractmethod
     def collate(self, items: list, pad_id: int, device: str) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """A batch of items as tensors on `device`."""
 
     def evaluation_collate(self, items: list, pad_id: int, device: str) -> dict[str, torch.Tensor]:
         return self.collate(items, pad_id, device)
@@ -103,9 +109,9 @@ class TrainingMethod:
                 log) -> None:
         """Called once after loading, before any checkpoint is restored or step is taken."""
 
+    @abstractmethod
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed loss over the batch, the weight it covers)."""
-        raise NotImplementedError
 
     def auxiliary_loss(self, model, step: int) -> torch.Tensor | None:
         """A loss term computed once per optimizer step, already weighted (None: none); the loop runs its
