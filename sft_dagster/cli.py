@@ -26,6 +26,7 @@ from pathlib import Path
 from . import rank_cli, review_cli
 from .instance import ensure_dagster_home
 
+
 def _latest_metadata(instance, key) -> dict:
     event = instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
