@@ -352,8 +352,8 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
             # a candidate without an id is scored afresh (nothing says it is the same model next time)
             return compute() if model_id is None else _cached(cache_dir, identity | {"model": model_id, "part": part}, compute)
 
-        scores[name] = ModelScores(**cached("test", lambda: vars(score_model(model(), tokenizer, model_rows, model_spec,
-                                                                          device, context_turns=context_turns))))
+        scores[name] = ModelScores(**cached("test", lambda r=model_rows, s=model_spec, c=context_turns: vars(
+            score_model(model(), tokenizer, r, s, device, context_turns=c))))
         if name == "base" and len(shots):
             prompted = with_few_shot(rows, shots, spec.task)
             few = cached(f"few_shot:{','.join(shots['example_id'])}",
@@ -440,7 +440,7 @@ def _columns(report: dict) -> list[tuple[str, str]]:
     """(key, heading) of each scored model, in report order."""
     champion, few = report.get("champion"), report.get("base_few_shot")
     prompts = report.get("prompt_models") or {}
-    kind = lambda name: f" ({prompts[name]['k']}-shot prompt)" if name in prompts else ""  # noqa: E731
+    kind = lambda name: f" ({prompts[name]['k']}-shot prompt)" if name in prompts else ""
     return [("base", "base"), *([("base_few_shot", f"base {report['few_shot']['k']}-shot")] if few else []),
             *([("champion", f"champion {report.get('champion_version')}{kind('champion')}")] if champion else []),
             ("tuned", f"candidate{kind('tuned')}")]
@@ -451,9 +451,9 @@ def _prompt_model_lines(report: dict) -> list[str]:
     lines = []
     for name, label in (("tuned", "The candidate"), ("champion", f"Champion {report.get('champion_version')}")):
         if p := (report.get("prompt_models") or {}).get(name):
-            lines += ["", f"{label} is a few-shot prompt, not a fine-tune: the base model `{p['base_model']}` with "
-                          f"{p['k']} examples from the train split as earlier turns (seed {p['seed']}; example ids "
-                          f"{', '.join(p['example_ids'])}); it has no trained weights."]
+            lines += ["", (f"{label} is a few-shot prompt, not a fine-tune: the base model `{p['base_model']}` with "
+                           f"{p['k']} examples from the train split as earlier turns (seed {p['seed']}; example ids "
+                           f"{', '.join(p['example_ids'])}); it has no trained weights.")]
     return lines
 
 

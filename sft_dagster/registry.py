@@ -141,8 +141,8 @@ def _use(pipeline: str, version: str, lineage: dict) -> list[str]:
     return [
         "import json",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"# BASE_MODEL_DIR: the base model {lineage.get('base_model', '?')!r} (weights hash "
-        f"{lineage.get('base_model_hash', '?')}, tokenizer hash {lineage.get('tokenizer_hash', '?')})",
+        (f"# BASE_MODEL_DIR: the base model {lineage.get('base_model', '?')!r} (weights hash "
+         f"{lineage.get('base_model_hash', '?')}, tokenizer hash {lineage.get('tokenizer_hash', '?')})"),
         f"prompt = json.loads(open('{pipeline}/{version}/{PROMPT_FILE}').read())",
         "tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)",
         "model = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)",

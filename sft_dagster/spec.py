@@ -515,7 +515,7 @@ class PipelineSpec(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _prompt_model(self) -> "PipelineSpec":
+    def _prompt_model(self) -> PipelineSpec:
         if self.training.min_rows_to_train is None:
             return self
         where = ("training", "min_rows_to_train")

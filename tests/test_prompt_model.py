@@ -8,6 +8,14 @@ import re
 import dagster as dg
 import pandas as pd
 import pytest
+from test_pipeline_dagster import (
+    ROOT,
+    check_results,
+    materialized,
+    metadata,
+    run,
+    write_spec,
+)
 
 from sft_dagster import prompt_model
 from sft_dagster.defs import build_definitions
@@ -22,8 +30,6 @@ from sft_dagster.evaluation import (
 from sft_dagster.formatting import build_messages, generation_prompt_ids
 from sft_dagster.registry import champion, promote
 from sft_dagster.spec import PipelineSpec, load_spec
-
-from test_pipeline_dagster import ROOT, check_results, materialized, metadata, run, write_spec
 
 LABELS = ["negative", "neutral", "positive"]
 BASE = {"source": "tiny", "model_hash": "m1", "tokenizer_hash": "t1"}
@@ -130,7 +136,7 @@ def test_registry_entry_holds_the_prompt_and_a_card_whose_code_prompts_as_evalua
 
     card = (version / "MODEL_CARD.md").read_text()
     assert "PeftModel" not in card and "A few-shot prompt of `tiny`" in card and "m1" in card
-    code = re.search(r"## Use\n\n```python\n(.*?)```", card, re.S).group(1)
+    code = re.search(r"## Use\n\n```python\n(.*?)```", card, re.DOTALL).group(1)
     monkeypatch.chdir(registry.parent)
     scope = {"BASE_MODEL_DIR": str(tiny_model_dir), "TEXT": "item 7 was fine"}
     exec(code, scope)  # noqa: S102  (the card's own code, run as a reader would)
