@@ -98,16 +98,52 @@ def test_loss_of_a_prompted_row_is_over_its_own_reply_only(tiny_model_dir):
     assert [t for t in scored.labels if t != -100] == [t for t in plain.labels if t != -100]
 
 
-def test_a_prompt_model_is_scored_as_the_base_model_with_its_examples(tiny_model_dir, tmp_path):
-    spec, train = small_spec(), rows(12)
-    folder = prompt_model.write(tmp_path / "run", prompt_model.build_prompt(spec, train, BASE))
-    report = evaluate(spec, tiny_model_dir, folder, rows(6, 100), device="cpu", method=prompt_model.METHOD,
+def reference_loss(model_dir, prompt: dict, test: pd.DataFrame) -> float:
+    """Mean cross-entropy of the test replies (and their end-of-turn token) after the prompt's system
+    text, its examples and the row's own user turn, computed here with the model and the chat template
+    directly."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    turns = [{"role": "system", "content": prompt["system"]}]
+    for example in prompt["examples"]:
+        turns += [{"role": "user", "content": prompt["template"].format(prompt=example["prompt"])},
+                  {"role": "assistant", "content": example["response"]}]
+    total, count = 0.0, 0
+    for row in test.itertuples():
+        user = {"role": "user", "content": prompt["template"].format(prompt=row.prompt)}
+        context = tokenizer.apply_chat_template(turns + [user], add_generation_prompt=True)
+        context = list(context["input_ids"] if hasattr(context, "keys") else context)
+        reply = tokenizer(row.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(torch.tensor([context + reply])).logits[0, len(context) - 1 : -1]
+        total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(reply), reduction="sum"))
+        count += len(reply)
+    return total / count
+
+
+def test_a_prompt_model_is_scored_as_the_base_model_with_its_examples(tiny_model_dir, tmp_path, monkeypatch):
+    from sft_dagster import evaluation
+
+    spec, train, test = small_spec(), rows(12), rows(6, 100)
+    prompt = prompt_model.build_prompt(spec, train, BASE)
+    folder = prompt_model.write(tmp_path / "run", prompt)
+    histories = []
+    real_generate = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", lambda model, tokenizer, df, *a, **kw: (
+        histories.append(list(df["history"]) if "history" in df else None), real_generate(model, tokenizer, df, *a, **kw))[1])
+    report = evaluate(spec, tiny_model_dir, folder, test, device="cpu", method=prompt_model.METHOD,
                       adapter_id="p1", cache_dir=tmp_path / "scores", train=train)
-    # The candidate's prompt is the k-shot baseline's: the same generations, and a reply loss of its own.
+    # Generation: the k-shot baseline and the candidate, and only they, answer after the prompt's examples.
+    prompted = list(with_few_shot(test, pd.DataFrame(prompt["examples"]), spec.task)["history"])
     assert report["prompt_models"]["tuned"]["example_ids"] == report["few_shot"]["example_ids"]
-    assert [s["tuned"] for s in report["samples"]] == [s["base_few_shot"] for s in report["samples"]]
-    assert report["tuned"]["accuracy"] == report["base_few_shot"]["accuracy"]
-    assert report["tuned"]["loss"] != pytest.approx(report["base"]["loss"])
+    assert sum(h == prompted for h in histories) == 2 and len(histories) == 3 + 1  # base, k-shot, candidate, retention
+    # Loss: over the test replies only, after the examples; not the zero-shot loss.
+    expected = reference_loss(tiny_model_dir, prompt, test.sort_values("example_id"))
+    assert report["tuned"]["loss"] == pytest.approx(expected, rel=1e-4)
+    assert abs(report["base"]["loss"] - expected) > 1e-3
     # Its weights are the base model's: its retention is the base model's, not scored a second time.
     assert report["retention"]["models"]["tuned"]["nll_change"] == 0.0
     assert len(list((tmp_path / "scores").glob("*.json"))) == 4  # base test, base few-shot, base retention, candidate test
@@ -208,7 +244,6 @@ def test_few_rows_promote_a_prompt_model_through_the_gates_and_a_trained_model_i
     assert prompt["k"] == 2 and {e["example_id"] for e in prompt["examples"]} <= train_ids
     report = report_of(tmp_path, spec)
     assert report["candidate_method"] == "few_shot" and report["prompt_models"]["tuned"]["k"] == 2
-    assert [s["tuned"] for s in report["samples"]] == [s["base_few_shot"] for s in report["samples"]]
     assert check_results(first)["evaluation_report:beats_champion"] is gate_says(report, -1.0) is True
     version = registry / "v1"
     assert "promoted_model" in materialized(first) and (version / "prompt.json").exists()
