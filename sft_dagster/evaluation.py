@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .formatting import build_messages, encode_example, generation_prompt_ids
+from . import prompt_model
+from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, generation_prompt_ids
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import MAIN_TASK, PipelineSpec, TaskSpec
@@ -94,12 +95,17 @@ def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens:
 
 @torch.no_grad()
 def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int, batch_size: int, device: str,
-                  precision: str = "fp32") -> float:
-    """Mean cross-entropy over reply tokens: the same tokens and the same loss as training."""
-    encoded = [
-        encode_example(tokenizer, build_messages(p, r, s, task, h), max_length)
-        for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
-    ]
+                  precision: str = "fp32", context_turns: int = 0) -> float:
+    """Mean cross-entropy over reply tokens: the same tokens and the same loss as training.
+
+    context_turns: the first turns of every row's history are prompt context (a few-shot prompt's
+    examples): their replies carry no loss and their tokens do not count against `max_length`, so the
+    loss is over the same reply tokens as the row scored without them.
+    """
+    conversations = [build_messages(p, r, s, task, h)
+                     for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
+    encoded = [encode_example(tokenizer, messages, max_length) for messages in conversations] if not context_turns else [
+        _without_context(tokenizer, messages, context_turns, max_length) for messages in conversations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
@@ -110,13 +116,26 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
     return total / max(1, count)
 
 
-def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str, with_loss: bool = True) -> ModelScores:
-    """Task metric on greedy generations, and (`with_loss`) the mean reply-token loss and perplexity."""
+def _without_context(tokenizer, messages: list[dict], context_turns: int, max_length: int):
+    """A conversation encoded with no loss on its first `context_turns` history turns, cut at
+    `max_length` tokens after them."""
+    full = encode_example(tokenizer, messages, 10**9)
+    n = context_turns + (messages[0]["role"] == "system")
+    cut = len(encode_example(tokenizer, messages[:n], 10**9).input_ids)  # ends on an example's reply: a prefix
+    labels = [IGNORE_INDEX] * cut + full.labels[cut:]
+    return EncodedExample(input_ids=full.input_ids[:cut + max_length], labels=labels[:cut + max_length],
+                      truncated=len(full.input_ids) > cut + max_length)
+
+
+def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str, with_loss: bool = True,
+                context_turns: int = 0) -> ModelScores:
+    """Task metric on greedy generations, and (`with_loss`) the mean reply-token loss and perplexity
+    (`context_turns`: see `response_loss`)."""
     cfg, task = spec.evaluation, spec.task
     precision = pick_precision(spec.training.precision, device)
     raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision)
-    loss = (response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision)
-            if with_loss else float("nan"))
+    loss = (response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision,
+                          context_turns) if with_loss else float("nan"))
     expected = test["response"].astype(str).tolist()
     if task.is_label_task:
         predictions = [normalise_label(r, task.labels) for r in raw]
@@ -242,6 +261,9 @@ def load_tuned_model(model_dir: Path, adapter_dir: Path, method: str, device: st
     full-precision base (merged weights score exactly like the adapter and generate faster)."""
     from transformers import AutoModelForCausalLM
 
+    if method == prompt_model.METHOD:
+        raise prompt_model.PromptModelError(f"{adapter_dir} is a few-shot prompt model: it has no weights of its own; "
+                                            "load the base model and prompt it with the examples in its prompt.json")
     if method == "full":
         return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).to(device).eval()
     from peft import PeftModel
@@ -287,6 +309,8 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     of the currently promoted model. cache_dir/cache_key: where and under what identity (base model
     hashes, code version) scores are cached, per model (the base, or an adapter by its lineage hash):
     a nightly run scores only what is new, and a champion's scores are the ones it had as a candidate.
+    A candidate or champion of method `few_shot` (a prompt model, sft_dagster/prompt_model.py) is the
+    base model scored on its prompted rows; its retention scores are the base model's (same weights).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -309,8 +333,14 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     candidates = [("base", None, "", "base"), ("tuned", adapter_dir, method, adapter_id)]
     if champion is not None:
         candidates.insert(1, ("champion", Path(champion["adapter_dir"]), champion["method"], champion["lineage_hash"]))
+    prompts: dict[str, dict] = {}
     for name, directory, model_method, model_id in candidates:
         loaded = []
+        model_spec, model_rows, context_turns = spec, rows, 0
+        if model_method == prompt_model.METHOD:  # the base model's weights, prompted with the model's examples
+            prompts[name] = prompt_model.read(directory)
+            model_spec, model_rows = prompt_model.prompted(spec, rows, prompts[name])
+            directory, context_turns = None, 2 * prompts[name]["k"]
 
         def model():
             if not loaded:
@@ -322,13 +352,16 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
             # a candidate without an id is scored afresh (nothing says it is the same model next time)
             return compute() if model_id is None else _cached(cache_dir, identity | {"model": model_id, "part": part}, compute)
 
-        scores[name] = ModelScores(**cached("test", lambda: vars(score_model(model(), tokenizer, rows, spec, device))))
+        scores[name] = ModelScores(**cached("test", lambda r=model_rows, s=model_spec, c=context_turns: vars(
+            score_model(model(), tokenizer, r, s, device, context_turns=c))))
         if name == "base" and len(shots):
             prompted = with_few_shot(rows, shots, spec.task)
             few = cached(f"few_shot:{','.join(shots['example_id'])}",
                          lambda: vars(score_model(model(), tokenizer, prompted, spec, device, with_loss=False)))
             scores["base_few_shot"] = ModelScores(**few)
-        if items is not None:
+        if items is not None and name in prompts:  # the base model's weights: general prompts are answered as by the base
+            retained[name] = retained["base"]
+        elif items is not None:
             retained[name] = cached(f"retention:{len(items)}",
                                     lambda: score_retention(model(), tokenizer, items, cfg.batch_size, device, precision))
         loaded.clear()
@@ -337,8 +370,15 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
         retention = retention_summary(items, {n: r["outputs"] for n, r in retained.items()},
                                       {n: r["nll"] for n, r in retained.items()})
     few_shot = {"k": len(shots), "seed": cfg.few_shot_seed, "example_ids": shots["example_id"].tolist()}
-    return build_report(rows, scores["base"], scores["tuned"], spec, scores.get("champion"),
-                        champion["version"] if champion else None, scores.get("base_few_shot"), few_shot, retention)
+    report = build_report(rows, scores["base"], scores["tuned"], spec, scores.get("champion"),
+                          champion["version"] if champion else None, scores.get("base_few_shot"), few_shot, retention)
+    report["candidate_method"] = method
+    if champion is not None:
+        report["champion_method"] = champion["method"]
+    # a prompt model says what it is: k, seed and the example ids of its prompt
+    report["prompt_models"] = {name: {"k": p["k"], "seed": p["seed"], "example_ids": [e["example_id"] for e in p["examples"]],
+                                      "base_model": p["base_model"]["source"]} for name, p in prompts.items()} or None
+    return report
 
 
 def evaluate_tasks(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, splits: pd.DataFrame, **kwargs) -> dict:
@@ -399,9 +439,22 @@ def _fmt(v) -> str:
 def _columns(report: dict) -> list[tuple[str, str]]:
     """(key, heading) of each scored model, in report order."""
     champion, few = report.get("champion"), report.get("base_few_shot")
+    prompts = report.get("prompt_models") or {}
+    kind = lambda name: f" ({prompts[name]['k']}-shot prompt)" if name in prompts else ""
     return [("base", "base"), *([("base_few_shot", f"base {report['few_shot']['k']}-shot")] if few else []),
-            *([("champion", f"champion {report.get('champion_version')}")] if champion else []),
-            ("tuned", "candidate")]
+            *([("champion", f"champion {report.get('champion_version')}{kind('champion')}")] if champion else []),
+            ("tuned", f"candidate{kind('tuned')}")]
+
+
+def _prompt_model_lines(report: dict) -> list[str]:
+    """What a prompt model in the report is: no weights of its own, the base model and its examples."""
+    lines = []
+    for name, label in (("tuned", "The candidate"), ("champion", f"Champion {report.get('champion_version')}")):
+        if p := (report.get("prompt_models") or {}).get(name):
+            lines += ["", (f"{label} is a few-shot prompt, not a fine-tune: the base model `{p['base_model']}` with "
+                           f"{p['k']} examples from the train split as earlier turns (seed {p['seed']}; example ids "
+                           f"{', '.join(p['example_ids'])}); it has no trained weights.")]
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -413,6 +466,7 @@ def render_markdown(report: dict) -> str:
         f"# Evaluation report: {report['pipeline']}",
         "",
         f"Task: {report['task']}; test rows: {report['n_test']}; primary metric: **{report['primary_metric']}**.",
+        *_prompt_model_lines(report),
         "",
         f"| metric | {heading} | change vs {'champion' if report.get('champion') else 'base'} |",
         f"|{rule}|",

@@ -1,4 +1,5 @@
-"""A folder-based model registry: promoted adapters with their model card, lineage and evaluation.
+"""A folder-based model registry: promoted adapters (or few-shot prompt models: `prompt.json` and the
+base model reference, sft_dagster/prompt_model.py) with their model card, lineage and evaluation.
 
 Layout: `<registry>/<pipeline>/v<N>/{adapter files, MODEL_CARD.md, lineage.json, evaluation.json,
 promotion.json}` and
@@ -15,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import atomic
+from .prompt_model import METHOD as FEW_SHOT
+from .prompt_model import PROMPT_FILE
 from .schema import lineage_hash_of
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
@@ -95,7 +98,9 @@ def latest_version(pipeline_dir: Path) -> Path | None:
 
 
 def champion(pipeline_dir: Path) -> dict | None:
-    """The currently promoted version (LATEST) as `{"version", "adapter_dir", "method", "lineage_hash", ...}`."""
+    """The currently promoted version (LATEST) as `{"version", "adapter_dir", "method", "lineage_hash", ...}`;
+    `method` is the lineage's (`lora`, `qlora`, `full`, or `few_shot` for a prompt model), so evaluation loads
+    or prompts it as what it is."""
     current = latest_version(pipeline_dir)
     if current is None or not (current / "lineage.json").exists():
         return None
@@ -125,22 +130,55 @@ def history(pipeline_dir: Path, n: int) -> list[dict]:
     return out
 
 
+def _use(pipeline: str, version: str, lineage: dict) -> list[str]:
+    """The model card's "Use" code: a PEFT adapter on the base model, or a few-shot prompt model's
+    messages (its examples as earlier turns, as the evaluation scored it) for the base model itself."""
+    if lineage.get("method") != FEW_SHOT:
+        return ["from peft import PeftModel",
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                "base = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)",
+                f"model = PeftModel.from_pretrained(base, '{pipeline}/{version}')"]
+    return [
+        "import json",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        (f"# BASE_MODEL_DIR: the base model {lineage.get('base_model', '?')!r} (weights hash "
+         f"{lineage.get('base_model_hash', '?')}, tokenizer hash {lineage.get('tokenizer_hash', '?')})"),
+        f"prompt = json.loads(open('{pipeline}/{version}/{PROMPT_FILE}').read())",
+        "tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)",
+        "model = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)",
+        "messages = [{'role': 'system', 'content': prompt['system']}] if prompt['system'] else []",
+        "for example in prompt['examples']:",
+        "    messages += [{'role': 'user', 'content': prompt['template'].format(prompt=example['prompt'])},",
+        "                 {'role': 'assistant', 'content': example['response']}]",
+        "messages.append({'role': 'user', 'content': prompt['template'].format(prompt=TEXT)})",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors='pt')",
+        "output = model.generate(**inputs, max_new_tokens=16, do_sample=False)",
+        "reply = tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True)",
+    ]
+
+
 def model_card(pipeline: str, version: str, report: dict, lineage: dict, decision: dict) -> str:
     metric = report["primary_metric"]
     champion_line = (f", champion {report['champion_version']} {report['champion'][metric]:.4f}"
                      if report.get("champion") else " (first promotion: compared with the base model)")
     libraries = ", ".join(f"{k} {v}" for k, v in sorted((lineage.get("libraries") or {}).items()))
+    few_shot = lineage.get("method") == FEW_SHOT
+    what = (f"A few-shot prompt of `{lineage.get('base_model', '?')}`, promoted by sft_dagster: no trained weights, "
+            f"the base model with {len(lineage.get('example_ids', []))} examples from the train split in its prompt "
+            f"(`{PROMPT_FILE}`; example ids {', '.join(lineage.get('example_ids', []))}), because the train split "
+            "had fewer rows than training.min_rows_to_train." if few_shot else
+            f"Fine-tuned with sft_dagster ({lineage.get('method', '?')}) from `{lineage.get('base_model', '?')}`.")
     return "\n".join(
         [
             f"# {pipeline} {version}",
             "",
-            f"Fine-tuned with sft_dagster ({lineage.get('method', '?')}) from `{lineage.get('base_model', '?')}`.",
+            what,
             "",
             f"- Task: {report['task']}",
             f"- Test rows: {report['n_test']}",
             f"- {metric}: base {report['base'][metric]:.4f}, candidate {report['tuned'][metric]:.4f}{champion_line}",
             f"- Promotion: {decision['reason']}",
-            f"- Trained on: {lineage.get('device', '?')}; {libraries or 'library versions not recorded'}",
+            *([] if few_shot else [f"- Trained on: {lineage.get('device', '?')}; {libraries or 'library versions not recorded'}"]),
             f"- Promoted at: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
             "",
             "## Lineage",
@@ -152,10 +190,7 @@ def model_card(pipeline: str, version: str, report: dict, lineage: dict, decisio
             "## Use",
             "",
             "```python",
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "base = AutoModelForCausalLM.from_pretrained(BASE_MODEL_DIR)",
-            f"model = PeftModel.from_pretrained(base, '{pipeline}/{version}')",
+            *_use(pipeline, version, lineage),
             "```",
             "",
         ]
@@ -163,7 +198,8 @@ def model_card(pipeline: str, version: str, report: dict, lineage: dict, decisio
 
 
 def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, decision: dict) -> Path:
-    """Copy the adapter into the next registry version and point LATEST at it (the new champion)."""
+    """Copy the adapter (or prompt model) folder into the next registry version and point LATEST at it
+    (the new champion)."""
     registry_dir.mkdir(parents=True, exist_ok=True)
     existing = _versions(registry_dir)
     # Promoting the same adapter twice (same lineage) is a no-op: return the existing version.

@@ -42,6 +42,15 @@ class SpecError(ValueError):
     """A pipeline spec that cannot be used; the message names the file and the key."""
 
 
+class SpecKeyError(ValueError):
+    """A rule across sections broken at one key, raised in a model validator: `parse_spec` reports it at
+    that key (and its line), not at the spec's root."""
+
+    def __init__(self, loc: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.loc = loc
+
+
 class TaskSpec(_Strict):
     type: TaskType
     # Label tasks: the allowed labels. The response column holds the label.
@@ -316,6 +325,13 @@ class TrainingSpec(_Strict):
     neftune_alpha: float = Field(0.0, ge=0)
     replay: ReplayMixSpec = ReplayMixSpec()
     distillation: DistillationSpec = DistillationSpec()
+    # Too few labelled rows to train: when the train split has fewer rows than this, `fine_tuned_adapter`
+    # trains nothing and the model is the few-shot prompt itself (evaluation.few_shot_k examples from the
+    # train split, evaluation.few_shot_seed; sft_dagster/prompt_model.py), scored and promoted through
+    # the same gates. None: always train. Not part of the spec fingerprint: it does not shape the weights
+    # of a run that trains, and a prompt model's lineage is its prompt (method `few_shot`). Left out of
+    # every dump while unset, so specs without it keep their training and preference lineages.
+    min_rows_to_train: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
 
 
 class EvaluationSpec(_Strict):
@@ -498,6 +514,21 @@ class PipelineSpec(_Strict):
             raise ValueError("tasks: hyperparameter search (training.search) is for single-task specs")
         return self
 
+    @model_validator(mode="after")
+    def _prompt_model(self) -> PipelineSpec:
+        if self.training.min_rows_to_train is None:
+            return self
+        where = ("training", "min_rows_to_train")
+        if self.evaluation.few_shot_k == 0:
+            raise SpecKeyError(where, "a few-shot prompt model needs examples: set evaluation.few_shot_k to 1 or more")
+        if self.tasks:
+            raise SpecKeyError(where, "a few-shot prompt model is for single-task specs (one adapter serves every "
+                                      "task of `tasks:`)")
+        if self.preference is not None:
+            raise SpecKeyError(where, "preference training (DPO, PPO) starts from trained SFT weights; a few-shot "
+                                      "prompt model has none")
+        return self
+
     def task_specs(self) -> dict[str, TaskSpec]:
         """Every task of the mix by name: the spec's own as `main`, then `tasks`."""
         return {MAIN_TASK: self.task, **{t.name: t.task for t in self.tasks}}
@@ -526,9 +557,11 @@ class PipelineSpec(_Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` section is left
-        out (it does not shape the SFT adapter; adding it must not retrain SFT)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"preference"}), sort_keys=True)
+        """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` section and
+        `training.min_rows_to_train` are left out (they do not shape the SFT adapter; adding them must not
+        retrain SFT)."""
+        blob = json.dumps(self.model_dump(mode="json", exclude={"preference": True, "training": {"min_rows_to_train"}}),
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -563,8 +596,10 @@ def parse_spec(data: Any, source: str | Path = "<spec>", text: str | None = None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            line = _yaml_line(text, err["loc"]) if text else None
+            # a cross-section rule names its own key (SpecKeyError), below where pydantic raised it
+            loc = (*err["loc"], *getattr((err.get("ctx") or {}).get("error"), "loc", ()))
+            key = ".".join(str(p) for p in loc) or "<root>"
+            line = _yaml_line(text, loc) if text else None
             where = f"{source}:{line}" if line else str(source)
             problems.append(f"{where}: {key}: {err['msg']}")
         raise SpecError("invalid pipeline spec\n  " + "\n  ".join(problems)) from None

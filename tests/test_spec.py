@@ -77,3 +77,20 @@ def test_fingerprint_changes_with_content(tmp_path):
 def test_example_specs_load():
     names = sorted(load_spec(p).name for p in (ROOT / "examples").glob("*.yaml"))
     assert names == ["banking77", "gsm8k"]
+
+
+def test_min_rows_to_train_needs_few_shot_examples_and_names_its_line(tmp_path):
+    path = write(tmp_path, VALID + "training:\n  min_rows_to_train: 20\nevaluation:\n  few_shot_k: 0\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"{path}:9: training.min_rows_to_train:" in str(err.value) and "few_shot_k" in str(err.value)
+    assert load_spec(write(tmp_path, VALID + "training:\n  min_rows_to_train: 20\n")).training.min_rows_to_train == 20
+
+
+def test_min_rows_to_train_leaves_the_training_lineage_alone(tmp_path):
+    """Unset, it is in no dump (preference lineages hash `training`); set, it is not in the fingerprint:
+    it does not shape the weights of a run that trains."""
+    plain = load_spec(write(tmp_path, VALID, "a.yaml"))
+    threshold = load_spec(write(tmp_path, VALID + "training:\n  min_rows_to_train: 20\n", "b.yaml"))
+    assert "min_rows_to_train" not in plain.training.model_dump(mode="json")
+    assert threshold.fingerprint() == plain.fingerprint()

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import evaluation, formatting, registry
+from .. import evaluation, formatting, prompt_model, registry
 from ..schema import frame_hash, lineage_hash_of
 from ..tracking import TrackedRun, log_evaluation
 from .common import JSON_IO, PipelineDefs, code_version
@@ -54,7 +54,7 @@ def build(p: PipelineDefs) -> None:
                     f"{spec.promotion.metric} by at least {spec.promotion.min_improvement}, and is not worse on the "
                     "primary metric")
 
-    @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, formatting),
+    @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, formatting, prompt_model),
                              io_manager_key=JSON_IO, check_specs=[promotion_check],
                              ins={"dataset_splits": dg.AssetIn(splits_asset(p)), **p.ins("fine_tuned_adapter", "base_model")},
                              description="Base model vs champion vs candidate on the test split, and the promotion decision."))
@@ -109,6 +109,7 @@ def build(p: PipelineDefs) -> None:
             f"champion_{metric}": (report.get("champion") or {}).get(metric),
             f"candidate_{metric}": report["tuned"].get(metric),
             "champion_version": report.get("champion_version"),
+            "candidate_method": report.get("candidate_method"),
             f"base_few_shot_{metric}": (report.get("base_few_shot") or {}).get(metric),
             "forgetting": ((report.get("retention") or {}).get("models", {}).get("tuned") or {}).get("forgetting"),
             "promote": decision["promote"], "decision": decision["reason"],
@@ -124,8 +125,9 @@ def build(p: PipelineDefs) -> None:
 
     @dg.asset(**p.asset_args("promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
                              io_manager_key=JSON_IO, ins=p.ins("evaluation_report", "fine_tuned_adapter"),
-                             description="The adapter copied with its model card into the registry: the new champion, "
-                                         "only when the promotion gate passed for this very adapter."))
+                             description="The adapter (or few-shot prompt model) copied with its model card into the "
+                                         "registry: the new champion, only when the promotion gate passed for this "
+                                         "very adapter."))
     def promoted_model(context: dg.AssetExecutionContext, storage: SFTStorage, evaluation_report: dict,
                        fine_tuned_adapter: dict) -> dg.Output[dict]:
         require_checks_passed(context, [*p.blocking_checks, p.check_key("evaluation_report", PROMOTION_CHECK)])

@@ -14,7 +14,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import atomic, formatting, models, training
+from .. import atomic, formatting, models, prompt_model, training
 from ..console import PREFLIGHT
 from ..schema import frame_hash, lineage_hash_of
 from ..tracking import StepLogger, TrackedRun
@@ -30,6 +30,7 @@ from .shared import resolve_base_model
 LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
 TRACKING_FILE = "mlflow_run.json"  # the MLflow run of a training run (when tracking is on)
 TRAINING_RUNS_KEPT = 3
+MODEL_FOLDERS = {"full": "model", prompt_model.METHOD: prompt_model.FOLDER}  # by method; `adapter` otherwise
 
 
 def library_versions() -> dict[str, str]:
@@ -60,7 +61,7 @@ def completed_run(run_dir: Path) -> dict | None:
     if not (lineage_file.exists() and metrics_file.exists()):
         return None
     metrics = json.loads(metrics_file.read_text())
-    adapter_dir = run_dir / ("model" if metrics.get("method") == "full" else "adapter")
+    adapter_dir = run_dir / MODEL_FOLDERS.get(metrics.get("method"), "adapter")
     if not adapter_dir.is_dir():
         return None
     tracking = run_dir / TRACKING_FILE
@@ -117,11 +118,15 @@ def build(p: PipelineDefs) -> None:
         return dg.Output(record, data_version=dg.DataVersion(f"{resolved.model_hash}-{resolved.tokenizer_hash}"),
                          metadata={**record, "path": dg.MetadataValue.path(str(resolved.path))})
 
+    threshold = spec.training.min_rows_to_train
+    description = f"{spec.training.method} fine-tune of the base model on the train split." + (
+        f" With fewer than {threshold} train rows (training.min_rows_to_train), a few-shot prompt of the base "
+        "model instead." if threshold is not None else "")
+
     @dg.asset(**p.asset_args("fine_tuned_adapter", kinds={"pytorch", "peft"},
                              code_version=code_version(training, formatting), io_manager_key=JSON_IO,
                              ins={"dataset_splits": dg.AssetIn(splits_asset(p)), **p.ins("base_model")},
-                             deps=quarantine_assets(p),
-                             description=f"{spec.training.method} fine-tune of the base model on the train split."))
+                             deps=quarantine_assets(p), description=description))
     def fine_tuned_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
                            mlflow: MLflowTracking, pipes_subprocess_client: dg.PipesSubprocessClient,
                            k8s_training: K8sTraining, dataset_splits: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
@@ -133,24 +138,40 @@ def build(p: PipelineDefs) -> None:
         device = compute.resolved_device()
         columns = ["example_id", "prompt", "response", "system", "split"] + [
             c for c in ("history", TASK_COLUMN) if c in train_df]
-        lineage = {
-            "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
-            "base_model_hash": base_model["model_hash"],
-            "tokenizer_hash": base_model["tokenizer_hash"],
-            "spec_fingerprint": spec.fingerprint(),
-            "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-            "method": spec.training.method,
-            "base_model": base_model["source"],
-            "libraries": library_versions(),
-            "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
-        }
-        lineage |= training_inputs(spec, model_dir)
+        few_shot = prompt_model.applies(spec, len(train_df))
+        if few_shot:  # too few rows to train: the few-shot prompt is the model
+            prompt = prompt_model.build_prompt(spec, train_df, base_model)
+            lineage = prompt_model.lineage(prompt, code_version(prompt_model))
+            method = prompt_model.METHOD
+            context.log.info(f"the train split has {len(train_df)} rows, fewer than training.min_rows_to_train "
+                             f"{threshold}: no training; the model is a {prompt['k']}-shot prompt of the base model "
+                             f"(method {method}, examples {lineage['example_ids']})")
+        else:
+            method = spec.training.method
+            lineage = {
+                "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
+                "base_model_hash": base_model["model_hash"],
+                "tokenizer_hash": base_model["tokenizer_hash"],
+                "spec_fingerprint": spec.fingerprint(),
+                "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+                "method": method,
+                "base_model": base_model["source"],
+                "libraries": library_versions(),
+                "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
+            }
+            lineage |= training_inputs(spec, model_dir)
         lineage_hash = lineage_hash_of(lineage)
         run_dir = paths.training_dir / lineage_hash
         done = completed_run(run_dir)
         if done is not None:
-            context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its adapter")
+            context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its "
+                             f"{'prompt' if few_shot else 'adapter'}")
             metrics, skipped = done["metrics"], True
+        elif few_shot:
+            prompt_model.write(run_dir, prompt)
+            metrics = {"method": method, "train_rows": len(train_df), "min_rows_to_train": threshold,
+                       "k": prompt["k"], "few_shot_seed": prompt["seed"]}
+            atomic.write_json(run_dir / "metrics.json", metrics)
         else:
             params = {"lineage": lineage, "lineage_hash": lineage_hash,
                       "data_versions": input_data_versions(context, [K("dataset_splits"), K("base_model")])}
@@ -161,6 +182,7 @@ def build(p: PipelineDefs) -> None:
                              start_tracking=lambda train_spec: mlflow.start_run(
                                  storage.root, spec.name, f"{spec.name}-{lineage_hash[:8]}",
                                  {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
+        if done is None:  # a new run (training or a prompt): complete it
             atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
             pruned = prune_training_runs(paths.training_dir, run_dir)
@@ -168,8 +190,11 @@ def build(p: PipelineDefs) -> None:
                 context.log.info(f"removed {len(pruned)} older training run folder(s): {[d.name for d in pruned]}")
             done, skipped = completed_run(run_dir), False
         record = {"adapter_dir": done["adapter_dir"], "lineage_hash": lineage_hash, "lineage": lineage,
-                  "method": spec.training.method, "metrics": metrics}
-        if spec.training.export_merged and spec.training.method != "full":
+                  "method": method, "metrics": metrics}
+        if few_shot:
+            context.add_output_metadata({"few_shot_examples": preview(
+                pd.DataFrame(prompt_model.read(Path(done["adapter_dir"]))["examples"]), enabled=spec.quality.previews)})
+        elif spec.training.export_merged and spec.training.method != "full":
             record["merged_model_dir"] = str(run_dir / "merged")
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         link = {}
@@ -180,7 +205,7 @@ def build(p: PipelineDefs) -> None:
                 link["mlflow_run"] = dg.MetadataValue.url(done["mlflow"]["url"])
         return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
             "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
-            "skipped_training": skipped, "lineage": dg.MetadataValue.json(lineage),
+            "skipped_training": skipped, "method": method, "lineage": dg.MetadataValue.json(lineage),
             "metrics": dg.MetadataValue.json(metrics), **numbers, **link,
         })
 
