@@ -65,7 +65,9 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     """One JSON-able summary of a run: why it stopped (first), rows per stage, checks, metrics, artefact paths."""
     import dagster as dg
 
-    key = lambda n: dg.AssetKey([spec.name, n])  # noqa: E731
+    from .prompt_model import METHOD as PROMPT_MODEL
+
+    key = lambda n: dg.AssetKey([spec.name, n])
     meta = {n: _latest_metadata(instance, key(n)) for n in (
         "raw_examples", "labelled_examples", "label_issues", "curated_examples", "quarantine", "dataset_splits",
         "fine_tuned_adapter", "evaluation_report", "promoted_model")}
@@ -151,7 +153,9 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
         "training": meta["fine_tuned_adapter"].get("metrics"),
         "evaluation": evaluation,
         "artefacts": {
-            "adapter": meta["fine_tuned_adapter"].get("adapter_dir"),
+            # a few-shot prompt model (training.min_rows_to_train) is a prompt, not an adapter
+            ("prompt_model" if (meta["fine_tuned_adapter"].get("metrics") or {}).get("method") == PROMPT_MODEL
+             else "adapter"): meta["fine_tuned_adapter"].get("adapter_dir"),
             "report": report_path,
             "registry": meta["promoted_model"].get("path"),
             "review_queue": meta["label_issues"].get("review_queue_csv"),

@@ -18,6 +18,7 @@ from test_pipeline_dagster import (
 )
 
 from sft_dagster import prompt_model
+from sft_dagster.cli import run_summary, stage_names
 from sft_dagster.defs import build_definitions
 from sft_dagster.demo_data import generate_demo_dataset
 from sft_dagster.evaluation import (
@@ -250,6 +251,8 @@ def test_few_rows_promote_a_prompt_model_through_the_gates_and_a_trained_model_i
     assert json.loads((version / "prompt.json").read_text())["base_model"]["model_hash"] == \
         metadata(instance, spec, "base_model")["model_hash"]
     assert not list(version.glob("adapter_model*")) and champion(registry)["method"] == "few_shot"
+    # The CLI's run summary names the artefact for what it is.
+    assert artefacts(instance, spec, defs, first) == {"prompt_model": str(run_dir / "prompt")}
 
     # Unchanged inputs: the prompt model is kept, like a completed training run.
     again = run(defs, spec, instance, ["fine_tuned_adapter"])
@@ -281,3 +284,11 @@ def test_few_rows_promote_a_prompt_model_through_the_gates_and_a_trained_model_i
     assert check_results(third)["evaluation_report:beats_champion"] is gate_says(report3, -1.0) is True
     assert (registry / "v2" / "adapter_config.json").exists() and champion(registry)["method"] == "lora"
     assert "PeftModel" in (registry / "v2" / "MODEL_CARD.md").read_text()
+    assert artefacts(instance, spec, defs, third) == {"adapter": trained["adapter_dir"]}
+
+
+def artefacts(instance, spec, defs, result) -> dict:
+    """The model artefact the CLI's run summary lists (`adapter` or `prompt_model`)."""
+    summary = run_summary(instance, spec, result.run_id, defs.resolve_asset_graph(),
+                          stage_names(defs.resolve_job_def(f"{spec.name}_job")))
+    return {k: v for k, v in summary["artefacts"].items() if k in ("adapter", "prompt_model")}
