@@ -17,6 +17,9 @@ tail and renormalising the teacher's top k instead would push the student to put
 those k tokens: on the tiny test model, a student identical to its teacher scored 188 with k = 5).
 What is cached is k logits and one log-sum-exp per position instead of the 49k-wide row.
 
+With `replay.source: train` the term is computed on the train split's own rows instead, each rendered
+with its task's template (word-level distillation of a student from a teacher: `PipelineSpec.student_pipeline`).
+
 The teacher runs **once per replay example**, before training: its top-k logits go to an on-disk cache
 keyed by the teacher's weights, the tokenizer, k and the rendered text, so another epoch, a resumed
 run or the next training run with the same teacher reads them back instead of running the teacher.
