@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -24,11 +23,12 @@ from test_pipeline_dagster import (  # noqa: F401 (instance: fixture)
     write_spec,
 )
 from test_training import examples, spec_for
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, with_another_tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from sft_dagster import evaluation, models, training
 from sft_dagster import student as student_stage
+from sft_dagster.cli import _print_summary, run_summary, stage_names
 from sft_dagster.defs import build_definitions
 from sft_dagster.defs.pipeline import build_pipeline_assets
 from sft_dagster.evaluation import load_tuned_model, score_model
@@ -209,11 +209,7 @@ def test_logits_distillation_scores_the_train_rows_with_their_task(tiny_model_di
 
 
 def test_logits_distillation_refuses_a_teacher_with_another_tokenizer(tiny_model_dir, teacher_dir, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(teacher_dir, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<|extra|>"])
-    tok.save_pretrained(other)
+    other = with_another_tokenizer(teacher_dir, tmp_path / "other")
     spec = load_spec(write_spec(tmp_path, tiny_model_dir, student={"model": {"base": str(tiny_model_dir)},
                                                                    "teacher": str(other), "distillation": "logits"}))
     with pytest.raises(student_stage.StudentError, match=r"spec.yaml: student.distillation: logits .*vocabulary differ"):
@@ -282,7 +278,7 @@ def test_student_asset_graph_matches_snapshot(tmp_path, tiny_model_dir):
 # --- end to end through Dagster --------------------------------------------------------------------------
 
 def test_student_is_trained_on_the_teachers_answers_and_reported_against_it(tmp_path, tiny_model_dir, teacher_dir,
-                                                                             instance, monkeypatch):
+                                                                             instance, monkeypatch, capsys):
     spec = load_spec(write_spec(tmp_path, tiny_model_dir, **{
         "quality.cleanlab.enabled": False, "evaluation.max_examples": 12, "evaluation.max_new_tokens": 4,
         "student": {"model": {"base": str(tiny_model_dir), "keep_layers": 1}, "teacher": str(teacher_dir),
@@ -348,6 +344,12 @@ def test_student_is_trained_on_the_teachers_answers_and_reported_against_it(tmp_
         report["student"]["speed"]["tokens_per_second"] / report["teacher"]["speed"]["tokens_per_second"])
     shown = metadata(instance, spec, "student_report")
     assert shown["student_parameters"] == report["student"]["parameters"] and "| parameters |" in shown["report"]
+    summary = run_summary(instance, spec, result.run_id, defs.resolve_asset_graph(),
+                          stage_names(defs.resolve_job_def(f"{spec.name}_job")))
+    assert summary["student"]["student"]["parameters"] == report["student"]["parameters"]
+    assert summary["student"]["teacher"]["tokens_per_second"] == report["teacher"]["speed"]["tokens_per_second"]
+    _print_summary(summary)
+    assert f"student report: {storage / spec.name / 'student' / 'reports' / 'student_report.md'}" in capsys.readouterr().out
 
     # A second run keeps the answers, the student and the report (same inputs).
     again = run(defs, spec, instance, ["student_teacher_answers", "student_model", "student_report"])
