@@ -272,7 +272,7 @@ def test_student_asset_graph_matches_snapshot(tmp_path, tiny_model_dir):
         "model": {"base": str(tiny_model_dir)}, "teacher": str(tiny_model_dir), "distillation": "logits"}))
     graph = describe(build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store"), [])["assets"]
     assert "student_teacher_answers" not in graph and graph["student_teacher"]["deps"] == []
-    assert graph["student_model"]["deps"] == ["dataset_splits", "student_base_model", "student_teacher"]
+    assert graph["student_model"]["deps"] == ["dataset_splits", "quarantine", "student_base_model", "student_teacher"]
 
 
 # --- end to end through Dagster --------------------------------------------------------------------------
