@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--speed-prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,6 +69,7 @@ def main() -> None:
             nll = response_loss(model, tok, items, plain, 10**6, 16, "cpu")
             out[name] = {"layers": kept, "parameters": parameter_count(model), "retention_reference_nll": round(nll, 4),
                          "nll_seconds": round(time.perf_counter() - start, 1)}
+            print(json.dumps({name: out[name]}), flush=True)  # partial results, in case the speed part is cut short
         speed = measure_speed({"full": (full, tok), "first_and_last": (derived, tok)}, items, plain,
                               StudentReportSpec(speed_prompts=args.speed_prompts, speed_new_tokens=args.new_tokens,
                                                 speed_repeats=args.repeats), 16, "cpu", "fp32")

@@ -24,6 +24,7 @@ import pandas as pd
 
 from .. import evaluation, formatting, models, registry, training
 from .. import student as student_stage
+from ..preference import generation
 from ..schema import frame_hash, lineage_hash_of
 from ..spec import STUDENT_TEACHERS
 from ..training.trainer import pick_precision
@@ -89,7 +90,7 @@ def build(p: PipelineDefs) -> None:
     student = spec.student
     if student is None:
         return
-    code = code_version(student_stage, evaluation, formatting)
+    code = code_version(student_stage, evaluation, formatting, generation)  # answers are sampled by generation.py
     answers_check = p.check_key("student_teacher_answers", ANSWERS_CHECK)
     guarded = [*p.blocking_checks, answers_check] if student.uses_answers else list(p.blocking_checks)
 
