@@ -128,7 +128,9 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
 def kept_layers(n_layers: int, keep: int) -> list[int]:
     """The `keep` of `n_layers` decoder layers a derived model keeps: evenly spaced, the first and the last
     among them (the last layer's output is what the final norm and the head were trained on), e.g. 15 of
-    30 -> 0, 2, 4, ..., 14, 17, ..., 29."""
+    30 -> 0, 2, 4, ..., 14, 17, ..., 29. On SmolLM2-135M-Instruct, untrained, the reference-answer NLL of
+    the retention set was 12.6 with these 15 layers against 18.8 with DistilBERT's every other layer
+    from the first (the last dropped), 3.9 with all 30 (BENCHMARKS.md)."""
     if not 1 <= keep <= n_layers:
         raise ModelResolutionError(f"model.keep_layers: {keep} is not between 1 and the model's {n_layers} layers")
     if keep == 1:
