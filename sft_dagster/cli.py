@@ -127,10 +127,19 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
                       "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
                       "policies": report.get("policies"), "promotion": report.get("promotion"), "report": report_file,
                       "registry": pref["preference_promoted_model"].get("path")}
+    student = {}
+    if spec.student is not None and "student_report" in materialized:
+        report_file = _latest_metadata(instance, key("student_report")).get("report_path")
+        report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
+        student = {name: {"model": report[name]["model"], report["primary_metric"]: report[name]["metrics"][report["primary_metric"]],
+                          "parameters": report[name]["parameters"],
+                          "tokens_per_second": report[name]["speed"]["tokens_per_second"]}
+                   for name in ("teacher", "student") if name in report} | {"report": report_file}
     return {
         "pipeline": spec.name,
         "run_id": run_id,
         "preference": preference,
+        "student": student,
         "success": bool(run is not None and run.status.value == "SUCCESS") and not failed_blocking,
         "error": error,
         "materialized": materialized,
@@ -217,6 +226,12 @@ def _print_summary(s: dict) -> None:
     for name in ("report", "registry"):
         if pref.get(name):
             print(f"preference {name}: {pref[name]}")
+    for name, row in (s.get("student") or {}).items():
+        if name == "report":
+            print(f"student report: {row}")
+        else:
+            print(f"{name} ({row['model']}): " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v:,}"
+                                                          for k, v in row.items() if k != "model"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

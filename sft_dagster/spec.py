@@ -211,6 +211,9 @@ class ModelSpec(_Strict):
     base: str = EMBEDDED_MODEL
     gguf_file: str | None = None  # when `base` is a directory holding several .gguf files
     max_length: int = Field(256, ge=8, le=32768)
+    # A smaller model derived from `base`: only this many evenly spaced decoder layers are kept (the first and
+    # the last among them), each with the source's weights (models.derive_layers; DistilBERT-style init).
+    keep_layers: int | None = Field(None, ge=1)
 
 
 class LoraSpec(_Strict):
@@ -257,10 +260,14 @@ class PodSpec(_Strict):
         return num_processes if self.gpus is None else self.gpus
 
 
+TRAIN_ROWS = "train"  # distillation.replay.source: the train split's own rows
+
+
 class ReplaySourceSpec(_Strict):
     # builtin: general prompts with reference answers written for replay (sft_dagster/retention.py,
     # `replay_set`), never the prompts the retention evaluation scores; or a JSONL/CSV/Parquet file
-    # with `prompt` and `response` columns, relative to the spec file.
+    # with `prompt` and `response` columns, relative to the spec file; for distillation also `train`:
+    # the train split's own rows, each rendered with its task (the student's word-level distillation).
     source: str = "builtin"
     examples: int = Field(128, ge=1)  # at most this many general examples are used
     # Optional column mapping of the file, as in `sources[].columns`.
@@ -274,17 +281,23 @@ class ReplayMixSpec(ReplaySourceSpec):
     ratio: float = Field(0.0, ge=0, le=1)
 
 
-class DistillationSpec(_Strict):
-    """KL(teacher || student) on the next-token distributions of general replay examples, added to the
-    task loss with `weight` (training/distill.py; the teacher's top-k logits are cached on disk)."""
+class KLTermSpec(_Strict):
+    """The KL term's settings (training/distill.py): weight, the teacher's top-k, temperature, examples per step."""
 
     weight: float = Field(0.0, ge=0)  # 0: off, the run is the same as without this section
+    top_k: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1)  # examples scored for the term per optimizer step
+
+
+class DistillationSpec(KLTermSpec):
+    """KL(teacher || student) on the next-token distributions of general replay examples, added to the
+    task loss with `weight` (training/distill.py; the teacher's top-k logits are cached on disk).
+    `replay.source: train` scores the train split's own rows instead (word-level distillation)."""
+
     # `base`: the base model itself (frozen, before any adapter), or a local model directory with the
     # same tokenizer.
     teacher: str = "base"
-    top_k: int = Field(32, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    batch_size: int = Field(4, ge=1)  # replay examples per optimizer step
     replay: ReplaySourceSpec = ReplaySourceSpec()
 
 
@@ -332,6 +345,12 @@ class TrainingSpec(_Strict):
     # of a run that trains, and a prompt model's lineage is its prompt (method `few_shot`). Left out of
     # every dump while unset, so specs without it keep their training and preference lineages.
     min_rows_to_train: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _train_source(self) -> "TrainingSpec":
+        if self.replay.source == TRAIN_ROWS:
+            raise ValueError("training.replay.source: train is for distillation.replay (the train split is already trained on)")
+        return self
 
 
 class EvaluationSpec(_Strict):
@@ -473,6 +492,79 @@ class MixingSpec(_Strict):
     seed: int = 0
 
 
+class StudentGenerationSpec(_Strict):
+    """How the teacher answers the train and validation prompts (sequence-level distillation)."""
+
+    max_new_tokens: int = Field(64, ge=1)  # an answer that has not ended by then is quarantined, not cut
+    # 0: greedy, the teacher's most likely answer (Kim & Rush 2016); > 0: one seeded sample per prompt
+    temperature: float = Field(0.0, ge=0, le=5)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0  # with temperature > 0: same seed, prompts and teacher -> the same answers
+    # Blocking check `answers_kept`: at most this share of the rows may lack a usable answer (quarantined).
+    max_refused_rate: float = Field(0.1, ge=0, le=1)
+
+
+class StudentLogitsSpec(KLTermSpec):
+    """Word-level distillation: KL(teacher || student) on the train rows' answer tokens, the teacher's
+    top-k cached once per row (training/distill.py)."""
+
+    weight: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)  # train rows scored for the KL term per optimizer step
+
+
+class StudentReportSpec(_Strict):
+    """The speed half of the teacher vs student report: greedy generation of a fixed length, timed."""
+
+    speed_prompts: int = Field(32, ge=1)  # the first test prompts (in evaluation order)
+    speed_new_tokens: int = Field(32, ge=1)  # every prompt generates exactly this many tokens
+    speed_repeats: int = Field(2, ge=1)  # timed passes per model, interleaved; the fastest counts
+
+
+STUDENT_TEACHERS = ("promoted", "fine_tuned")
+
+
+class StudentSpec(_Strict):
+    """A smaller model trained from a teacher's answers and/or logits (docs/training.md); a spec without
+    this section has no student assets."""
+
+    # The student: any model source `model` accepts (`keep_layers` derives a smaller one from a model).
+    # max_length defaults to the pipeline's model.max_length.
+    model: ModelSpec
+    # promoted: the pipeline's promoted model (the registry's champion); fine_tuned: the current
+    # fine_tuned_adapter; else a local model directory (config.json), relative to the spec file.
+    teacher: str = "promoted"
+    # sequence: train on the teacher's answers to the train prompts; logits: the gold answers plus the KL
+    # term to the teacher's top-k distributions (same tokenizer needed); both: the teacher's answers plus KL.
+    distillation: Literal["sequence", "logits", "both"] = "sequence"
+    generation: StudentGenerationSpec = StudentGenerationSpec()
+    logits: StudentLogitsSpec = StudentLogitsSpec()
+    training: TrainingSpec | None = None  # default: the pipeline's `training`
+    report: StudentReportSpec = StudentReportSpec()
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty: promoted, fine_tuned or a local model directory")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StudentSpec":
+        if self.uses_logits and self.training is not None and self.training.distillation.weight > 0:
+            raise ValueError(f"student.training.distillation is set by student.distillation: {self.distillation} "
+                             "(the KL term goes to the teacher; configure it under student.logits)")
+        return self
+
+    @property
+    def uses_answers(self) -> bool:
+        return self.distillation in ("sequence", "both")
+
+    @property
+    def uses_logits(self) -> bool:
+        return self.distillation in ("logits", "both")
+
+
 class PipelineSpec(_Strict):
     name: str
     description: str = ""
@@ -487,7 +579,7 @@ class PipelineSpec(_Strict):
     promotion: PromotionSpec = PromotionSpec()
     schedule: ScheduleSpec = ScheduleSpec()
     preference: PreferenceSpec | None = None
-
+    student: StudentSpec | None = None  # distillation into a smaller model (defs/student.py)
 
     # Multi-task learning: further tasks mixed with this one into one adapter (empty: a single task).
     tasks: list[ExtraTaskSpec] = Field(default_factory=list)
@@ -512,6 +604,8 @@ class PipelineSpec(_Strict):
             raise ValueError("tasks: a multi-task spec trains in process (training.launcher in_process, num_processes 1)")
         if self.tasks and self.training.search.strategy != "none":
             raise ValueError("tasks: hyperparameter search (training.search) is for single-task specs")
+        if self.tasks and self.student is not None:
+            raise ValueError("student: distillation into a smaller model is for single-task specs")
         return self
 
     @model_validator(mode="after")
@@ -544,6 +638,31 @@ class PipelineSpec(_Strict):
             "quality": entry.quality or self.quality, "splits": entry.splits or self.splits, "tasks": [],
         })
 
+    def student_model(self) -> ModelSpec:
+        """The student's model section, its max_length defaulting to the pipeline's."""
+        model = self.student.model
+        if "max_length" not in model.model_fields_set:
+            model = model.model_copy(update={"max_length": self.model.max_length})
+        return model
+
+    def student_pipeline(self, teacher_dir: str | None = None) -> "PipelineSpec":
+        """The spec the student is trained with (`training.train`): the student's model, its training
+        settings (default the pipeline's), and for logits distillation the KL term to `teacher_dir` on the
+        train rows. Everything else (task, evaluation, name) is the pipeline's."""
+        student = self.student
+        model = self.student_model()
+        training = student.training or self.training
+        if student.uses_logits:
+            if teacher_dir is None:
+                raise ValueError("student.distillation: logits needs the teacher's directory")
+            kl = student.logits
+            distillation = DistillationSpec(weight=kl.weight, top_k=kl.top_k, temperature=kl.temperature,
+                                            batch_size=kl.batch_size, teacher=str(teacher_dir),
+                                            # every train row: the cap is above any split size
+                                            replay=ReplaySourceSpec(source=TRAIN_ROWS, examples=2**62))
+            training = training.model_copy(update={"distillation": distillation})
+        return self.model_copy(update={"model": model, "training": training, "preference": None, "student": None})
+
     def mixing_weights(self) -> dict[str, float]:
         return {MAIN_TASK: self.mixing.weight, **{t.name: t.weight for t in self.tasks}}
 
@@ -557,11 +676,15 @@ class PipelineSpec(_Strict):
         return p if p.is_absolute() else (self.base_dir / p)
 
     def fingerprint(self) -> str:
-        """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` section and
-        `training.min_rows_to_train` are left out (they do not shape the SFT adapter; adding them must not
-        retrain SFT)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"preference": True, "training": {"min_rows_to_train"}}),
-                          sort_keys=True)
+        """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` and `student:`
+        sections and `training.min_rows_to_train` are left out (they do not shape the SFT adapter; adding them
+        must not retrain SFT), and so is an unset `model.keep_layers` (specs written before it existed keep
+        their fingerprint)."""
+        data = self.model_dump(mode="json", exclude={"preference": True, "student": True,
+                                                     "training": {"min_rows_to_train"}})
+        if data["model"].get("keep_layers") is None:
+            del data["model"]["keep_layers"]
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

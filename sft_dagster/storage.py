@@ -62,6 +62,11 @@ class PipelinePaths:
         return self.dir / "reports"
 
     @property
+    def student_dir(self) -> Path:
+        """The `student:` section's artefacts: merged teachers, answer caches, training runs, reports."""
+        return self.dir / "student"
+
+    @property
     def model_cache(self) -> Path:
         return self.root / "models"
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 from test_training import examples, losses, spec_for
-from tiny_model import build_tiny_model
+from tiny_model import build_tiny_model, with_another_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft_dagster.formatting import IGNORE_INDEX
 from sft_dagster.training.augment import GENERAL_TASK
-from sft_dagster.training.distill import Distiller, TeacherError, check_same_tokenizer, teacher_targets
+from sft_dagster.training.distill import (
+    Distiller,
+    TeacherError,
+    check_same_tokenizer,
+    teacher_targets,
+)
 from sft_dagster.training.trainer import collate, encode_frame
 
 
@@ -132,17 +135,13 @@ def test_distillation_holds_the_student_near_the_base_model(tiny_model_dir, tmp_
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tiny_model_dir, teacher_dir, tmp_path):
-    other = tmp_path / "other"
-    shutil.copytree(teacher_dir, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<extra_token>"])
-    tok.save_pretrained(other)
+    other = with_another_tokenizer(teacher_dir, tmp_path / "other")
     with pytest.raises(TeacherError, match="tokenizer differs.*vocabulary"):
         check_same_tokenizer(tiny_model_dir, other)
     check_same_tokenizer(tiny_model_dir, teacher_dir)  # the same tokenizer: accepted
     spec = spec_for(tiny_model_dir, distillation={"weight": 1.0, "teacher": str(tmp_path / "missing")})
     with pytest.raises(TeacherError, match="not a local model directory"):
-        Distiller.prepare(spec, tiny_model_dir, tok, tmp_path / "cache", "cpu", 0)
+        Distiller.prepare(spec, tiny_model_dir, AutoTokenizer.from_pretrained(tiny_model_dir), tmp_path / "cache", "cpu", 0)
 
 
 def test_a_local_teacher_and_a_replay_file_join_the_lineage(tiny_model_dir, teacher_dir, tmp_path):

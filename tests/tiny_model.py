@@ -64,3 +64,17 @@ def build_tiny_model(out_dir: str | Path, hidden_size: int = 32, num_layers: int
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def with_another_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """A copy of a model directory whose tokenizer has one more token: another vocabulary, same weights."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_tokens(["<|extra|>"])
+    tokenizer.save_pretrained(out)
+    return out

@@ -10,6 +10,8 @@
     preference.py  only with a `preference:` section: candidate_generations, ranking_queue,
                    preference_pairs and their gates, reward_model, dpo_adapter, ppo_policy,
                    preference_report, preference_promoted_model
+    student.py     only with a `student:` section: student_base_model, student_teacher,
+                   student_teacher_answers (+ student_answers_quarantine), student_model, student_report
 
 Adding a stage means one module with a `build(p)` and one line here.
 """
@@ -20,11 +22,11 @@ from pathlib import Path
 
 from ..quality import load_suite
 from ..spec import PipelineSpec
-from . import curation, data, evaluation, multitask, preference, quality, training
+from . import curation, data, evaluation, multitask, preference, quality, student, training
 from .common import PipelineDefs
 
 DATA_STAGES = (data, quality, curation)
-STAGES = (*DATA_STAGES, multitask, training, evaluation, preference)
+STAGES = (*DATA_STAGES, multitask, training, evaluation, preference, student)
 
 
 def build_pipeline_assets(spec: PipelineSpec, checks_dir: Path) -> PipelineDefs:

@@ -16,12 +16,13 @@ import pandas as pd
 
 from .. import atomic, formatting, models, prompt_model, training
 from ..console import PREFLIGHT
+from ..multitask import TASK_COLUMN
 from ..schema import frame_hash, lineage_hash_of
+from ..spec import TRAIN_ROWS
 from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
 from ..training.progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
-from ..multitask import TASK_COLUMN
 from .guards import require_checks_passed
 from .multitask import quarantine_assets, splits_asset
 from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
@@ -102,9 +103,98 @@ def training_inputs(spec, model_dir: Path) -> dict:
         out["distillation_teacher_hash"] = models.directory_hashes(teacher_dir(spec, model_dir))[0]
     for name, source in (("replay", spec.training.replay), ("distillation_replay", distillation.replay)):
         used = source.ratio > 0 if name == "replay" else distillation.weight > 0
-        if used and source.source != "builtin":
+        if used and source.source not in ("builtin", TRAIN_ROWS):  # the train rows are in training_data_hash
             out[f"{name}_file_hash"] = models.file_digest(spec.resolve(source.source))[:16]
     return out
+
+
+def model_output(resolved: models.ResolvedModel) -> dg.Output[dict]:
+    """A resolved model as an asset value: its record, its content hashes as the data version."""
+    record = resolved.to_metadata()
+    return dg.Output(record, data_version=dg.DataVersion(f"{resolved.model_hash}-{resolved.tokenizer_hash}"),
+                     metadata={**record, "path": dg.MetadataValue.path(str(resolved.path))})
+
+
+def adapter_lineage(context: dg.AssetExecutionContext, spec, model: dict, train_df: pd.DataFrame, val_df: pd.DataFrame,
+                    device: str) -> dict:
+    """Everything that shapes a trained adapter: its data, the model it starts from (a `base_model`-like
+    record), the spec, the code, library versions and the kind of hardware."""
+    columns = ["example_id", "prompt", "response", "system", "split"] + [
+        c for c in ("history", TASK_COLUMN) if c in train_df]
+    lineage = {
+        "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
+        "base_model_hash": model["model_hash"],
+        "tokenizer_hash": model["tokenizer_hash"],
+        "spec_fingerprint": spec.fingerprint(),
+        "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+        "method": spec.training.method,
+        "base_model": model["source"],
+        "libraries": library_versions(),
+        "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
+    }
+    return lineage | training_inputs(spec, Path(model["path"]))
+
+
+def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, training_dir: Path, model_dir: Path,
+                    train_df: pd.DataFrame, val_df: pd.DataFrame, device: str, resources: dict,
+                    data_version_keys: list[dg.AssetKey], run_name: str, prompt: dict | None = None) -> dg.Output[dict]:
+    """Train `spec` in the folder named by the lineage's hash under `training_dir`, or keep the adapter of
+    the completed run with that lineage; the adapter's record as an asset value.
+
+    `resources`: storage, compute, mlflow, pipes_subprocess_client, k8s_training. `run_name`: the MLflow
+    run's name prefix. `prompt`: a few-shot prompt model (`prompt_model.build_prompt`) written instead of
+    training, completed and reused like a training run."""
+    storage, mlflow = resources["storage"], resources["mlflow"]
+    lineage_hash = lineage_hash_of(lineage)
+    run_dir = training_dir / lineage_hash
+    method = prompt_model.METHOD if prompt is not None else spec.training.method
+    done = completed_run(run_dir)
+    if done is not None:
+        context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its "
+                         f"{'prompt' if prompt is not None else 'adapter'}")
+        metrics, skipped = done["metrics"], True
+    elif prompt is not None:
+        prompt_model.write(run_dir, prompt)
+        metrics = {"method": method, "train_rows": len(train_df), "min_rows_to_train": spec.training.min_rows_to_train,
+                   "k": prompt["k"], "few_shot_seed": prompt["seed"]}
+        atomic.write_json(run_dir / "metrics.json", metrics)
+    else:
+        params = {"lineage": lineage, "lineage_hash": lineage_hash,
+                  "data_versions": input_data_versions(context, data_version_keys)}
+        tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.method,
+                "dagster_run_id": context.run_id}
+        launchers = {"pipes": resources["pipes_subprocess_client"], "k8s": resources["k8s_training"],
+                     "storage_root": storage.root}
+        metrics = _train(context, spec, resources["compute"], launchers, model_dir, train_df, val_df, run_dir, device,
+                         start_tracking=lambda train_spec: mlflow.start_run(
+                             storage.root, spec.name, f"{run_name}-{lineage_hash[:8]}",
+                             {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
+    if done is None:  # a new run (training or a prompt): complete it
+        atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
+        pruned = prune_training_runs(training_dir, run_dir)
+        if pruned:
+            context.log.info(f"removed {len(pruned)} older training run folder(s): {[d.name for d in pruned]}")
+        done, skipped = completed_run(run_dir), False
+    record = {"adapter_dir": done["adapter_dir"], "lineage_hash": lineage_hash, "lineage": lineage,
+              "method": method, "metrics": metrics}
+    if prompt is not None:
+        context.add_output_metadata({"few_shot_examples": preview(
+            pd.DataFrame(prompt_model.read(Path(done["adapter_dir"]))["examples"]), enabled=spec.quality.previews)})
+    elif spec.training.export_merged and spec.training.method != "full":
+        record["merged_model_dir"] = str(run_dir / "merged")
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    link = {}
+    if done["mlflow"]:
+        record["mlflow"] = done["mlflow"]
+        link = {"mlflow_run_id": done["mlflow"]["run_id"]}
+        if done["mlflow"].get("url"):
+            link["mlflow_run"] = dg.MetadataValue.url(done["mlflow"]["url"])
+    return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
+        "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
+        "skipped_training": skipped, "method": method, "lineage": dg.MetadataValue.json(lineage),
+        "metrics": dg.MetadataValue.json(metrics), **numbers, **link,
+    })
 
 
 def build(p: PipelineDefs) -> None:
@@ -113,10 +203,7 @@ def build(p: PipelineDefs) -> None:
     @dg.asset(**p.asset_args("base_model", kinds={"transformers", "safetensors"}, code_version=code_version(models),
                              io_manager_key=JSON_IO, description="The spec's base model as a local safetensors directory."))
     def base_model(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[dict]:
-        resolved = resolve_base_model(spec, storage)
-        record = resolved.to_metadata()
-        return dg.Output(record, data_version=dg.DataVersion(f"{resolved.model_hash}-{resolved.tokenizer_hash}"),
-                         metadata={**record, "path": dg.MetadataValue.path(str(resolved.path))})
+        return model_output(resolve_base_model(spec, storage))
 
     threshold = spec.training.min_rows_to_train
     description = f"{spec.training.method} fine-tune of the base model on the train split." + (
@@ -131,92 +218,31 @@ def build(p: PipelineDefs) -> None:
                            mlflow: MLflowTracking, pipes_subprocess_client: dg.PipesSubprocessClient,
                            k8s_training: K8sTraining, dataset_splits: pd.DataFrame, base_model: dict) -> dg.Output[dict]:
         require_checks_passed(context, p.blocking_checks)
-        paths = p.paths(storage)
-        model_dir = Path(base_model["path"])
         train_df = dataset_splits[dataset_splits["split"] == "train"].reset_index(drop=True)
         val_df = dataset_splits[dataset_splits["split"] == "validation"].reset_index(drop=True)
         device = compute.resolved_device()
-        columns = ["example_id", "prompt", "response", "system", "split"] + [
-            c for c in ("history", TASK_COLUMN) if c in train_df]
-        few_shot = prompt_model.applies(spec, len(train_df))
-        if few_shot:  # too few rows to train: the few-shot prompt is the model
+        resources = {"storage": storage, "compute": compute, "mlflow": mlflow,
+                     "pipes_subprocess_client": pipes_subprocess_client, "k8s_training": k8s_training}
+        prompt = None
+        if prompt_model.applies(spec, len(train_df)):  # too few rows to train: the few-shot prompt is the model
             prompt = prompt_model.build_prompt(spec, train_df, base_model)
             lineage = prompt_model.lineage(prompt, code_version(prompt_model))
-            method = prompt_model.METHOD
             context.log.info(f"the train split has {len(train_df)} rows, fewer than training.min_rows_to_train "
                              f"{threshold}: no training; the model is a {prompt['k']}-shot prompt of the base model "
-                             f"(method {method}, examples {lineage['example_ids']})")
+                             f"(method {prompt_model.METHOD}, examples {lineage['example_ids']})")
         else:
-            method = spec.training.method
-            lineage = {
-                "training_data_hash": frame_hash(pd.concat([train_df, val_df])[columns]),
-                "base_model_hash": base_model["model_hash"],
-                "tokenizer_hash": base_model["tokenizer_hash"],
-                "spec_fingerprint": spec.fingerprint(),
-                "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-                "method": method,
-                "base_model": base_model["source"],
-                "libraries": library_versions(),
-                "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
-            }
-            lineage |= training_inputs(spec, model_dir)
-        lineage_hash = lineage_hash_of(lineage)
-        run_dir = paths.training_dir / lineage_hash
-        done = completed_run(run_dir)
-        if done is not None:
-            context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its "
-                             f"{'prompt' if few_shot else 'adapter'}")
-            metrics, skipped = done["metrics"], True
-        elif few_shot:
-            prompt_model.write(run_dir, prompt)
-            metrics = {"method": method, "train_rows": len(train_df), "min_rows_to_train": threshold,
-                       "k": prompt["k"], "few_shot_seed": prompt["seed"]}
-            atomic.write_json(run_dir / "metrics.json", metrics)
-        else:
-            params = {"lineage": lineage, "lineage_hash": lineage_hash,
-                      "data_versions": input_data_versions(context, [K("dataset_splits"), K("base_model")])}
-            tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.method,
-                    "dagster_run_id": context.run_id}
-            launchers = {"pipes": pipes_subprocess_client, "k8s": k8s_training, "storage_root": storage.root}
-            metrics = _train(context, p, compute, launchers, model_dir, train_df, val_df, run_dir, device,
-                             start_tracking=lambda train_spec: mlflow.start_run(
-                                 storage.root, spec.name, f"{spec.name}-{lineage_hash[:8]}",
-                                 {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
-        if done is None:  # a new run (training or a prompt): complete it
-            atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
-            pruned = prune_training_runs(paths.training_dir, run_dir)
-            if pruned:
-                context.log.info(f"removed {len(pruned)} older training run folder(s): {[d.name for d in pruned]}")
-            done, skipped = completed_run(run_dir), False
-        record = {"adapter_dir": done["adapter_dir"], "lineage_hash": lineage_hash, "lineage": lineage,
-                  "method": method, "metrics": metrics}
-        if few_shot:
-            context.add_output_metadata({"few_shot_examples": preview(
-                pd.DataFrame(prompt_model.read(Path(done["adapter_dir"]))["examples"]), enabled=spec.quality.previews)})
-        elif spec.training.export_merged and spec.training.method != "full":
-            record["merged_model_dir"] = str(run_dir / "merged")
-        numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        link = {}
-        if done["mlflow"]:
-            record["mlflow"] = done["mlflow"]
-            link = {"mlflow_run_id": done["mlflow"]["run_id"]}
-            if done["mlflow"].get("url"):
-                link["mlflow_run"] = dg.MetadataValue.url(done["mlflow"]["url"])
-        return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
-            "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
-            "skipped_training": skipped, "method": method, "lineage": dg.MetadataValue.json(lineage),
-            "metrics": dg.MetadataValue.json(metrics), **numbers, **link,
-        })
+            lineage = adapter_lineage(context, spec, base_model, train_df, val_df, device)
+        return trained_adapter(context, spec, lineage, p.paths(storage).training_dir, Path(base_model["path"]),
+                               train_df, val_df, device, resources, [K("dataset_splits"), K("base_model")], spec.name,
+                               prompt=prompt)
 
     p.assets += [base_model, fine_tuned_adapter]
 
 
-def _train(context, p: PipelineDefs, compute, launchers: dict, model_dir: Path, train_df: pd.DataFrame,
+def _train(context, spec, compute, launchers: dict, model_dir: Path, train_df: pd.DataFrame,
            val_df: pd.DataFrame, run_dir: Path, device: str, start_tracking=lambda train_spec: None) -> dict:
     """Pre-flight, optional hyperparameter search, then the training run itself (in process or launched),
     tracked in MLflow when `start_tracking(spec actually trained)` returns a run."""
-    spec = p.spec
     if spec.training.launcher != "k8s":  # a pod's hardware is not this process's: no timed step here
         plan = training.preflight(spec, model_dir, train_df, device=device, tasks=spec.task_specs() if spec.tasks else None)
         context.log.info(f"{PREFLIGHT}{json.dumps(plan)}")

@@ -64,11 +64,13 @@ class RowSeededSampler:
 @torch.no_grad()
 def sample_continuations(model, tokenizer, prompts: list[list[int]], seeds: list[int], *, temperature: float,
                          top_p: float, max_new_tokens: int, batch_size: int, device: str,
-                         precision: str = "fp32") -> list[tuple[list[int], bool]]:
+                         precision: str = "fp32", min_new_tokens: int = 0) -> list[tuple[list[int], bool]]:
     """Sampled reply tokens for each prompt (token ids) with its own seed: (ids, finished) per prompt.
 
     `ids` run up to and including the end-of-turn token when the reply finished, else they are the
-    `max_new_tokens` drawn. Batched with left padding, prompts grouped by length.
+    `max_new_tokens` drawn. Batched with left padding, prompts grouped by length. Temperature 0 is
+    greedy decoding (the seeds are not used); `min_new_tokens` holds the end-of-turn token back until
+    that many tokens were generated (a timed run of a fixed length).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -76,7 +78,8 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], seeds: list
         raise ValueError("one seed per prompt")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
+                              **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[tuple[list[int], bool]] = [([], False)] * len(prompts)
     was_training = model.training
@@ -87,10 +90,10 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], seeds: list
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        sampler = RowSeededSampler([seeds[i] for i in rows], temperature, top_p)
+        samplers = [RowSeededSampler([seeds[i] for i in rows], temperature, top_p)] if temperature > 0 else []
         with autocast(device, precision):
             generated = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                       logits_processor=LogitsProcessorList([sampler]))
+                                       logits_processor=LogitsProcessorList(samplers))
         for i, row in zip(rows, generated[:, width:].tolist()):
             if eos in row:
                 out[i] = (row[: row.index(eos) + 1], True)

@@ -17,6 +17,9 @@ tail and renormalising the teacher's top k instead would push the student to put
 those k tokens: on the tiny test model, a student identical to its teacher scored 188 with k = 5).
 What is cached is k logits and one log-sum-exp per position instead of the 49k-wide row.
 
+With `replay.source: train` the term is computed on the train split's own rows instead, each rendered
+with its task's template (word-level distillation of a student from a teacher: `PipelineSpec.student_pipeline`).
+
 The teacher runs **once per replay example**, before training: its top-k logits go to an on-disk cache
 keyed by the teacher's weights, the tokenizer, k and the rendered text, so another epoch, a resumed
 run or the next training run with the same teacher reads them back instead of running the teacher.
@@ -61,22 +64,27 @@ def teacher_dir(spec: PipelineSpec, model_dir: Path) -> Path:
     return path
 
 
-def check_same_tokenizer(base_dir: Path, teacher: Path) -> None:
-    """Refuse a teacher whose tokenizer differs from the base model's: the KL compares the two models'
-    distributions token id by token id, which means nothing across vocabularies."""
+def tokenizer_differences(a: Path, b: Path) -> list[str]:
+    """What differs between two model directories' tokenizers (vocabulary, end-of-sequence token, chat
+    template); empty when they tokenize alike. Equal tokenizer file hashes answer without loading them."""
     from transformers import AutoTokenizer
 
     from ..models import directory_hashes
 
-    if directory_hashes(base_dir)[1] == directory_hashes(teacher)[1]:
-        return
-    base_tok, teacher_tok = AutoTokenizer.from_pretrained(base_dir), AutoTokenizer.from_pretrained(teacher)
-    differences = [what for what, a, b in (
-        ("vocabulary", base_tok.get_vocab(), teacher_tok.get_vocab()),
-        ("end-of-sequence token", base_tok.eos_token, teacher_tok.eos_token),
-        ("chat template", base_tok.chat_template, teacher_tok.chat_template),
-    ) if a != b]
-    if differences:
+    if directory_hashes(a)[1] == directory_hashes(b)[1]:
+        return []
+    tok_a, tok_b = AutoTokenizer.from_pretrained(a), AutoTokenizer.from_pretrained(b)
+    return [what for what, x, y in (
+        ("vocabulary", tok_a.get_vocab(), tok_b.get_vocab()),
+        ("end-of-sequence token", tok_a.eos_token, tok_b.eos_token),
+        ("chat template", tok_a.chat_template, tok_b.chat_template),
+    ) if x != y]
+
+
+def check_same_tokenizer(base_dir: Path, teacher: Path) -> None:
+    """Refuse a teacher whose tokenizer differs from the base model's: the KL compares the two models'
+    distributions token id by token id, which means nothing across vocabularies."""
+    if differences := tokenizer_differences(base_dir, teacher):
         raise TeacherError(f"training.distillation.teacher {teacher}: its tokenizer differs from the base model's "
                            f"({', '.join(differences)} differ); the teacher must share the base model's tokenizer")
 
@@ -162,23 +170,34 @@ class Distiller:
 
     @classmethod
     def prepare(cls, spec: PipelineSpec, model_dir: Path, tokenizer, cache_dir: Path, device: str,
-                pad_id: int) -> "Distiller | None":
-        """None when `distillation.weight` is 0 (the run is exactly a run without distillation)."""
+                pad_id: int, train_frame=None, train_tasks=None) -> "Distiller | None":
+        """None when `distillation.weight` is 0 (the run is exactly a run without distillation).
+
+        `train_frame` (with `train_tasks`, each row's task or None for the spec's): the train split, whose
+        rows the term scores when `distillation.replay.source` is `train`.
+        """
         cfg = spec.training.distillation
         if cfg.weight == 0:
             return None
+        from ..spec import TRAIN_ROWS
         from .augment import GENERAL_TASK, load_replay
         from .trainer import encode_frame
 
         teacher = teacher_dir(spec, model_dir)
         if teacher != Path(model_dir):
             check_same_tokenizer(Path(model_dir), teacher)
-        replay = load_replay(spec, cfg.replay, cfg.replay.examples, spec.training.seed)
-        examples = encode_frame(tokenizer, replay, spec, [GENERAL_TASK] * len(replay))
+        if cfg.replay.source == TRAIN_ROWS:  # the train rows, each with its task's main template
+            if train_frame is None:
+                raise ValueError("training.distillation.replay.source: train needs the train split")
+            n = min(cfg.replay.examples, len(train_frame))
+            examples = encode_frame(tokenizer, train_frame.iloc[:n], spec, train_tasks[:n] if train_tasks else None)
+        else:
+            replay = load_replay(spec, cfg.replay, cfg.replay.examples, spec.training.seed)
+            examples = encode_frame(tokenizer, replay, spec, [GENERAL_TASK] * len(replay))
         texts = [tokenizer.decode(e.input_ids) for e in examples]
         targets, stats = teacher_targets(teacher, examples, texts, cfg.top_k, cfg.temperature, cache_dir, device)
-        return cls(spec, examples, targets, stats | {"teacher": str(teacher), "replay_examples": len(examples)},
-                   pad_id, device)
+        return cls(spec, examples, targets, stats | {"teacher": str(teacher), "replay_examples": len(examples),
+                                                     "source": cfg.replay.source}, pad_id, device)
 
     def batch_for_step(self, step: int) -> list[int]:
         """The replay examples of optimizer step `step` (0-based): a seeded cycle through the set."""

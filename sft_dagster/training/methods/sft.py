@@ -33,6 +33,7 @@ class SFTMethod(TrainingMethod):
         self.distiller: Distiller | None = None
         self.neftune = None
         self.train_frame = None
+        self.task_frame = None  # the train split before replay rows are mixed in
         self.last_kl: float | None = None
 
     @staticmethod
@@ -45,7 +46,8 @@ class SFTMethod(TrainingMethod):
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            self.distiller = Distiller.prepare(self.spec, model_dir, tokenizer, self.teacher_cache, device, pad_id)
+            self.distiller = Distiller.prepare(self.spec, model_dir, tokenizer, self.teacher_cache, device, pad_id,
+                                               self.task_frame, augment.main_tasks(self.task_frame, self.spec, self.tasks))
         model = trainer.load_model(self.spec, model_dir, device, precision)
         self.neftune = augment.attach_neftune(model, self.spec.training.neftune_alpha)
         return model
@@ -63,6 +65,7 @@ class SFTMethod(TrainingMethod):
     def encode_train(self, tokenizer, frame) -> list[EncodedExample]:
         if frame.empty:  # before replay rows are mixed in
             raise ValueError("the train split is empty")
+        self.task_frame = frame
         self.train_frame = augment.with_replay(frame, self.spec)  # general examples mixed in (training.replay)
         return trainer.encode_frame(tokenizer, self.train_frame, self.spec,
                                     augment.row_tasks(self.train_frame, self.spec, self.tasks))
