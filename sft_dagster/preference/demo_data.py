@@ -119,14 +119,23 @@ def satisfies_rule(reply: str, answer: str, allowed_numbers=()) -> bool:
     return all(rule_checks(reply, answer, allowed_numbers).values())
 
 
+RULE_PARTS = ("satisfied", "style", "correct", "no_hedging", "concise")
+
+
+def rule_parts(reply: str, answer: str, allowed_numbers=()) -> dict[str, bool]:
+    """`rule_checks` plus `style` (no hedging and concise: the part a reply's form decides) and
+    `satisfied` (the whole rule), so a report can say whether the style or the correctness moved."""
+    c = rule_checks(reply, answer, allowed_numbers)
+    return {"satisfied": all(c.values()), "style": c["no_hedging"] and c["concise"], **c}
+
+
 def rule_satisfaction(prompts: pd.DataFrame, replies: list[str]) -> dict:
-    """Share of replies that satisfy the rule, and of each part, for rows of the demo's prompts.jsonl
-    (`answer`, `allowed_numbers`) and one reply per row."""
-    checks = [rule_checks(r, str(a), allowed) for r, a, allowed in
+    """Share of replies that satisfy the rule, and of each part (`RULE_PARTS`), for rows of the demo's
+    prompts.jsonl (`answer`, `allowed_numbers`) and one reply per row."""
+    checks = [rule_parts(r, str(a), allowed) for r, a, allowed in
               zip(replies, prompts["answer"], prompts["allowed_numbers"])]
     n = max(1, len(checks))
-    return {"n": len(checks), "satisfied": sum(all(c.values()) for c in checks) / n,
-            **{part: sum(c[part] for c in checks) / n for part in ("correct", "no_hedging", "concise")}}
+    return {"n": len(checks), **{part: sum(c[part] for c in checks) / n for part in RULE_PARTS}}
 
 
 def annotator_key(reply: str, answer: str, allowed_numbers=()) -> tuple:

@@ -2,7 +2,8 @@
 
 The causal checkpoint becomes a sequence classifier with one output (`preference.losses.load_reward_model`,
 score head seeded from `training.seed`), LoRA adapters on its body (`training.lora`) and the score head
-trained in full (peft's `modules_to_save`). A pair's two sides run as one batch; the loss is
+trained in full (peft's `modules_to_save`). The pairs of a prompt run as one batch item, each distinct
+reply scored once (`methods.pairs.PairMethod`); the loss is
 `-log sigmoid(r_chosen - r_rejected)` (plus the optional centring term), the mean over the pairs of an
 optimizer step. Validation reports the loss and the pairwise accuracy on the held-out pairs.
 
@@ -50,15 +51,15 @@ class RewardModelMethod(PairMethod):
         return model
 
     def collate(self, items, pad_id, device):
-        from ...preference.losses import collate_reward_pairs
+        from ...preference.losses import collate_pair_groups, reward_input
 
-        return collate_reward_pairs(items, pad_id, device)
+        return collate_pair_groups(items, pad_id, device, cut=reward_input)
 
     def loss(self, model, batch):
         from ...preference.losses import reward_batch_loss
 
         loss, stats = reward_batch_loss(model, batch, center_rewards_coefficient=self.config.center_rewards_coefficient)
-        n = batch["input_ids"].shape[0] // 2
+        n = len(batch["chosen_index"])
         self.record({k: stats[k] for k in ("accuracy", "margin", "mean_reward")}, n)
         return loss * n, n
 
