@@ -234,6 +234,18 @@ def test_pairs_grouped_by_prompt_train_exactly_like_separate_pairs(tiny_model_di
         assert separate.metrics["reference_forward_rows"] == 2 * 6 * 5
 
 
+def test_pair_methods_count_their_own_batch_size_in_prompts(tiny_model_dir, tmp_path):
+    spec = spec_for(tiny_model_dir, batch_size=8, epochs=1)  # 8 would hold all 4 prompts: one step
+    dpo = train_dpo(spec, DPOConfig(batch_size=1), tiny_model_dir, None, rankings(4), rankings(1, offset=9),
+                    tmp_path / "dpo", device="cpu", log=quiet)
+    assert dpo.metrics["steps"] == 4  # one prompt (its 6 pairs) per step
+    rm = train_reward_model(spec, RewardModelConfig(batch_size=2), tiny_model_dir, rankings(4), rankings(1, offset=9),
+                            tmp_path / "rm", device="cpu", log=quiet)
+    assert rm.metrics["steps"] == 2
+    assert train_dpo(spec, DPOConfig(), tiny_model_dir, None, rankings(4), rankings(1, offset=9), tmp_path / "dpo8",
+                     device="cpu", log=quiet).metrics["steps"] == 1
+
+
 def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ...spec import PipelineSpec
-from .pairs import PairMethod, load_policy
+from .pairs import PairMethod, load_policy, pair_training_spec
 
 
 @dataclass
@@ -114,10 +114,12 @@ def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
               val_pairs: pd.DataFrame, output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """DPO (`preference.config.DPOConfig`) from the SFT adapter (None: the base model with a new LoRA
-    adapter), with the SFT model as reference; learning rate, epochs, batch size, LoRA and seed come
-    from `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
+    adapter), with the SFT model as reference; learning rate, epochs, LoRA and seed come from
+    `spec.training`, the batch size (prompts, each with all its pairs) from `config.batch_size` or
+    `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
     from ..trainer import run_training
 
+    spec = pair_training_spec(spec, config)
     return run_training(DPOMethod(spec, config, sft_adapter_dir), spec, Path(model_dir), train_pairs, val_pairs,
                         Path(output_dir), device=device, log=log, on_metrics=on_metrics,
                         stop_after_steps=stop_after_steps)

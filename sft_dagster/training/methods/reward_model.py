@@ -23,7 +23,7 @@ import torch
 
 from ... import atomic
 from ...spec import PipelineSpec, TaskSpec
-from .pairs import PairMethod, lora_config
+from .pairs import PairMethod, lora_config, pair_training_spec
 
 META_FILE = "reward_model.json"
 
@@ -111,11 +111,13 @@ def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs:
                        output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
                        on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """Train a Bradley-Terry reward model (`preference.config.RewardModelConfig`) on pairs (PAIR_COLUMNS);
-    learning rate, epochs, batch size, LoRA and seed come from `spec.training`. Saves
+    learning rate, epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all
+    its pairs) from `config.batch_size` or `spec.training`. Saves
     `output_dir/reward_model` (see `load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
     saved weights on `val_pairs`."""
     from ..trainer import run_training
 
+    spec = pair_training_spec(spec, config)
     result = run_training(RewardModelMethod(spec, config), spec, Path(model_dir), train_pairs, val_pairs,
                           Path(output_dir), device=device, log=log, on_metrics=on_metrics,
                           stop_after_steps=stop_after_steps)
