@@ -243,6 +243,7 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
     assert pref["pairs_kept"] == len(pd.read_parquet(storage / spec.name / "tables" / "preference_pairs.parquet"))
     assert pref["reward_model_pairwise_accuracy"] == reward["pairwise_accuracy"]
     assert pref["policies"] == report["policies"] and pref["registry"] == promoted["path"]
+    assert pref["vs_sft"] == report["vs_sft"]
 
     report_file = storage / spec.name / "preference" / "report" / "preference_report.json"
     first_bytes = report_file.read_bytes()

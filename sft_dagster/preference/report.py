@@ -100,13 +100,15 @@ def _per_prompt(values: list[float], prompt_of: list[int], n_prompts: int) -> li
 
 
 def _sampled_replies(model, tokenizer, prompt_ids: list[list[int]], seeds: list[int], cfg, temperature: float,
-                     top_p: float, device: str) -> list[str]:
+                     top_p: float, device: str) -> tuple[list[str], list[bool]]:
+    """(reply texts, finished flags: False where a reply was cut at max_new_tokens)."""
     from .generation import sample_continuations
 
     eos = tokenizer.eos_token_id
     samples = sample_continuations(model, tokenizer, prompt_ids, seeds, temperature=temperature, top_p=top_p,
                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, device=device)
-    return [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids, _ in samples]
+    return ([tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids, _ in samples],
+            [finished for _, finished in samples])
 
 
 def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict], reward_model_dir: str,
@@ -165,8 +167,8 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
         lap("load")
         greedy = evaluation.generate(model, tokenizer, prompts, task, cfg.max_new_tokens, cfg.batch_size, device)
         lap("greedy")
-        sampled = _sampled_replies(model, tokenizer, [prompt_ids[i] for i, _ in jobs], seeds, cfg, temperature, top_p,
-                                   device) if jobs else []
+        sampled, finished = _sampled_replies(model, tokenizer, [prompt_ids[i] for i, _ in jobs], seeds, cfg, temperature,
+                                             top_p, device) if jobs else ([], [])
         lap("sampling")
         measured, prompt_of = (sampled, [i for i, _ in jobs]) if jobs else (greedy, list(range(len(prompts))))
         scores[name] = reward([texts[i] for i in prompt_of], measured)
@@ -178,6 +180,8 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
                "logprob_pairwise_accuracy": logprob_accuracy(model, tokenizer, scored_pairs, spec, cfg.batch_size, device),
                f"task_{metric}": task_metrics[name][metric],
                "mean_reply_words": sum(len(r.split()) for r in measured) / len(measured),
+               # replies cut at report.max_new_tokens (scored as they are: a cut long reply is still not concise)
+               "unfinished_replies": (len(finished) - sum(finished)) / len(finished) if finished else None,
                "greedy_reward_score": sum(greedy_scores) / len(greedy)}
         lap("logprob_accuracy")
         per_prompt[name] = {"reward_score": _per_prompt(scores[name], prompt_of, len(prompts))}
