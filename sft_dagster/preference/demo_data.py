@@ -183,6 +183,9 @@ def generate_preference_demo(out_dir: str | Path, n_prompts: int = 60, k: int = 
     returns the manifest."""
     if not 2 <= k <= len(STYLES):
         raise ValueError(f"k must be between 2 and {len(STYLES)}")
+    weights = SFT_STYLE_WEIGHTS if sft_style_weights is None else sft_style_weights
+    if set(weights) - set(STYLES):
+        raise ValueError(f"sft_style_weights: unknown styles {sorted(set(weights) - set(STYLES))}; styles are {STYLES}")
     rng = random.Random(seed)
     out = Path(out_dir)
     questions: list[dict] = []
@@ -235,9 +238,6 @@ def generate_preference_demo(out_dir: str | Path, n_prompts: int = 60, k: int = 
     prompt_rows = [{"prompt": q["prompt"], "answer": q["answer"], "allowed_numbers": q["allowed"], "kind": q["kind"],
                     "prompt_id": q["prompt_id"]} for q in questions]
     atomic.write_text(out / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in prompt_rows))
-    weights = SFT_STYLE_WEIGHTS if sft_style_weights is None else sft_style_weights
-    if set(weights) - set(STYLES):
-        raise ValueError(f"sft_style_weights: unknown styles {sorted(set(weights) - set(STYLES))}; styles are {STYLES}")
     sft_rows = _sft_replies(seed, questions, sft_per_prompt, weights)
     atomic.write_text(out / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in sft_rows))
     atomic.write_text(out / "candidates.jsonl", "".join(json.dumps({c: r[c] for c in CANDIDATE_COLUMNS}) + "\n"
