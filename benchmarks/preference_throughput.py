@@ -1,7 +1,7 @@
 """sft_dagster's reward-model and DPO training vs TRL's RewardTrainer and DPOTrainer, in one run.
 
 Same model (SmolLM2-135M-Instruct, the embedded default, or `--tiny` for the test model), the same
-preference pairs (`preference/demo_data.py`: the demo rankings expanded to pairs, deduplicated), the
+preference pairs (`preference/demo_data.py`: the demo rankings expanded to pairs, one per prompt), the
 same LoRA (r=16, alpha 32, dropout 0.05, all linear layers; the reward model's score head trained in
 full by both), batch 8, the same number of optimizer steps (each pair seen once), lr 2e-4 linear, fp32
 on CPU for both (TRL `bf16=False`: bf16 autocast is slower than fp32 on this CPU, BENCHMARKS.md).
@@ -38,10 +38,12 @@ def pair_frame(out: Path, n: int) -> pd.DataFrame:
     from sft_dagster.preference.pairs import pairs_from_rankings
     from sft_dagster.preference.rankings import read_candidates, read_rankings
 
-    generate_preference_demo(out / "demo", n_prompts=120)
+    generate_preference_demo(out / "demo", n_prompts=max(120, n))
     pairs, _, _ = pairs_from_rankings(read_rankings(out / "demo" / "rankings.jsonl"),
                                       read_candidates(out / "demo" / "candidates.jsonl"))
-    pairs = pairs[~pairs["tie"].astype(bool)].drop_duplicates(["prompt", "chosen", "rejected"])
+    # One pair per prompt: sft_dagster trains the pairs of a prompt as one item, each distinct reply scored
+    # once (work TRL repeats per pair); with one pair a prompt both trainers do the same work per step.
+    pairs = pairs[~pairs["tie"].astype(bool)].drop_duplicates("prompt_id")
     if len(pairs) < n:
         raise SystemExit(f"only {len(pairs)} demo pairs, {n} needed")
     return pairs.sample(frac=1.0, random_state=0).head(n).reset_index(drop=True)

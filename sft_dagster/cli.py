@@ -125,7 +125,8 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
         preference = {"pairs_kept": pref["preference_pairs"].get("pairs_kept"),
                       "pairs_quarantined": pref["preference_pairs"].get("pairs_quarantined"),
                       "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
-                      "policies": report.get("policies"), "promotion": report.get("promotion"), "report": report_file,
+                      "policies": report.get("policies"), "vs_sft": report.get("vs_sft"),
+                      "promotion": report.get("promotion"), "report": report_file,
                       "registry": pref["preference_promoted_model"].get("path")}
     student = {}
     if spec.student is not None and "student_report" in materialized:
@@ -220,6 +221,9 @@ def _print_summary(s: dict) -> None:
               f"pairwise accuracy {pref['reward_model_pairwise_accuracy']}")
     for name, row in (pref.get("policies") or {}).items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
+    for name, measures in (pref.get("vs_sft") or {}).items():
+        print(f"  {name} - sft (95% interval over prompts): " + ", ".join(
+            f"{k} {d['difference']:+.3f} [{d['ci95_low']:+.3f}, {d['ci95_high']:+.3f}]" for k, d in measures.items()))
     if pref.get("promotion"):
         print(f"preference promotion ({pref['promotion']['candidate_policy']}): "
               f"{'promote' if pref['promotion']['promote'] else 'not promoted'}: {pref['promotion']['reason']}")

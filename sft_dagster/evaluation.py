@@ -74,9 +74,22 @@ def _generation_metrics(expected: list[str], raw: list[str]) -> dict:
 @torch.no_grad()
 def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
              precision: str = "fp32") -> list[str]:
-    """Greedy generations for each row's prompt (batched, left-padded)."""
-    prompts = [generation_prompt_ids(tokenizer, p, s, task, h)
-               for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
+    """Greedy generations for each row's prompt (batched, left-padded).
+
+    Greedy decoding is a function of the prompt's tokens, so rows with the same prompt are generated
+    once and share the reply: a test split with several reference replies per prompt (the preference
+    demo's has four) costs one generation per distinct prompt.
+    """
+    rows = [tuple(generation_prompt_ids(tokenizer, p, s, task, h))
+            for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
+    distinct = list(dict.fromkeys(rows))
+    replies = dict(zip(distinct, _generate_greedy(model, tokenizer, [list(p) for p in distinct], max_new_tokens,
+                                                  batch_size, device, precision)))
+    return [replies[p] for p in rows]
+
+
+def _generate_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
+                     precision: str) -> list[str]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):

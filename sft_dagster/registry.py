@@ -46,6 +46,8 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
     not be worse on the report's primary metric; before the first promotion the reference is the base
     model. With `max_forgetting`, it must also keep answering the general prompts the base model answers
     right (report["retention"]): forgetting above the limit blocks promotion. A candidate that *is* the champion (same lineage) needs no promotion and passes.
+    A negative `min_improvement` is an allowed drop (the candidate may be at most that much worse), and
+    the reason says so.
     Returns `{"promote", "reason", "compared_with", "metric", "candidate", "reference", "gain", ...}`.
     """
     tuned = report["tuned"]
@@ -67,8 +69,12 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
                 "reference": reference[metric], "gain": gain, "required_gain": min_improvement}
     reasons = []
     ok = gain >= min_improvement - 1e-12
-    reasons.append(f"candidate {metric} {tuned[metric]:.4f} {'beats' if ok else 'does not beat'} {reference_name} "
-                   f"{reference[metric]:.4f} by the required {min_improvement:+.4f} (gain {gain:+.4f})")
+    if min_improvement < 0:  # a tolerance (the preference promotion's max_task_metric_drop), not a required gain
+        reasons.append(f"candidate {metric} {tuned[metric]:.4f} {'is within' if ok else 'falls outside'} the allowed "
+                       f"drop of {-min_improvement:.4f} from {reference_name} {reference[metric]:.4f} (change {gain:+.4f})")
+    else:
+        reasons.append(f"candidate {metric} {tuned[metric]:.4f} {'beats' if ok else 'does not beat'} {reference_name} "
+                       f"{reference[metric]:.4f} by the required {min_improvement:+.4f} (gain {gain:+.4f})")
     primary = report.get("primary_metric")
     if champion and primary and primary != metric and primary in tuned and primary in champion:
         primary_gain = _gain(primary, tuned[primary], champion[primary])

@@ -411,6 +411,14 @@ class PreferenceReportSpec(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
     num_samples: int = Field(5, ge=0)  # replies shown per policy
+    # Replies sampled per held-out prompt and policy, seeded per (seed, prompt, sample index): every policy
+    # draws with the same random numbers, so differences between policies are paired. The reward score,
+    # win rate and rule rates are measured on them (the policy's distribution, not only its greedy mode,
+    # which is reported beside them); 0 measures the greedy replies only.
+    samples_per_prompt: int = Field(8, ge=0)
+    temperature: float | None = Field(None, gt=0, le=5)  # None: preference.generation.temperature
+    top_p: float | None = Field(None, gt=0, le=1)  # None: preference.generation.top_p
+    seed: int = 0
     # demo: score the replies with the preference demo's rule (preference/demo_data.py); needs prompt rows
     # with `answer` and `allowed_numbers` in `preference.prompts`.
     rule: Literal["demo"] | None = None

@@ -80,6 +80,32 @@ def test_score_model_runs_generation_and_loss(tiny_model_dir):
     assert 0 <= scores.metrics["accuracy"] <= 1
 
 
+def test_greedy_generation_runs_once_per_distinct_prompt(tiny_model_dir):
+    """Rows sharing a prompt (a test split with several reference replies per prompt) share one greedy
+    generation, and every row gets the reply its prompt gets alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_dagster.evaluation import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    rows_generated = []
+    original = model.generate
+
+    def counting(**kwargs):
+        rows_generated.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    model.generate = counting
+    test = pd.DataFrame({"prompt": ["good", "bad one", "good", "so so", "bad one", "good"], "system": [None] * 6})
+    task = spec().task
+    out = generate(model, tokenizer, test, task, 4, 2, "cpu")
+    assert sum(rows_generated) == 3  # three distinct prompts, not six rows
+    alone = {p: generate(model, tokenizer, test[test["prompt"] == p].head(1), task, 4, 1, "cpu")[0]
+             for p in ("good", "bad one", "so so")}
+    assert out == [alone[p] for p in test["prompt"]]
+
+
 def test_few_shot_examples_come_from_train_cover_labels_and_are_seeded():
     from sft_dagster.evaluation import few_shot_examples, with_few_shot
 

@@ -214,7 +214,19 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
         assert set(row) >= {"reward_score", "win_rate_vs_sft", "logprob_pairwise_accuracy", "task_exact_match",
                             "rule_satisfaction", "rule_correct"}
     assert report["held_out_prompts"] > 0 and report["held_out_pairs"] > 0
-    assert len(report["samples"]) == 3 * min(5, report["held_out_prompts"])
+    assert len(report["samples"]) == 3 * 2 * min(5, report["held_out_prompts"])  # greedy and sample 0 of each
+    # Rule rates of the sampled replies (8 per prompt by default), style and correctness apart, and each
+    # trained policy's change from SFT with its bootstrap interval over the rated prompts.
+    assert report["sampling"]["samples_per_prompt"] == 8 and report["sampling"]["temperature"] == 0.8
+    for row in report["policies"].values():
+        assert row["rule_replies"] == 8 * row["rule_prompts"] > 0
+    assert set(report["vs_sft"]) == {"dpo", "ppo"}
+    for measures in report["vs_sft"].values():
+        assert {"reward_score", "rule_satisfaction", "rule_style", "rule_correct"} <= set(measures)
+        change = measures["rule_style"]
+        assert change["prompts"] == report["policies"]["sft"]["rule_prompts"]
+        assert change["ci95_low"] <= change["difference"] <= change["ci95_high"]
+    assert metadata(instance, spec, "preference_report")["skipped_report"] is False
     decision = report["promotion"]
     assert decision["candidate_policy"] == "dpo" and decision["promote"] and decision["required_gain"] == -1.0
 
@@ -231,8 +243,23 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
     assert pref["pairs_kept"] == len(pd.read_parquet(storage / spec.name / "tables" / "preference_pairs.parquet"))
     assert pref["reward_model_pairwise_accuracy"] == reward["pairwise_accuracy"]
     assert pref["policies"] == report["policies"] and pref["registry"] == promoted["path"]
+    assert pref["vs_sft"] == report["vs_sft"]
 
-    again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy"])
+    report_file = storage / spec.name / "preference" / "report" / "preference_report.json"
+    first_bytes = report_file.read_bytes()
+    again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy", "preference_report"])
     assert again.success
     for stage in ("reward_model", "dpo_adapter", "ppo_policy"):
         assert metadata(instance, spec, stage)["skipped_training"] is True
+    # Unchanged inputs: the report is read back, not recomputed; a changed report setting recomputes it.
+    kept = metadata(instance, spec, "preference_report")
+    assert kept["skipped_report"] is True and kept["seconds"] is None
+    assert report_file.read_bytes() == first_bytes
+    changed = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
+        "preference.min_reward_accuracy": 0.0, "preference.promotion.max_task_metric_drop": 1.0,
+        "preference.report.samples_per_prompt": 2}))
+    defs = build_definitions([changed], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
+    assert run(defs, changed, instance, ["preference_report"]).success
+    recomputed = metadata(instance, changed, "preference_report")
+    assert recomputed["skipped_report"] is False and recomputed["inputs_hash"] != kept["inputs_hash"]
+    assert json.loads(report_file.read_text())["sampling"]["samples_per_prompt"] == 2

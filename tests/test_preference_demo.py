@@ -10,7 +10,13 @@ import pytest
 
 from sft_dagster.cli import main
 from sft_dagster.preference.config import PairGatesConfig
-from sft_dagster.preference.demo_data import annotator_key, generate_preference_demo, rule_checks, rule_satisfaction
+from sft_dagster.preference.demo_data import (
+    annotator_key,
+    generate_preference_demo,
+    rule_checks,
+    rule_parts,
+    rule_satisfaction,
+)
 from sft_dagster.preference.pairs import (
     assign_pair_splits,
     curate_pairs,
@@ -42,7 +48,7 @@ def test_rule_checks(reply, answer, allowed, expected):
 def test_demo_is_deterministic_and_the_annotator_follows_the_rule(tmp_path):
     a = generate_preference_demo(tmp_path / "a", n_prompts=40, seed=3, noise=0.0)
     b = generate_preference_demo(tmp_path / "b", n_prompts=40, seed=3, noise=0.0)
-    for name in ("prompts.jsonl", "candidates.jsonl", "rankings.jsonl", "preferences.jsonl"):
+    for name in ("prompts.jsonl", "sft.jsonl", "candidates.jsonl", "rankings.jsonl", "preferences.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert a["noisy_rankings"] == b["noisy_rankings"] == 0
     prompts = pd.read_json(tmp_path / "a" / "prompts.jsonl", lines=True).set_index("prompt_id")
@@ -52,6 +58,38 @@ def test_demo_is_deterministic_and_the_annotator_follows_the_rule(tmp_path):
         keys = [annotator_key(candidates.loc[t[0], "response"], str(q["answer"]), q["allowed_numbers"]) for t in r.ranking]
         assert keys == sorted(keys)  # without noise, every ranking is in the rule's order
     assert {"sim-a", "sim-b"} <= set(a["annotators"])
+
+
+def test_the_sft_writer_mostly_hedges_or_explains_at_length(tmp_path):
+    """sft.jsonl (what SFT imitates) leans to hedged and long-winded replies, unlike the ranked candidates;
+    each reply's style is what the rule as code says; the writer has its own random stream."""
+    manifest = generate_preference_demo(tmp_path / "a", n_prompts=60, seed=0)
+    sft = pd.read_json(tmp_path / "a" / "sft.jsonl", lines=True)
+    prompts = pd.read_json(tmp_path / "a" / "prompts.jsonl", lines=True).set_index("prompt_id")
+    assert len(sft) == manifest["sft_replies"] == 3 * 60
+    assert (sft.groupby("prompt_id")["style"].nunique() == 3).all()
+    assert "concise_wrong" not in set(sft["style"])  # weight 0
+
+    def parts(frame: pd.DataFrame) -> list[dict]:
+        return [rule_parts(r.response, str(prompts.loc[r.prompt_id, "answer"]), prompts.loc[r.prompt_id, "allowed_numbers"])
+                for r in frame.itertuples()]
+
+    for r, p in zip(sft.itertuples(), parts(sft)):
+        assert p["correct"] == r.style.endswith("_correct")
+        assert p["no_hedging"] != r.style.startswith("hedged")
+        assert p["concise"] if r.style.startswith("concise") else not p["style"]
+    candidates = read_candidates(tmp_path / "a" / "candidates.jsonl")
+    sft_style = sum(p["style"] for p in parts(sft)) / len(sft)
+    candidate_style = sum(p["style"] for p in parts(candidates)) / len(candidates)
+    assert sft_style < 0.2 and candidate_style > 0.3
+    other = generate_preference_demo(tmp_path / "b", n_prompts=60, seed=0, sft_per_prompt=1,
+                                     sft_style_weights={"concise_correct": 1.0})
+    assert set(pd.read_json(tmp_path / "b" / "sft.jsonl", lines=True)["style"]) == {"concise_correct"}
+    for name in ("prompts.jsonl", "candidates.jsonl", "rankings.jsonl", "preferences.jsonl"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    with pytest.raises(ValueError, match="unknown styles"):
+        generate_preference_demo(tmp_path / "c", sft_style_weights={"rude": 1.0})
+    assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 def test_noise_rate_is_as_stated(tmp_path):

@@ -75,12 +75,12 @@ def test_reward_model_with_the_loss_sign_flipped_learns_the_opposite(tiny_model_
 
 
 # ----------------------------------------------------------------------------------------------------- DPO
-def sft_adapter(model_dir: Path, out: Path) -> Path:
+def sft_adapter(model_dir: Path, out: Path, seed: int = 7) -> Path:
     """A LoRA adapter with random weights, standing in for the SFT adapter: the SFT model differs from the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
                                       init_lora_weights=False))
@@ -128,8 +128,8 @@ def test_dpo_loss_in_the_loop_equals_the_formula_and_the_reference_is_cached_onc
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ref_c = [hand_logps(reference, tokenizer, spec.task, p, c) for p, c in zip(frame["prompt"], frame["chosen"])]
     ref_r = [hand_logps(reference, tokenizer, spec.task, p, r) for p, r in zip(frame["prompt"], frame["rejected"])]
-    assert [i.reference_chosen for i in items] == pytest.approx(ref_c, abs=1e-4)
-    assert [i.reference_rejected for i in items] == pytest.approx(ref_r, abs=1e-4)
+    assert [i.reference[i.group.chosen[0]] for i in items] == pytest.approx(ref_c, abs=1e-4)
+    assert [i.reference[i.group.rejected[0]] for i in items] == pytest.approx(ref_r, abs=1e-4)
     base_c = [hand_logps(base, tokenizer, spec.task, p, c) for p, c in zip(frame["prompt"], frame["chosen"])]
     assert max(abs(a - b) for a, b in zip(base_c, ref_c)) > 1e-2  # the check above can tell SFT from base
     # Move the policy away from the reference, then the loop's loss must equal the formula.
@@ -193,6 +193,57 @@ def test_dpo_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
     assert len(runs["8x1"]) == 6
     assert runs["8x1"][-1] < runs["8x1"][0] - 0.05  # it trains: the comparison is not of constant curves
     assert runs["8x1"] == pytest.approx(runs["1x8"], rel=1e-4)
+
+
+def rankings(n_prompts: int, offset: int = 0) -> pd.DataFrame:
+    """Full rankings of four replies per prompt, as the demo's: 6 pairs over 4 distinct replies each."""
+    replies = ["positive great", "positive okay", "negative okay", "negative broken"]
+    return pd.DataFrame([{"pair_id": f"q{q}:{i}{j}", "prompt": f"review {q}: how was it?", "chosen": f"{replies[i]} {q}",
+                          "rejected": f"{replies[j]} {q}", "system": None, "history": None}
+                         for q in range(offset, offset + n_prompts) for i in range(4) for j in range(i + 1, 4)])
+
+
+@pytest.mark.parametrize("train", ["dpo", "reward_model"])
+def test_pairs_grouped_by_prompt_train_exactly_like_separate_pairs(tiny_model_dir, tmp_path, monkeypatch, train):
+    """The pairs of a prompt are one item over its distinct replies: the reference runs once per reply
+    (16, not 48 sides) and the loss trajectory equals that of the same pairs as separate items."""
+    import sft_dagster.preference.losses as losses
+
+    def run(name: str, batch_size: int):
+        spec = spec_for(tiny_model_dir, batch_size=batch_size, epochs=4, learning_rate=2e-2)
+        history = []
+        kwargs = dict(device="cpu", log=quiet, on_metrics=lambda m: history.append(m["train_loss"]))
+        if train == "dpo":
+            result = train_dpo(spec, DPOConfig(beta=0.5), tiny_model_dir, None, rankings(4), rankings(1, offset=9),
+                               tmp_path / name, **kwargs)
+        else:
+            result = train_reward_model(spec, RewardModelConfig(), tiny_model_dir, rankings(4), rankings(1, offset=9),
+                                        tmp_path / name, **kwargs)
+        return result, history
+
+    grouped, grouped_losses = run("grouped", 4)  # 4 prompts, each one item of 6 pairs: one step per epoch
+    monkeypatch.setattr(losses, "group_pairs", lambda pairs: [losses.PairGroup([p.pair_id], [p.chosen, p.rejected],
+                                                                               [0], [1]) for p in pairs])
+    separate, separate_losses = run("separate", 24)  # the same 24 pairs as 24 items: one step per epoch
+    assert grouped.metrics["steps"] == separate.metrics["steps"] == 4
+    assert grouped_losses[-1] < grouped_losses[0] - 0.05  # it trains: the comparison is not of constant curves
+    assert grouped_losses == pytest.approx(separate_losses, rel=1e-4)
+    assert grouped.metrics["trained_tokens"] < separate.metrics["trained_tokens"] / 2
+    if train == "dpo":
+        assert grouped.metrics["reference_forward_rows"] == 4 * 4 + 4  # distinct replies of train + validation
+        assert separate.metrics["reference_forward_rows"] == 2 * 6 * 5
+
+
+def test_pair_methods_count_their_own_batch_size_in_prompts(tiny_model_dir, tmp_path):
+    spec = spec_for(tiny_model_dir, batch_size=8, epochs=1)  # 8 would hold all 4 prompts: one step
+    dpo = train_dpo(spec, DPOConfig(batch_size=1), tiny_model_dir, None, rankings(4), rankings(1, offset=9),
+                    tmp_path / "dpo", device="cpu", log=quiet)
+    assert dpo.metrics["steps"] == 4  # one prompt (its 6 pairs) per step
+    rm = train_reward_model(spec, RewardModelConfig(batch_size=2), tiny_model_dir, rankings(4), rankings(1, offset=9),
+                            tmp_path / "rm", device="cpu", log=quiet)
+    assert rm.metrics["steps"] == 2
+    assert train_dpo(spec, DPOConfig(), tiny_model_dir, None, rankings(4), rankings(1, offset=9), tmp_path / "dpo8",
+                     device="cpu", log=quiet).metrics["steps"] == 1
 
 
 def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):

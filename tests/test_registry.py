@@ -71,3 +71,17 @@ def test_promotion_blocks_on_forgetting_when_asked():
     blocked = promotion_decision(report, "accuracy", 0.05, max_forgetting=0.1)
     assert blocked["promote"] is False and "forgets 25.0%" in blocked["reason"]
     assert promotion_decision(report, "accuracy", 0.05, max_forgetting=0.3)["promote"]
+
+
+def test_a_negative_required_gain_is_worded_as_an_allowed_drop():
+    """The preference promotion passes -max_task_metric_drop: its reason must read as a tolerance,
+    never as "beats ... by the required -0.0500"."""
+    within = promotion_decision(report(0.5, 0.47), "accuracy", -0.05)
+    assert within["promote"]
+    assert within["reason"] == ("candidate accuracy 0.4700 is within the allowed drop of 0.0500 from base model "
+                                "0.5000 (change -0.0300)")
+    outside = promotion_decision(report(0.5, 0.44), "accuracy", -0.05)
+    assert not outside["promote"] and "falls outside the allowed drop of 0.0500" in outside["reason"]
+    assert "required" not in within["reason"] + outside["reason"]
+    # a required gain keeps its wording
+    assert "by the required +0.0500" in promotion_decision(report(0.5, 0.6), "accuracy", 0.05)["reason"]

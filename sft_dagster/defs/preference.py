@@ -359,7 +359,9 @@ def build(p: PipelineDefs) -> None:
                              ins=p.ins("preference_pairs", "preference_prompts", "base_model", "fine_tuned_adapter",
                                        "reward_model", "dataset_splits", *(policy_assets[t] for t in trained)),
                              description="SFT vs DPO vs PPO on held-out prompts: reward-model score, win rate over SFT, "
-                                         "pairwise accuracy of log-probs on held-out human pairs, task metric, samples."))
+                                         "pairwise accuracy of log-probs on held-out human pairs, task metric, rule rates "
+                                         "of sampled replies with their change from SFT, samples; kept while its inputs "
+                                         "are unchanged."))
     def preference_report(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
                           preference_pairs: pd.DataFrame, preference_prompts: pd.DataFrame, base_model: dict,
                           fine_tuned_adapter: dict, reward_model: dict, dataset_splits: pd.DataFrame, **tuned):
@@ -369,24 +371,44 @@ def build(p: PipelineDefs) -> None:
         models = {"sft": {"model_dir": fine_tuned_adapter["adapter_dir"], "method": fine_tuned_adapter["method"],
                           "lineage_hash": fine_tuned_adapter["lineage_hash"]}}
         models |= {t: tuned[policy_assets[t]] for t in trained}
-        start = time.perf_counter()
-        report = compare_policies(spec, Path(base_model["path"]), models, reward_model["model_dir"], preference_pairs,
-                                  preference_prompts, dataset_splits[dataset_splits["split"] == "test"],
-                                  device=compute.resolved_device())
-        report["seconds"] = round(time.perf_counter() - start, 1)
-        if candidate:
-            report["promotion"] = registry.promotion_decision(report["task_report"][candidate], report["primary_metric"],
-                                                              -pref.promotion.max_task_metric_drop)
-            report["promotion"]["candidate_policy"] = candidate
+        sft_test = dataset_splits[dataset_splits["split"] == "test"]
+        # Everything the report is computed from: unchanged inputs keep the report (as evaluation_report does).
+        inputs_hash = lineage_hash_of({
+            "policies": {k: v["lineage_hash"] for k, v in models.items()}, "reward_model": reward_model["lineage_hash"],
+            "pairs": frame_hash(preference_pairs), "prompts": frame_hash(preference_prompts),
+            "sft_test": frame_hash(sft_test), "report": pref.report.model_dump(mode="json"),
+            "generation": pref.generation.model_dump(mode="json"), "promotion": pref.promotion.model_dump(mode="json"),
+            "evaluation": spec.evaluation.model_dump(mode="json"), "task": spec.task.model_dump(mode="json"),
+            "max_length": spec.model.max_length, "base_model": base_model["model_hash"],
+            "code_version": context.assets_def.code_versions_by_key[context.asset_key]})
         reports_dir = p.paths(storage).preference_dir / "report"
+        cached = reports_dir / inputs_hash / "preference_report.json"
+        skipped = cached.exists()
+        if skipped:
+            context.log.info("policies, reward model, pairs and settings unchanged since the last preference report: "
+                             "keeping it")
+            report = json.loads(cached.read_text())
+        else:
+            start = time.perf_counter()
+            report = compare_policies(spec, Path(base_model["path"]), models, reward_model["model_dir"], preference_pairs,
+                                      preference_prompts, sft_test, device=compute.resolved_device())
+            report["seconds"] = round(time.perf_counter() - start, 1)
+            report["inputs_hash"] = inputs_hash
+            if candidate:
+                report["promotion"] = registry.promotion_decision(report["task_report"][candidate],
+                                                                  report["primary_metric"],
+                                                                  -pref.promotion.max_task_metric_drop)
+                report["promotion"]["candidate_policy"] = candidate
+            atomic.write_json(cached, report, sort_keys=True)
+        # The latest report, where people look for it.
         atomic.write_json(reports_dir / "preference_report.json", report, sort_keys=True)
         markdown = render_markdown(report)
         atomic.write_text(reports_dir / "preference_report.md", markdown)
         summary = {f"{name}_{k}": v for name, row in report["policies"].items() for k, v in row.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        yield dg.Output(report, data_version=dg.DataVersion(lineage_hash_of({k: v["lineage_hash"] for k, v in models.items()}
-                                                                            | {"pairs": frame_hash(preference_pairs)})),
-                        metadata={"report": dg.MetadataValue.md(markdown), **summary,
+        yield dg.Output(report, data_version=dg.DataVersion(inputs_hash),
+                        metadata={"report": dg.MetadataValue.md(markdown), **summary, "inputs_hash": inputs_hash,
+                                  "skipped_report": skipped, "seconds": None if skipped else report.get("seconds"),
                                   "report_path": dg.MetadataValue.path(str(reports_dir / "preference_report.md"))})
         if candidate:
             decision = report["promotion"]

@@ -92,6 +92,8 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     # conservative DPO: the share of labels assumed flipped (0 = plain DPO)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
+    batch_size: int | None = Field(None, ge=1)
 
 
 class RewardModelConfig(_Strict):
@@ -100,6 +102,8 @@ class RewardModelConfig(_Strict):
     method: Literal["reward_model"] = "reward_model"
     # adds coef * mean((r_chosen + r_rejected)^2): keeps rewards centred on 0 (Eisenstein et al. 2023)
     center_rewards_coefficient: float | None = Field(None, ge=0)
+    # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
+    batch_size: int | None = Field(None, ge=1)
 
 
 class PPOConfig(_Strict):

@@ -36,6 +36,13 @@ MAX_WORDS = 12
 HEDGES = ("i think", "maybe", "might", "probably", "not sure", "i believe", "perhaps", "possibly", "could be",
           "i guess", "not certain")
 STYLES = ("concise_correct", "verbose_correct", "hedged_correct", "concise_wrong", "hedged_wrong", "verbose_wrong")
+# The SFT writer: the replies the model imitates before any feedback (`sft.jsonl`). It hedges or explains
+# at length most of the time, which the annotator's rule then corrects. Measured: with SFT on the ranked
+# candidates themselves (a third of them concise), the SFT model's sampled replies to the held-out
+# questions were 93% unhedged and concise (8 samples of 13 prompts at temperature 0.8, BENCHMARKS.md),
+# leaving preference tuning nothing of the style to fix.
+SFT_STYLE_WEIGHTS = {"concise_correct": 0.1, "verbose_correct": 0.35, "hedged_correct": 0.35, "concise_wrong": 0.0,
+                     "hedged_wrong": 0.1, "verbose_wrong": 0.1}
 
 CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin",
             "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Norway": "Oslo",
@@ -86,12 +93,11 @@ def _reply(rng: random.Random, q: dict, style: str) -> str:
     if style.startswith("hedged"):
         return rng.choice([f"I think it might be {value}{unit}, but I am not completely sure.",
                            f"It is probably {value}{unit}.", f"Maybe {value}{unit}? I could be wrong."])
-    explanation = {
-        "capital": "Capitals are usually where the government sits, and this one has been the capital for a long time",
-        "colour": "Mixing paints subtracts light, so the pigments combine into a new colour that you can see",
-    }.get(q["kind"], "You can check this by working it out step by step on paper, one part at a time, "
-                     "and then counting carefully")
-    return f"{value}{unit}. {explanation}, which is why the answer is {value}{unit}."
+    explanation = {  # 16-21 words in all: well over the rule's 12, a third of the tokens of the first version
+        "capital": "The government has sat in this city for a long time",
+        "colour": "The two pigments combine into this colour",
+    }.get(q["kind"], "You can check it step by step on paper")
+    return f"{value}{unit}. {explanation}, so the answer is {value}{unit}."
 
 
 def rule_checks(reply: str, answer: str, allowed_numbers=()) -> dict[str, bool]:
@@ -119,14 +125,23 @@ def satisfies_rule(reply: str, answer: str, allowed_numbers=()) -> bool:
     return all(rule_checks(reply, answer, allowed_numbers).values())
 
 
+RULE_PARTS = ("satisfied", "style", "correct", "no_hedging", "concise")
+
+
+def rule_parts(reply: str, answer: str, allowed_numbers=()) -> dict[str, bool]:
+    """`rule_checks` plus `style` (no hedging and concise: the part a reply's form decides) and
+    `satisfied` (the whole rule), so a report can say whether the style or the correctness moved."""
+    c = rule_checks(reply, answer, allowed_numbers)
+    return {"satisfied": all(c.values()), "style": c["no_hedging"] and c["concise"], **c}
+
+
 def rule_satisfaction(prompts: pd.DataFrame, replies: list[str]) -> dict:
-    """Share of replies that satisfy the rule, and of each part, for rows of the demo's prompts.jsonl
-    (`answer`, `allowed_numbers`) and one reply per row."""
-    checks = [rule_checks(r, str(a), allowed) for r, a, allowed in
+    """Share of replies that satisfy the rule, and of each part (`RULE_PARTS`), for rows of the demo's
+    prompts.jsonl (`answer`, `allowed_numbers`) and one reply per row."""
+    checks = [rule_parts(r, str(a), allowed) for r, a, allowed in
               zip(replies, prompts["answer"], prompts["allowed_numbers"])]
     n = max(1, len(checks))
-    return {"n": len(checks), "satisfied": sum(all(c.values()) for c in checks) / n,
-            **{part: sum(c[part] for c in checks) / n for part in ("correct", "no_hedging", "concise")}}
+    return {"n": len(checks), **{part: sum(c[part] for c in checks) / n for part in RULE_PARTS}}
 
 
 def annotator_key(reply: str, answer: str, allowed_numbers=()) -> tuple:
@@ -145,12 +160,32 @@ def _ranking(rng: random.Random, candidates: list[dict], q: dict, noise: float) 
     return [[i] for i in ids], noisy
 
 
+def _sft_replies(seed: int, questions: list[dict], per_prompt: int, weights: dict[str, float]) -> list[dict]:
+    """`per_prompt` replies of distinct styles per question, styles drawn without replacement with `weights`
+    (from their own random stream: the other files do not depend on the SFT writer)."""
+    rng = random.Random(f"sft:{seed}")
+    rows = []
+    for q in questions:
+        left = {style: w for style, w in weights.items() if w > 0}
+        for _ in range(min(per_prompt, len(left))):
+            style = rng.choices(list(left), weights=list(left.values()))[0]
+            del left[style]
+            rows.append({"prompt": q["prompt"], "response": _reply(rng, q, style), "style": style,
+                         "prompt_id": q["prompt_id"]})
+    return rows
+
+
 def generate_preference_demo(out_dir: str | Path, n_prompts: int = 60, k: int = 4, seed: int = 0, noise: float = 0.1,
-                             second_annotator_share: float = 0.3, repeat_share: float = 0.1) -> dict:
-    """Write prompts.jsonl, candidates.jsonl, rankings.jsonl, preferences.jsonl (an import-style file with
-    a few broken rows) and truth/manifest.json to `out_dir`; returns the manifest."""
+                             second_annotator_share: float = 0.3, repeat_share: float = 0.1, sft_per_prompt: int = 3,
+                             sft_style_weights: dict[str, float] | None = None) -> dict:
+    """Write prompts.jsonl, sft.jsonl (the SFT writer's replies), candidates.jsonl, rankings.jsonl,
+    preferences.jsonl (an import-style file with a few broken rows) and truth/manifest.json to `out_dir`;
+    returns the manifest."""
     if not 2 <= k <= len(STYLES):
         raise ValueError(f"k must be between 2 and {len(STYLES)}")
+    weights = SFT_STYLE_WEIGHTS if sft_style_weights is None else sft_style_weights
+    if set(weights) - set(STYLES):
+        raise ValueError(f"sft_style_weights: unknown styles {sorted(set(weights) - set(STYLES))}; styles are {STYLES}")
     rng = random.Random(seed)
     out = Path(out_dir)
     questions: list[dict] = []
@@ -203,6 +238,8 @@ def generate_preference_demo(out_dir: str | Path, n_prompts: int = 60, k: int = 
     prompt_rows = [{"prompt": q["prompt"], "answer": q["answer"], "allowed_numbers": q["allowed"], "kind": q["kind"],
                     "prompt_id": q["prompt_id"]} for q in questions]
     atomic.write_text(out / "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in prompt_rows))
+    sft_rows = _sft_replies(seed, questions, sft_per_prompt, weights)
+    atomic.write_text(out / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in sft_rows))
     atomic.write_text(out / "candidates.jsonl", "".join(json.dumps({c: r[c] for c in CANDIDATE_COLUMNS}) + "\n"
                                                         for r in candidates))
     atomic.write_text(out / "rankings.jsonl", "".join(json.dumps({f: r[f] for f in RANKING_FIELDS}) + "\n" for r in rankings))
@@ -236,10 +273,12 @@ def generate_preference_demo(out_dir: str | Path, n_prompts: int = 60, k: int = 
         "annotator": "orders replies by (correct, no hedging, concise, fewer words); with probability `noise` one "
                      "random adjacent pair of a ranking is swapped",
         "noise": noise, "seed": seed, "prompts": len(questions), "candidates": len(candidates),
+        "sft_replies": len(sft_rows), "sft_style_weights": weights,
+        "sft_styles": {style: sum(r["style"] == style for r in sft_rows) for style in STYLES},
         "rankings": len(rankings), "noisy_rankings": len(noisy_ids), "noisy_ranking_lines": [i + 1 for i in noisy_ids],
         "annotators": sorted({r["author"] for r in rankings}), "imported_pairs": len(imported),
         "imported_broken_rows": broken,
-        "files": {name: str(out / name) for name in ("prompts.jsonl", "candidates.jsonl", "rankings.jsonl",
+        "files": {name: str(out / name) for name in ("prompts.jsonl", "sft.jsonl", "candidates.jsonl", "rankings.jsonl",
                                                      "preferences.jsonl")},
     }
     atomic.write_json(out / "truth" / "manifest.json", manifest)

@@ -1,8 +1,10 @@
 """DPO through the shared loop: the policy starts from the SFT adapter, the SFT model is the reference.
 
-The reference's sequence log-probabilities of every train and validation pair are computed once, in
-`prepare`, before the first step (dropout off, the run's precision), and travel with the pairs: a
-training step runs the policy only, never the reference (TRL's `precompute_ref_log_probs`). Since the
+The reference's sequence log-probabilities of every distinct train and validation reply are computed
+once, in `prepare`, before the first step (dropout off, the run's precision), and travel with the
+pairs: a training step runs the policy only, never the reference (TRL's `precompute_ref_log_probs`).
+The pairs of a prompt are one batch item (`methods.pairs.PairMethod`): each reply is scored once
+however many pairs it is in. Since the
 policy starts as the SFT model, its log-probs at that moment are the reference's. The loss is
 `preference.losses.dpo_loss` (sigmoid, conservative with `label_smoothing`), the mean over the pairs
 of an optimizer step; each step records the implicit reward margin, the chosen/rejected rewards, the
@@ -21,14 +23,13 @@ import pandas as pd
 import torch
 
 from ...spec import PipelineSpec
-from .pairs import PairMethod, load_policy
+from .pairs import PairMethod, load_policy, pair_training_spec
 
 
 @dataclass
-class ReferencedPair:
-    pair: object  # preference.losses.EncodedPair
-    reference_chosen: float | None = None
-    reference_rejected: float | None = None
+class ReferencedGroup:
+    group: object  # preference.losses.PairGroup
+    reference: list[float] | None = None  # the reference's log-prob of each of the group's sequences
 
 
 class DPOMethod(PairMethod):
@@ -39,7 +40,7 @@ class DPOMethod(PairMethod):
         super().__init__(spec)
         self.config = config
         self.sft_adapter_dir = Path(sft_adapter_dir) if sft_adapter_dir is not None else None
-        self.reference_forward_rows = 0  # rows the reference scored: 2 per pair, once
+        self.reference_forward_rows = 0  # rows the reference scored: each distinct reply once
         self.reference_seconds = 0.0
 
     def identity(self) -> dict:
@@ -54,22 +55,23 @@ class DPOMethod(PairMethod):
         return load_policy(self.spec, model_dir, self.sft_adapter_dir, device)
 
     def encode(self, tokenizer, frame):
-        return [ReferencedPair(p) for p in super().encode(tokenizer, frame)]
+        return [ReferencedGroup(g) for g in super().encode(tokenizer, frame)]
 
     def collate(self, items, pad_id, device):
-        from ...preference.losses import collate_pairs
+        from ...preference.losses import collate_pair_groups
 
-        batch = collate_pairs([i.pair for i in items], pad_id, device)
-        if any(i.reference_chosen is None for i in items):
+        if any(i.reference is None for i in items):
             raise RuntimeError("reference log-probs are computed in prepare() before training")
-        batch["reference_logps"] = torch.tensor([i.reference_chosen for i in items] + [i.reference_rejected for i in items],
-                                                dtype=torch.float32, device=device)
+        batch = collate_pair_groups([i.group for i in items], pad_id, device)
+        batch["reference_logps"] = torch.tensor([x for i in items for x in i.reference], dtype=torch.float32,
+                                                device=device)
         return batch
 
     @torch.no_grad()
     def prepare(self, model, train_items, val_items, pad_id, device, autocast_precision, log) -> None:
-        """The reference log-probs of every pair, once: the policy as loaded (the SFT model), dropout off."""
-        from ...preference.losses import collate_pairs, sequence_logprobs
+        """The reference log-prob of every distinct reply, once: the policy as loaded (the SFT model),
+        dropout off."""
+        from ...preference.losses import collate_pair_groups, sequence_logprobs
         from ..trainer import autocast
 
         start = time.perf_counter()
@@ -80,22 +82,24 @@ class DPOMethod(PairMethod):
         size = self.spec.training.batch_size
         for begin in range(0, len(order), size):
             chunk = [items[i] for i in order[begin : begin + size]]
-            batch = collate_pairs([c.pair for c in chunk], pad_id, device)
+            batch = collate_pair_groups([c.group for c in chunk], pad_id, device)
             with autocast(device, autocast_precision):
-                logps = sequence_logprobs(model, batch).float().cpu()
+                logps = sequence_logprobs(model, batch).float().cpu().tolist()
             self.reference_forward_rows += batch["input_ids"].shape[0]
-            for row, item in enumerate(chunk):
-                item.reference_chosen, item.reference_rejected = float(logps[row]), float(logps[len(chunk) + row])
+            for item in chunk:
+                item.reference, logps = logps[: len(item.group.sequences)], logps[len(item.group.sequences) :]
         model.train(was_training)
         self.reference_seconds += time.perf_counter() - start
-        log(f"dpo: reference log-probs of {len(items)} pairs computed once in {self.reference_seconds:.1f} s")
+        pairs = sum(i.group.n_pairs for i in items)
+        log(f"dpo: reference log-probs of {self.reference_forward_rows} distinct replies ({pairs} pairs) computed "
+            f"once in {self.reference_seconds:.1f} s")
 
     def loss(self, model, batch):
         from ...preference.losses import dpo_batch_loss
 
         loss, stats = dpo_batch_loss(model, batch, self.config.beta, self.config.label_smoothing,
                                      reference_logps=batch["reference_logps"])
-        n = batch["input_ids"].shape[0] // 2
+        n = len(batch["chosen_index"])
         self.record({k: v for k, v in stats.items() if k != "loss"}, n)
         return loss * n, n
 
@@ -110,10 +114,12 @@ def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
               val_pairs: pd.DataFrame, output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """DPO (`preference.config.DPOConfig`) from the SFT adapter (None: the base model with a new LoRA
-    adapter), with the SFT model as reference; learning rate, epochs, batch size, LoRA and seed come
-    from `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
+    adapter), with the SFT model as reference; learning rate, epochs, LoRA and seed come from
+    `spec.training`, the batch size (prompts, each with all its pairs) from `config.batch_size` or
+    `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
     from ..trainer import run_training
 
+    spec = pair_training_spec(spec, config)
     return run_training(DPOMethod(spec, config, sft_adapter_dir), spec, Path(model_dir), train_pairs, val_pairs,
                         Path(output_dir), device=device, log=log, on_metrics=on_metrics,
                         stop_after_steps=stop_after_steps)

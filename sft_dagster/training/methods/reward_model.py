@@ -2,7 +2,8 @@
 
 The causal checkpoint becomes a sequence classifier with one output (`preference.losses.load_reward_model`,
 score head seeded from `training.seed`), LoRA adapters on its body (`training.lora`) and the score head
-trained in full (peft's `modules_to_save`). A pair's two sides run as one batch; the loss is
+trained in full (peft's `modules_to_save`). The pairs of a prompt run as one batch item, each distinct
+reply scored once (`methods.pairs.PairMethod`); the loss is
 `-log sigmoid(r_chosen - r_rejected)` (plus the optional centring term), the mean over the pairs of an
 optimizer step. Validation reports the loss and the pairwise accuracy on the held-out pairs.
 
@@ -22,7 +23,7 @@ import torch
 
 from ... import atomic
 from ...spec import PipelineSpec, TaskSpec
-from .pairs import PairMethod, lora_config
+from .pairs import PairMethod, lora_config, pair_training_spec
 
 META_FILE = "reward_model.json"
 
@@ -50,15 +51,15 @@ class RewardModelMethod(PairMethod):
         return model
 
     def collate(self, items, pad_id, device):
-        from ...preference.losses import collate_reward_pairs
+        from ...preference.losses import collate_pair_groups, reward_input
 
-        return collate_reward_pairs(items, pad_id, device)
+        return collate_pair_groups(items, pad_id, device, cut=reward_input)
 
     def loss(self, model, batch):
         from ...preference.losses import reward_batch_loss
 
         loss, stats = reward_batch_loss(model, batch, center_rewards_coefficient=self.config.center_rewards_coefficient)
-        n = batch["input_ids"].shape[0] // 2
+        n = len(batch["chosen_index"])
         self.record({k: stats[k] for k in ("accuracy", "margin", "mean_reward")}, n)
         return loss * n, n
 
@@ -110,11 +111,13 @@ def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs:
                        output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
                        on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """Train a Bradley-Terry reward model (`preference.config.RewardModelConfig`) on pairs (PAIR_COLUMNS);
-    learning rate, epochs, batch size, LoRA and seed come from `spec.training`. Saves
+    learning rate, epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all
+    its pairs) from `config.batch_size` or `spec.training`. Saves
     `output_dir/reward_model` (see `load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
     saved weights on `val_pairs`."""
     from ..trainer import run_training
 
+    spec = pair_training_spec(spec, config)
     result = run_training(RewardModelMethod(spec, config), spec, Path(model_dir), train_pairs, val_pairs,
                           Path(output_dir), device=device, log=log, on_metrics=on_metrics,
                           stop_after_steps=stop_after_steps)
