@@ -233,3 +233,25 @@ def test_pairs_of_a_prompt_share_their_replies_and_give_the_same_losses(tiny, ti
                                        center_rewards_coefficient=0.1)
     assert float(a) == pytest.approx(float(b), rel=1e-5)
     assert a_stats == pytest.approx(b_stats, rel=1e-4, abs=1e-6)
+
+
+def test_reward_fn_scores_each_distinct_reply_once(tiny_model_dir, tiny, monkeypatch):
+    """Repeated (prompt, reply) pairs (a sharpened policy's samples) are scored once and get the same
+    score as when scored alone."""
+    import sft_dagster.preference.losses as losses
+    from sft_dagster.preference.ppo import reward_model_fn
+
+    _, tokenizer = tiny
+    reward_model = load_reward_model(tiny_model_dir, seed=0).eval()
+    rows = []
+    real = losses.reward_scores
+    monkeypatch.setattr(losses, "reward_scores", lambda model, batch: rows.append(batch["input_ids"].shape[0])
+                        or real(model, batch))
+    score = reward_model_fn(reward_model, tokenizer, TASK, 128, batch_size=2)
+    prompts = ["how is it?", "how is it?", "and this?", "how is it?", "how is it?"]
+    replies = ["fine", "fine", "fine", "bad", "fine"]
+    scores = score(prompts, replies)
+    assert sum(rows) == 3  # (how, fine), (and this, fine), (how, bad)
+    assert scores[0] == scores[1] == scores[4] and scores[0] != scores[2]
+    alone = [score([p], [r])[0] for p, r in zip(prompts, replies)]
+    assert scores == pytest.approx(alone, abs=1e-5)

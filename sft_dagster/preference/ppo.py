@@ -326,7 +326,11 @@ def ppo_train(policy, tokenizer, prompts: pd.DataFrame, task: TaskSpec, reward_f
 
 def reward_model_fn(reward_model, tokenizer, task: TaskSpec, max_length: int, device: str = "cpu",
                     batch_size: int = 16) -> RewardFn:
-    """A `reward_fn` that scores (prompt, reply) with a trained reward model (`losses.reward_scores`)."""
+    """A `reward_fn` that scores (prompt, reply) with a trained reward model (`losses.reward_scores`).
+
+    Identical (prompt, reply) pairs are scored once: a sharpened policy's samples repeat (the demo's DPO
+    policy drew the same reply for most of a prompt's 8 samples), and the score is a function of the text.
+    """
     from ..formatting import build_messages, encode_example
     from .losses import reward_input, reward_scores
 
@@ -334,15 +338,16 @@ def reward_model_fn(reward_model, tokenizer, task: TaskSpec, max_length: int, de
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> list[float]:
-        encoded = [encode_example(tokenizer, build_messages(p, r, None, task), max_length)
-                   for p, r in zip(prompts, responses)]
+        distinct = list(dict.fromkeys(zip(prompts, responses)))
+        encoded = [encode_example(tokenizer, build_messages(p, r, None, task), max_length) for p, r in distinct]
         if any(e.truncated for e in encoded):
             raise ValueError(f"a reply does not fit max_length={max_length} for the reward model (refused, not truncated)")
         encoded = [reward_input(e) for e in encoded]
         out: list[float] = []
         for start in range(0, len(encoded), batch_size):
             out += reward_scores(reward_model, collate(encoded[start : start + batch_size], pad, device)).tolist()
-        return out
+        scores = dict(zip(distinct, out))
+        return [scores[pair] for pair in zip(prompts, responses)]
 
     return score
 
