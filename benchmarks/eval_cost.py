@@ -1,13 +1,10 @@
 """Where the evaluation's time goes, part by part, and the same parts under another checkout of the code.
 
 Parts, per model, on the spec's test rows and its evaluation settings (batch size, max_new_tokens, k
-shots, retention prompts):
-
-- `zero_shot`: `score_model` on the test rows as `evaluate` calls it (greedy generation + response
-  loss), and its two halves timed on their own: `zero_shot_generate`, `zero_shot_loss`;
-- `few_shot` (base only): `score_model` on the k-shot prompts (generation only, as `evaluate` runs it);
-- `retention`: `score_retention` as `evaluate` calls it, and its halves `retention_generate`
-  (12 new tokens) and `retention_nll`.
+shots, retention prompts), each called as `evaluate` calls it: `zero_shot_generate` and
+`zero_shot_loss` (what `score_model` runs on the test rows), `few_shot_generate` (base only: the
+k-shot prompts, generation only) and `retention_generate` and `retention_nll` (what
+`score_retention` runs; 12 new tokens, stopped after the first line where the checkout does that).
 
 Models: `base` (the spec's base model) and, with --adapter, `candidate` (the adapter merged into the
 base, as `load_tuned_model` serves it). Each (source, model) runs in its own subprocess with
@@ -27,6 +24,7 @@ Build the test split first (the pipeline's pure stages up to the splits):
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -55,6 +53,9 @@ def worker(args) -> dict:
     from sft_dagster.training.trainer import pick_precision
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
     spec = load_spec(args.spec)
     cfg = spec.evaluation
     splits = pd.read_parquet(args.splits)
@@ -74,30 +75,29 @@ def worker(args) -> dict:
     else:
         model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
     task, plain = spec.task, TaskSpec(type="instruction")
+    # retention answers as `score_retention` asks for them (a checkout may stop them after their first line)
+    stop = {"stop_after_first_line": True} if "stop_after_first_line" in inspect.signature(ev.generate).parameters else {}
     seconds, outputs = {}, {}
-    scores, seconds["zero_shot"] = _timed(lambda: ev.score_model(model, tokenizer, rows, spec, device))
-    outputs["zero_shot"] = {"raw": scores.raw_outputs, "loss": scores.loss}
     raw, seconds["zero_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, rows, task, cfg.max_new_tokens,
                                                                    cfg.batch_size, device, precision))
-    outputs["zero_shot_generate"] = {"raw": raw}
     loss, seconds["zero_shot_loss"] = _timed(lambda: ev.response_loss(model, tokenizer, rows, task, spec.model.max_length,
                                                                      cfg.batch_size, device, precision))
-    outputs["zero_shot_loss"] = {"loss": loss}
+    outputs["zero_shot"] = {"raw": raw, "loss": loss}
     if args.model == "base" and len(shots):
         prompted = ev.with_few_shot(rows, shots, task)
-        few, seconds["few_shot"] = _timed(lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False))
-        outputs["few_shot"] = {"raw": few.raw_outputs}
+        raw, seconds["few_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, prompted, task, cfg.max_new_tokens,
+                                                                      cfg.batch_size, device, precision))
+        outputs["few_shot"] = {"raw": raw}
     if len(items):
-        kept, seconds["retention"] = _timed(lambda: ev.score_retention(model, tokenizer, items, cfg.batch_size, device, precision))
-        # the scorer reads the first line only (retention.answer_is_right): that is what must not change
-        outputs["retention"] = {"raw": [o.strip().split("\n", 1)[0] for o in kept["outputs"]], "loss": kept["nll"]}
         raw, seconds["retention_generate"] = _timed(lambda: ev.generate(model, tokenizer, items, plain, ev.RETENTION_MAX_NEW_TOKENS,
-                                                                       cfg.batch_size, device, precision))
-        outputs["retention_generate"] = {"raw": raw}
+                                                                       cfg.batch_size, device, precision, **stop))
         nll, seconds["retention_nll"] = _timed(lambda: ev.response_loss(model, tokenizer, items, plain, 10**6, cfg.batch_size,
                                                                        device, precision))
-        outputs["retention_nll"] = {"loss": nll}
-    return {"source": ev.__file__, "model": args.model, "n_test": len(rows), "n_retention": len(items), "k": len(shots),
+        # the scorer reads the first line only (retention.answer_is_right): that is what must not change
+        outputs["retention"] = {"raw": [o.strip().split("\n", 1)[0] for o in raw], "loss": nll,
+                                "full_raw": raw}
+    seconds["total"] = round(sum(seconds.values()), 2)
+    return {"source": ev.__file__, "model": args.model, "load": [load_start[0], os.getloadavg()[0]], "n_test": len(rows), "n_retention": len(items), "k": len(shots),
             "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "seconds": seconds, "outputs": outputs}
 
 
@@ -127,7 +127,12 @@ def main() -> int:
     parser.add_argument("--src", nargs="+", default=[str(ROOT)], help="checkouts of the code to time (1 or 2)")
     parser.add_argument("--test-rows", type=int, default=None, help="only the first N test rows (default: all)")
     parser.add_argument("--retention-rows", type=int, default=None, help="retention prompts (default: the spec's)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: torch's). 1 on a machine others load: two threads that "
+                             "wait on each other at every operator measure the scheduler, not the work")
+    parser.add_argument("--order", choices=["ab", "abba"], default="abba",
+                        help="with two checkouts: each once, or A B B A (a drift in load falls on both alike)")
+    parser.add_argument("--out", default=None, help="the report (JSON); each worker's result is kept beside it as it ends")
     parser.add_argument("--worker", choices=["base", "candidate"], default=None, dest="model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model:
@@ -136,7 +141,7 @@ def main() -> int:
     if len(args.src) > 2:
         parser.error("--src takes one or two checkouts")
     models = ["base"] + (["candidate"] if args.adapter else [])
-    order = args.src if len(args.src) == 1 else [args.src[0], args.src[1], args.src[1], args.src[0]]
+    order = args.src if len(args.src) == 1 or args.order == "ab" else [args.src[0], args.src[1], args.src[1], args.src[0]]
     passed = [a for a in sys.argv[1:] if not a.startswith("--src") and a not in args.src]
     runs: dict = {src: {m: [] for m in models} for src in args.src}
     load_before = os.getloadavg()
@@ -146,7 +151,10 @@ def main() -> int:
             done = subprocess.run([sys.executable, __file__, *passed, "--worker", model], env=env, check=True,
                                   capture_output=True, text=True)
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            print(json.dumps({"source": src, "model": model, "seconds": result["seconds"]}), file=sys.stderr)
+            if args.out:
+                Path(args.out).with_suffix(f".worker{i}_{model}.json").write_text(json.dumps(result) + "\n")
+            print(json.dumps({"source": src, "model": model, "seconds": result["seconds"], "load": result["load"]}),
+                  file=sys.stderr)
             runs[src][model].append(result)
     report = {
         "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -156,11 +164,13 @@ def main() -> int:
         "k": runs[args.src[0]]["base"][0]["k"],
         "seconds": {src: {m: {part: [r["seconds"][part] for r in rs] for part in rs[0]["seconds"]} for m, rs in by.items()}
                     for src, by in runs.items()},
+        "load_average_per_worker": {src: {m: [r["load"] for r in rs] for m, rs in by.items()} for src, by in runs.items()},
     }
     if len(args.src) == 2:
         a, b = args.src
         report["outputs_b_vs_a"] = {m: _compare(runs[a][m][0], runs[b][m][0]) for m in models}
-        report["repeat_a_vs_a"] = {m: _compare(runs[a][m][0], runs[a][m][1]) for m in models}
+        if args.order == "abba":
+            report["repeat_a_vs_a"] = {m: _compare(runs[a][m][0], runs[a][m][1]) for m in models}
     text = json.dumps(report, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
