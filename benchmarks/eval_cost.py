@@ -1,10 +1,12 @@
 """Where the evaluation's time goes, part by part, and the same parts under another checkout of the code.
 
 Parts, per model, on the spec's test rows and its evaluation settings (batch size, max_new_tokens, k
-shots, retention prompts), each called as `evaluate` calls it: `zero_shot_generate` and
-`zero_shot_loss` (what `score_model` runs on the test rows), `few_shot_generate` (base only: the
-k-shot prompts, generation only) and `retention_generate` and `retention_nll` (what
-`score_retention` runs; 12 new tokens, stopped after the first line where the checkout does that).
+shots, retention prompts), each the call `evaluate` makes: `zero_shot` (`score_model` on the test
+rows: greedy generation and the response loss), `few_shot` (base only: `score_model` on the k-shot
+prompts, generation only) and `retention` (`score_retention`: 12 new tokens and the reference NLL);
+`total` is their sum. `--halves` also times generation and loss on their own (`zero_shot_generate`,
+`zero_shot_loss`, `retention_generate`, `retention_nll`: where a checkout computes the loss in the
+generation's pass, these run it separately, so they are not parts of `total`).
 
 Models: `base` (the spec's base model) and, with --adapter, `candidate` (the adapter merged into the
 base, as `load_tuned_model` serves it). Each (source, model) runs in its own subprocess with
@@ -24,7 +26,6 @@ Build the test split first (the pipeline's pure stages up to the splits):
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import subprocess
@@ -75,28 +76,30 @@ def worker(args) -> dict:
     else:
         model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
     task, plain = spec.task, TaskSpec(type="instruction")
-    # retention answers as `score_retention` asks for them (a checkout may stop them after their first line)
-    stop = {"stop_after_first_line": True} if "stop_after_first_line" in inspect.signature(ev.generate).parameters else {}
     seconds, outputs = {}, {}
-    raw, seconds["zero_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, rows, task, cfg.max_new_tokens,
-                                                                   cfg.batch_size, device, precision))
-    loss, seconds["zero_shot_loss"] = _timed(lambda: ev.response_loss(model, tokenizer, rows, task, spec.model.max_length,
-                                                                     cfg.batch_size, device, precision))
-    outputs["zero_shot"] = {"raw": raw, "loss": loss}
+    # what `evaluate` runs, call by call
+    scores, seconds["zero_shot"] = _timed(lambda: ev.score_model(model, tokenizer, rows, spec, device))
+    outputs["zero_shot"] = {"raw": scores.raw_outputs, "loss": scores.loss}
     if args.model == "base" and len(shots):
         prompted = ev.with_few_shot(rows, shots, task)
-        raw, seconds["few_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, prompted, task, cfg.max_new_tokens,
-                                                                      cfg.batch_size, device, precision))
-        outputs["few_shot"] = {"raw": raw}
+        few, seconds["few_shot"] = _timed(lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False))
+        outputs["few_shot"] = {"raw": few.raw_outputs}
     if len(items):
-        raw, seconds["retention_generate"] = _timed(lambda: ev.generate(model, tokenizer, items, plain, ev.RETENTION_MAX_NEW_TOKENS,
-                                                                       cfg.batch_size, device, precision, **stop))
-        nll, seconds["retention_nll"] = _timed(lambda: ev.response_loss(model, tokenizer, items, plain, 10**6, cfg.batch_size,
-                                                                       device, precision))
-        # the scorer reads the first line only (retention.answer_is_right): that is what must not change
-        outputs["retention"] = {"raw": [o.strip().split("\n", 1)[0] for o in raw], "loss": nll,
-                                "full_raw": raw}
+        kept, seconds["retention"] = _timed(lambda: ev.score_retention(model, tokenizer, items, cfg.batch_size, device,
+                                                                       precision))
+        outputs["retention"] = {"raw": kept["outputs"], "loss": kept["nll"]}
     seconds["total"] = round(sum(seconds.values()), 2)
+    if args.halves:  # generation and loss each on its own (the loss's forward, where a checkout shares it, runs again)
+        _, seconds["zero_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, rows, task, cfg.max_new_tokens,
+                                                                     cfg.batch_size, device, precision))
+        _, seconds["zero_shot_loss"] = _timed(lambda: ev.response_loss(model, tokenizer, rows, task, spec.model.max_length,
+                                                                      cfg.batch_size, device, precision))
+        if len(items):
+            _, seconds["retention_generate"] = _timed(lambda: ev.generate(model, tokenizer, items, plain,
+                                                                         ev.RETENTION_MAX_NEW_TOKENS, cfg.batch_size,
+                                                                         device, precision))
+            _, seconds["retention_nll"] = _timed(lambda: ev.response_loss(model, tokenizer, items, plain, 10**6,
+                                                                         cfg.batch_size, device, precision))
     return {"source": ev.__file__, "model": args.model, "load": [load_start[0], os.getloadavg()[0]], "n_test": len(rows), "n_retention": len(items), "k": len(shots),
             "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "seconds": seconds, "outputs": outputs}
 
@@ -127,6 +130,7 @@ def main() -> int:
     parser.add_argument("--src", nargs="+", default=[str(ROOT)], help="checkouts of the code to time (1 or 2)")
     parser.add_argument("--test-rows", type=int, default=None, help="only the first N test rows (default: all)")
     parser.add_argument("--retention-rows", type=int, default=None, help="retention prompts (default: the spec's)")
+    parser.add_argument("--halves", action="store_true", help="also time generation and loss each on its own")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: torch's). 1 on a machine others load: two threads that "
                              "wait on each other at every operator measure the scheduler, not the work")

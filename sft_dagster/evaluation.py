@@ -98,11 +98,9 @@ class SharedPrefix:
                 break
             n += 1
         n = min([n, *(len(s) - 1 for s in sequences), *([limit] if limit is not None else [])]) if sequences else 0
-        self.ids, self.model, self.cache = (sequences[0][:n] if n > 0 else []), model, None
+        self.ids, self.config, self.cache = (sequences[0][:n] if n > 0 else []), model.config, None
         if self.ids:
-            from transformers import DynamicCache
-
-            self.cache = DynamicCache(config=model.config)
+            self.cache = self._empty()
             with autocast(device, precision):
                 model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1,
                       **{_cache_argument(model): self.cache})
@@ -110,41 +108,43 @@ class SharedPrefix:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def cache_for(self, rows: int) -> dict:
-        """The keyword argument that hands a batch of `rows` rows its own copy of the prefix's KV cache."""
+    def _empty(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def cache_for(self, rows: int):
+        """A KV cache for a batch of `rows` rows: its own copy of the prefix's (empty without a prefix)."""
         if self.cache is None:
-            return {}
+            return self._empty()
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(rows)
-        return {_cache_argument(self.model): cache}
+        return cache
 
 
-class _FirstLineDone:
-    """A `generate` stopping criterion: a row is done once its generated text has a newline after some text."""
+def _prompt_ids(tokenizer, df: pd.DataFrame, task: TaskSpec) -> list[list[int]]:
+    return [generation_prompt_ids(tokenizer, p, s, task, h)
+            for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
 
-    def __init__(self, tokenizer, prefix_width: int):
-        self.tokenizer, self.prefix_width = tokenizer, prefix_width
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prefix_width :], skip_special_tokens=True)
-        return torch.tensor(["\n" in t.lstrip() for t in texts], dtype=torch.bool, device=input_ids.device)
+def _encoded(tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int) -> list[EncodedExample]:
+    return [encode_example(tokenizer, build_messages(p, r, s, task, h), max_length)
+            for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 @torch.no_grad()
-def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
-             precision: str = "fp32", stop_after_first_line: bool = False) -> list[str]:
-    """Greedy generations for each row's prompt, in the rows' order.
-
-    Batched by prompt length (little padding) after the prompts' shared prefix, computed once
-    (`SharedPrefix`). `stop_after_first_line`: a row stops at the first newline that follows text
-    (for scorers that read the first line only); every row stops at the end-of-turn token.
-    """
-    prompts = [generation_prompt_ids(tokenizer, p, s, task, h)
-               for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
+              precision: str, replies: list[list[int]] | None = None) -> tuple[list[str], float, int]:
+    """Greedy generations in the prompts' order; with `replies`, also the summed cross-entropy of each
+    row's reply given its prompt and the number of reply tokens (`_reply_loss`)."""
+    pad = _pad_id(tokenizer)
     prefix = SharedPrefix(model, prompts, device, precision)
-    stop = [_FirstLineDone(tokenizer, prefix_width=0)] if stop_after_first_line else None
     outputs: list[str] = [""] * len(prompts)
+    total, count = 0.0, 0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
@@ -153,17 +153,56 @@ def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens:
         ids = torch.tensor([prefix.ids + [pad] * (width - len(prefix) - len(t)) + t for t in tails], device=device)
         mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(prefix) - len(t)) + [1] * len(t) for t in tails],
                             device=device)
-        if stop:
-            stop[0].prefix_width = width
+        cache = prefix.cache_for(len(rows))
         with autocast(device, precision):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, stopping_criteria=stop,
-                **prefix.cache_for(len(rows)),
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                return_dict_in_generate=True, output_logits=replies is not None, **{_cache_argument(model): cache},
             )
-        for i, row in zip(rows, out):
+        for i, row in zip(rows, out.sequences):
             outputs[i] = tokenizer.decode(row[width:], skip_special_tokens=True)
-    return outputs
+        if replies is not None:
+            loss, n = _reply_loss(model, out.logits[0], cache, mask, [replies[i] for i in rows], pad, device, precision)
+            total, count = total + float(loss), count + n
+    return outputs, total, count
+
+
+def _reply_loss(model, first_logits: torch.Tensor, cache, prompt_mask: torch.Tensor, replies: list[list[int]], pad: int,
+                device: str, precision: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each row's reply after its prompt, on generation's own work: the first
+    reply token on the logits of generation's first step (the prompt's last position), the others on
+    one forward of the replies (less their last token) after generation's KV cache cut back to the prompt."""
+    targets = torch.tensor([r[0] for r in replies], device=device)
+    loss = torch.nn.functional.cross_entropy(first_logits.float(), targets, reduction="sum")
+    count = len(replies)
+    width = max(len(r) for r in replies) - 1
+    if width == 0:
+        return loss, count
+    generated = cache.get_seq_length() - prompt_mask.shape[1]
+    if generated > 0:
+        cache.crop(-generated)  # a negative count removes that many tokens, in every transformers 5 release
+    ids = torch.tensor([r[:-1] + [pad] * (width + 1 - len(r)) for r in replies], device=device)
+    labels = torch.tensor([r[1:] + [IGNORE_INDEX] * (width + 1 - len(r)) for r in replies], device=device)
+    mask = torch.cat([prompt_mask, (labels != IGNORE_INDEX).long()], dim=1)
+    positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width, device=device)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with autocast(device, precision):
+        hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                          **{_cache_argument(model): cache}).last_hidden_state
+        logits = lm.lm_head(hidden[labels != IGNORE_INDEX]).float()
+    loss = loss + torch.nn.functional.cross_entropy(logits, labels[labels != IGNORE_INDEX], reduction="sum")
+    return loss, count + int((labels != IGNORE_INDEX).sum())
+
+
+def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
+             precision: str = "fp32") -> list[str]:
+    """Greedy generations for each row's prompt, in the rows' order.
+
+    Batched by prompt length (little padding), after the prompts' shared prefix, computed once
+    (`SharedPrefix`); each row stops at the end-of-turn token.
+    """
+    return _generate(model, tokenizer, _prompt_ids(tokenizer, df, task), max_new_tokens, batch_size, device, precision)[0]
 
 
 @torch.no_grad()
@@ -174,11 +213,8 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
     In length order, after the conversations' shared prefix (computed once, `SharedPrefix`), which
     ends before the first token that carries loss anywhere.
     """
-    encoded = [
-        encode_example(tokenizer, build_messages(p, r, s, task, h), max_length)
-        for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))
-    ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoded = _encoded(tokenizer, df, task, max_length)
+    pad = _pad_id(tokenizer)
     # labels[i] is the target of position i - 1: the prefix's last position must predict no loss token
     first_loss = min((next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels)) for e in encoded),
                      default=0)
@@ -190,20 +226,48 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
         out = collate(rows, pad, device)
         if n:
             out["attention_mask"] = torch.cat([out["attention_mask"].new_ones(len(rows), n), out["attention_mask"]], dim=1)
-            out |= prefix.cache_for(len(rows))
+            out[_cache_argument(model)] = prefix.cache_for(len(rows))
         return out
 
     return mean_loss_over(model, tails, batch_size, lambda e: len(e.input_ids), batch, summed_response_loss, device,
                           precision)
 
 
+def _reply_after(prompt: list[int], example: EncodedExample) -> list[int] | None:
+    """The loss tokens of `example` when they are one run right after `prompt` (the last reply, nothing
+    truncated, no loss in earlier turns); else None."""
+    n = len(prompt)
+    if example.truncated or example.input_ids[:n] != prompt or any(t != IGNORE_INDEX for t in example.labels[:n]):
+        return None
+    rest = example.labels[n:]
+    k = next((i for i, t in enumerate(rest) if t == IGNORE_INDEX), len(rest))
+    return rest[:k] if k and all(t == IGNORE_INDEX for t in rest[k:]) else None
+
+
+def generate_with_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, max_length: int,
+                       batch_size: int, device: str, precision: str = "fp32") -> tuple[list[str], float]:
+    """`generate` and `response_loss` in one pass over the prompts: the loss reuses generation's prompt
+    KV cache and first-step logits, so only the reply tokens run again (measured on the demo: the loss
+    forward cost as much as generation). Rows with loss before their last reply (multi-turn history) or
+    truncated ones take the two separate passes."""
+    prompts = _prompt_ids(tokenizer, df, task)
+    replies = [_reply_after(p, e) for p, e in zip(prompts, _encoded(tokenizer, df, task, max_length))]
+    if not prompts or any(r is None for r in replies):
+        return (_generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, precision)[0],
+                response_loss(model, tokenizer, df, task, max_length, batch_size, device, precision))
+    outputs, total, count = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, precision, replies)
+    return outputs, total / max(1, count)
+
+
 def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device: str, with_loss: bool = True) -> ModelScores:
     """Task metric on greedy generations, and (`with_loss`) the mean reply-token loss and perplexity."""
     cfg, task = spec.evaluation, spec.task
     precision = pick_precision(spec.training.precision, device)
-    raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision)
-    loss = (response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision)
-            if with_loss else float("nan"))
+    if with_loss:
+        raw, loss = generate_with_loss(model, tokenizer, test, task, cfg.max_new_tokens, spec.model.max_length,
+                                       cfg.batch_size, device, precision)
+    else:
+        raw, loss = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision), float("nan")
     expected = test["response"].astype(str).tolist()
     if task.is_label_task:
         predictions = [normalise_label(r, task.labels) for r in raw]
@@ -357,12 +421,9 @@ RETENTION_MAX_NEW_TOKENS = 12
 
 
 def score_retention(model, tokenizer, items: pd.DataFrame, batch_size: int, device: str, precision: str) -> dict:
-    """Greedy answers to the retention prompts (up to the end of their first line: all that
-    `retention.answer_is_right` reads) and the mean NLL of their reference answers."""
-    plain = TaskSpec(type="instruction")
-    outputs = generate(model, tokenizer, items, plain, RETENTION_MAX_NEW_TOKENS, batch_size, device, precision,
-                       stop_after_first_line=True)
-    nll = response_loss(model, tokenizer, items, plain, 10**6, batch_size, device, precision)
+    """Greedy answers to the retention prompts and the mean NLL of their reference answers."""
+    outputs, nll = generate_with_loss(model, tokenizer, items, TaskSpec(type="instruction"), RETENTION_MAX_NEW_TOKENS,
+                                      10**6, batch_size, device, precision)
     return {"outputs": outputs, "nll": nll}
 
 

@@ -18,6 +18,10 @@ from sft_dagster.evaluation import (
 )
 from sft_dagster.spec import PipelineSpec
 
+from preference_fixtures import one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny-model generation: a second thread only waits
+
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -237,24 +241,24 @@ def test_response_loss_after_a_shared_prefix_equals_the_loss_row_by_row(varied_t
     model.eval()
 
 
-def test_retention_answers_stop_after_their_first_line(tiny_model_dir):
-    import torch
-    from transformers import AutoTokenizer
+def test_generation_and_loss_in_one_pass_equal_the_two_passes(varied_tiny_model, monkeypatch):
+    from sft_dagster import evaluation
+    from sft_dagster.evaluation import generate, generate_with_loss, response_loss, with_few_shot
+    from sft_dagster.spec import TaskSpec
 
-    from sft_dagster.evaluation import _FirstLineDone
-    from sft_dagster.retention import answer_is_right
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompt = tokenizer("Review: the screen", add_special_tokens=False)["input_ids"]
-    replies = ["\n\npositive", "positive\nnegative", "posi", "  \n"]
-    rows = [prompt + tokenizer(r, add_special_tokens=False)["input_ids"] for r in replies]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    done = _FirstLineDone(tokenizer, prefix_width=len(prompt))(ids, None)
-    # a leading newline is not the end of the first line (the scorer strips it); a newline after text is
-    assert done.tolist() == [False, True, False, False]
-    assert answer_is_right("\n\nParis", "Paris")  # why a leading newline must not stop the answer
+    model, tokenizer = varied_tiny_model
+    chat = TaskSpec(type="instruction")
+    replies = ["positive", "not good at all, it broke", "so so", "fine", "it works well enough for me", "bad"]
+    rows = SHOTS_AND_ROWS.iloc[3:].assign(response=replies)  # replies of 2 to 9 tokens
+    # one pass (the loss reuses generation's prompt cache); few-shot history carries loss: two passes
+    for df, max_new_tokens in ((rows, 5), (rows, 1), (with_few_shot(rows, SHOTS_AND_ROWS.head(2), chat), 5)):
+        separate = []  # which calls took the second pass
+        monkeypatch.setattr(evaluation, "response_loss", lambda *a, **k: separate.append(1) or response_loss(*a, **k))
+        got, loss = generate_with_loss(model, tokenizer, df, chat, max_new_tokens, 512, 4, "cpu")
+        monkeypatch.undo()
+        assert len(separate) == ("history" in df)
+        assert got == generate(model, tokenizer, df, chat, max_new_tokens, 4, "cpu")
+        assert loss == pytest.approx(response_loss(model, tokenizer, df, chat, 512, 4, "cpu"), rel=1e-5)
 
 
 def test_base_model_scores_are_reused_by_the_next_run(tiny_model_dir, tmp_path, monkeypatch):
