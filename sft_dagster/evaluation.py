@@ -172,27 +172,25 @@ def _reply_loss(model, first_logits: torch.Tensor, cache, prompt_mask: torch.Ten
                 device: str, precision: str) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of each row's reply after its prompt, on generation's own work: the first
     reply token on the logits of generation's first step (the prompt's last position), the others on
-    one forward of the replies (less their last token) after generation's KV cache cut back to the prompt."""
+    one forward of the replies after generation's KV cache cut back to the prompt."""
     targets = torch.tensor([r[0] for r in replies], device=device)
     loss = torch.nn.functional.cross_entropy(first_logits.float(), targets, reduction="sum")
-    count = len(replies)
-    width = max(len(r) for r in replies) - 1
-    if width == 0:
-        return loss, count
+    width = max(len(r) for r in replies)
+    if width == 1:
+        return loss, len(replies)
     generated = cache.get_seq_length() - prompt_mask.shape[1]
     if generated > 0:
         cache.crop(-generated)  # a negative count removes that many tokens, in every transformers 5 release
-    ids = torch.tensor([r[:-1] + [pad] * (width + 1 - len(r)) for r in replies], device=device)
-    labels = torch.tensor([r[1:] + [IGNORE_INDEX] * (width + 1 - len(r)) for r in replies], device=device)
-    mask = torch.cat([prompt_mask, (labels != IGNORE_INDEX).long()], dim=1)
-    positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width, device=device)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in replies], device=device)
+    batch = {"input_ids": ids,  # labels as in training: the token each position's predecessor predicts
+             "labels": torch.tensor([[IGNORE_INDEX] + r[1:] + [IGNORE_INDEX] * (width - len(r)) for r in replies], device=device),
+             "attention_mask": torch.cat([prompt_mask, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies],
+                                                                    device=device)], dim=1),
+             "position_ids": prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width, device=device),
+             _cache_argument(model): cache}
     with autocast(device, precision):
-        hidden = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                          **{_cache_argument(model): cache}).last_hidden_state
-        logits = lm.lm_head(hidden[labels != IGNORE_INDEX]).float()
-    loss = loss + torch.nn.functional.cross_entropy(logits, labels[labels != IGNORE_INDEX], reduction="sum")
-    return loss, count + int((labels != IGNORE_INDEX).sum())
+        rest, n = summed_response_loss(model, batch)
+    return loss + rest, len(replies) + n
 
 
 def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
