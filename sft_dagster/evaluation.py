@@ -9,7 +9,9 @@ view (suggested labels on flagged rows) is reported beside it, never instead of 
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -24,7 +26,8 @@ from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_exa
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import MAIN_TASK, PipelineSpec, TaskSpec
-from .training.trainer import autocast, collate, pick_device, pick_precision, summed_response_loss
+from .training.trainer import (autocast, collate, mean_loss_over, pick_device, pick_precision,
+                               summed_response_loss)
 
 INVALID = "<invalid>"
 
@@ -71,39 +74,142 @@ def _generation_metrics(expected: list[str], raw: list[str]) -> dict:
     return {"exact_match": float(sum(matches) / max(1, len(matches)))}
 
 
+def _cache_argument(model) -> str:
+    """The keyword a model's forward (and `generate`) takes a KV cache under: `cache` in transformers
+    5.2x, `past_key_values` before (still accepted there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+class SharedPrefix:
+    """The tokens every sequence starts with (the chat template's system turn, the task's instruction,
+    the few-shot turns), run through the model once; each batch continues from a copy of their KV cache.
+
+    On the demo's test rows 48 of a zero-shot prompt's 75 tokens are shared, 348 of a 5-shot prompt's
+    375 and 24 of a retention prompt's 44 (SmolLM2's tokenizer): without the prefix every batch ran
+    them again. Each row keeps at least one token of its own (`generate` needs one to start from), and
+    `limit` caps the prefix (the loss stops it before the first token that carries loss).
+    The continuation sees the same positions and keys as the whole sequence: the rows' own tokens are
+    padded between the prefix and them (masked), and position ids count unmasked tokens only.
+    """
+
+    def __init__(self, model, sequences: list[list[int]], device: str, precision: str, limit: int | None = None):
+        n = 0
+        for column in zip(*sequences):
+            if any(token != column[0] for token in column):
+                break
+            n += 1
+        n = min([n, *(len(s) - 1 for s in sequences), *([limit] if limit is not None else [])]) if sequences else 0
+        self.ids, self.config, self.cache = (sequences[0][:n] if n > 0 else []), model.config, None
+        if self.ids:
+            self.cache = self._empty()
+            with autocast(device, precision):
+                model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1,
+                      **{_cache_argument(model): self.cache})
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _empty(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def cache_for(self, rows: int):
+        """A KV cache for a batch of `rows` rows: its own copy of the prefix's (empty without a prefix)."""
+        if self.cache is None:
+            return self._empty()
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+
+def _prompt_ids(tokenizer, df: pd.DataFrame, task: TaskSpec) -> list[list[int]]:
+    return [generation_prompt_ids(tokenizer, p, s, task, h)
+            for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
+
+
+def _encoded(tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int) -> list[EncodedExample]:
+    return [encode_example(tokenizer, build_messages(p, r, s, task, h), max_length)
+            for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @torch.no_grad()
+def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
+              precision: str, replies: list[list[int]] | None = None) -> tuple[list[str], float, int]:
+    """Greedy generations in the prompts' order; with `replies`, also the summed cross-entropy of each
+    row's reply given its prompt and the number of reply tokens (`_reply_loss`)."""
+    pad = _pad_id(tokenizer)
+    prefix = SharedPrefix(model, prompts, device, precision)
+    outputs: list[str] = [""] * len(prompts)
+    total, count = 0.0, 0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        tails = [prompts[i][len(prefix):] for i in rows]
+        width = len(prefix) + max(len(t) for t in tails)
+        ids = torch.tensor([prefix.ids + [pad] * (width - len(prefix) - len(t)) + t for t in tails], device=device)
+        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(prefix) - len(t)) + [1] * len(t) for t in tails],
+                            device=device)
+        cache = prefix.cache_for(len(rows))
+        with autocast(device, precision):
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                return_dict_in_generate=True, output_logits=replies is not None, **{_cache_argument(model): cache},
+            )
+        for i, row in zip(rows, out.sequences):
+            outputs[i] = tokenizer.decode(row[width:], skip_special_tokens=True)
+        if replies is not None:
+            loss, n = _reply_loss(model, out.logits[0], cache, mask, [replies[i] for i in rows], pad, device, precision)
+            total, count = total + float(loss), count + n
+    return outputs, total, count
+
+
+def _reply_loss(model, first_logits: torch.Tensor, cache, prompt_mask: torch.Tensor, replies: list[list[int]], pad: int,
+                device: str, precision: str) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy of each row's reply after its prompt, on generation's own work: the first
+    reply token on the logits of generation's first step (the prompt's last position), the others on
+    one forward of the replies after generation's KV cache cut back to the prompt."""
+    targets = torch.tensor([r[0] for r in replies], device=device)
+    loss = torch.nn.functional.cross_entropy(first_logits.float(), targets, reduction="sum")
+    width = max(len(r) for r in replies)
+    if width == 1:
+        return loss, len(replies)
+    generated = cache.get_seq_length() - prompt_mask.shape[1]
+    if generated > 0:
+        cache.crop(-generated)  # a negative count removes that many tokens, in every transformers 5 release
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in replies], device=device)
+    batch = {"input_ids": ids,  # labels as in training: the token each position's predecessor predicts
+             "labels": torch.tensor([[IGNORE_INDEX] + r[1:] + [IGNORE_INDEX] * (width - len(r)) for r in replies], device=device),
+             "attention_mask": torch.cat([prompt_mask, torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in replies],
+                                                                    device=device)], dim=1),
+             "position_ids": prompt_mask.sum(dim=1, keepdim=True) + torch.arange(width, device=device),
+             _cache_argument(model): cache}
+    with autocast(device, precision):
+        rest, n = summed_response_loss(model, batch)
+    return loss + rest, len(replies) + n
+
+
 def generate(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, batch_size: int, device: str,
              precision: str = "fp32") -> list[str]:
-    """Greedy generations for each row's prompt (batched, left-padded).
+    """Greedy generations for each row's prompt, in the rows' order.
+
+    Batched by prompt length (little padding), after the prompts' shared prefix, computed once
+    (`SharedPrefix`); each row stops at the end-of-turn token.
 
     Greedy decoding is a function of the prompt's tokens, so rows with the same prompt are generated
     once and share the reply: a test split with several reference replies per prompt (the preference
     demo's has four) costs one generation per distinct prompt.
     """
-    rows = [tuple(generation_prompt_ids(tokenizer, p, s, task, h))
-            for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history"))]
+    rows = [tuple(p) for p in _prompt_ids(tokenizer, df, task)]
     distinct = list(dict.fromkeys(rows))
-    replies = dict(zip(distinct, _generate_greedy(model, tokenizer, [list(p) for p in distinct], max_new_tokens,
-                                                  batch_size, device, precision)))
+    replies = dict(zip(distinct, _generate(model, tokenizer, [list(p) for p in distinct], max_new_tokens, batch_size,
+                                           device, precision)[0]))
     return [replies[p] for p in rows]
-
-
-def _generate_greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
-                     precision: str) -> list[str]:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outputs: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        batch = prompts[start : start + batch_size]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        with autocast(device, precision):
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            )
-        outputs.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
-    return outputs
 
 
 @torch.no_grad()
@@ -114,19 +220,59 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
     context_turns: the first turns of every row's history are prompt context (a few-shot prompt's
     examples): their replies carry no loss and their tokens do not count against `max_length`, so the
     loss is over the same reply tokens as the row scored without them.
+
+    In length order, after the conversations' shared prefix (computed once, `SharedPrefix`), which
+    ends before the first token that carries loss anywhere.
     """
-    conversations = [build_messages(p, r, s, task, h)
-                     for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
-    encoded = [encode_example(tokenizer, messages, max_length) for messages in conversations] if not context_turns else [
-        _without_context(tokenizer, messages, context_turns, max_length) for messages in conversations]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    total, count = 0.0, 0
-    for start in range(0, len(encoded), batch_size):
-        batch = collate(encoded[start : start + batch_size], pad, device)
-        with autocast(device, precision):
-            loss, n = summed_response_loss(model, batch)
-        total, count = total + float(loss), count + n
-    return total / max(1, count)
+    encoded = _encoded(tokenizer, df, task, max_length) if not context_turns else [
+        _without_context(tokenizer, build_messages(p, r, s, task, h), context_turns, max_length)
+        for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
+    pad = _pad_id(tokenizer)
+    # labels[i] is the target of position i - 1: the prefix's last position must predict no loss token
+    first_loss = min((next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels)) for e in encoded),
+                     default=0)
+    prefix = SharedPrefix(model, [e.input_ids for e in encoded], device, precision, limit=first_loss - 1)
+    n = len(prefix)
+    tails = [EncodedExample(e.input_ids[n:], e.labels[n:], e.truncated) for e in encoded]
+
+    def batch(rows: list[EncodedExample]) -> dict:
+        out = collate(rows, pad, device)
+        if n:
+            out["attention_mask"] = torch.cat([out["attention_mask"].new_ones(len(rows), n), out["attention_mask"]], dim=1)
+            out[_cache_argument(model)] = prefix.cache_for(len(rows))
+        return out
+
+    return mean_loss_over(model, tails, batch_size, lambda e: len(e.input_ids), batch, summed_response_loss, device,
+                          precision)
+
+
+def _reply_after(prompt: list[int], example: EncodedExample) -> list[int] | None:
+    """The loss tokens of `example` when they are one run right after `prompt` (the last reply, nothing
+    truncated, no loss in earlier turns); else None."""
+    n = len(prompt)
+    if example.truncated or example.input_ids[:n] != prompt or any(t != IGNORE_INDEX for t in example.labels[:n]):
+        return None
+    rest = example.labels[n:]
+    k = next((i for i, t in enumerate(rest) if t == IGNORE_INDEX), len(rest))
+    return rest[:k] if k and all(t == IGNORE_INDEX for t in rest[k:]) else None
+
+
+def generate_with_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_new_tokens: int, max_length: int,
+                       batch_size: int, device: str, precision: str = "fp32",
+                       context_turns: int = 0) -> tuple[list[str], float]:
+    """`generate` and `response_loss` in one pass over the prompts: the loss reuses generation's prompt
+    KV cache and first-step logits, so only the reply tokens run again (measured on the demo: the loss
+    forward cost as much as generation). Rows with loss before their last reply (multi-turn history) or
+    truncated ones, few-shot context turns (`context_turns`) and prompts repeated across rows (generated
+    once by `generate`) take the two separate passes."""
+    prompts = _prompt_ids(tokenizer, df, task)
+    replies = [_reply_after(p, e) for p, e in zip(prompts, _encoded(tokenizer, df, task, max_length))]
+    if (not prompts or context_turns or any(r is None for r in replies)
+            or len({tuple(p) for p in prompts}) < len(prompts)):
+        return (generate(model, tokenizer, df, task, max_new_tokens, batch_size, device, precision),
+                response_loss(model, tokenizer, df, task, max_length, batch_size, device, precision, context_turns))
+    outputs, total, count = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, device, precision, replies)
+    return outputs, total / max(1, count)
 
 
 def _without_context(tokenizer, messages: list[dict], context_turns: int, max_length: int):
@@ -146,9 +292,11 @@ def score_model(model, tokenizer, test: pd.DataFrame, spec: PipelineSpec, device
     (`context_turns`: see `response_loss`)."""
     cfg, task = spec.evaluation, spec.task
     precision = pick_precision(spec.training.precision, device)
-    raw = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision)
-    loss = (response_loss(model, tokenizer, test, task, spec.model.max_length, cfg.batch_size, device, precision,
-                          context_turns) if with_loss else float("nan"))
+    if with_loss:
+        raw, loss = generate_with_loss(model, tokenizer, test, task, cfg.max_new_tokens, spec.model.max_length,
+                                       cfg.batch_size, device, precision, context_turns)
+    else:
+        raw, loss = generate(model, tokenizer, test, task, cfg.max_new_tokens, cfg.batch_size, device, precision), float("nan")
     expected = test["response"].astype(str).tolist()
     if task.is_label_task:
         predictions = [normalise_label(r, task.labels) for r in raw]
@@ -306,9 +454,8 @@ RETENTION_MAX_NEW_TOKENS = 12
 
 def score_retention(model, tokenizer, items: pd.DataFrame, batch_size: int, device: str, precision: str) -> dict:
     """Greedy answers to the retention prompts and the mean NLL of their reference answers."""
-    plain = TaskSpec(type="instruction")
-    outputs = generate(model, tokenizer, items, plain, RETENTION_MAX_NEW_TOKENS, batch_size, device, precision)
-    nll = response_loss(model, tokenizer, items, plain, 10**6, batch_size, device, precision)
+    outputs, nll = generate_with_loss(model, tokenizer, items, TaskSpec(type="instruction"), RETENTION_MAX_NEW_TOKENS,
+                                      10**6, batch_size, device, precision)
     return {"outputs": outputs, "nll": nll}
 
 
@@ -340,6 +487,10 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
                 "precision": precision, **(cache_key or {})}
     shots = few_shot_examples(train if train is not None else rows.head(0), spec.task, cfg.few_shot_k, cfg.few_shot_seed)
     items = retention_set(cfg.retention_examples) if cfg.retention_examples else None
+    # retention scores depend on the model and the retention prompts, not on the test split or the task:
+    # a nightly run with new test rows reuses the base model's
+    kept_identity = {"items": frame_hash(items[["example_id", "prompt", "response"]]) if items is not None else None,
+                     "batch_size": cfg.batch_size, "precision": precision, **(cache_key or {})}
 
     scores: dict[str, ModelScores] = {}
     retained: dict[str, dict] = {}
@@ -361,9 +512,9 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
                               if directory is None else load_tuned_model(model_dir, directory, model_method, device))
             return loaded[0]
 
-        def cached(part: str, compute) -> dict:
+        def cached(part: str, compute, key: dict = identity) -> dict:
             # a candidate without an id is scored afresh (nothing says it is the same model next time)
-            return compute() if model_id is None else _cached(cache_dir, identity | {"model": model_id, "part": part}, compute)
+            return compute() if model_id is None else _cached(cache_dir, key | {"model": model_id, "part": part}, compute)
 
         scores[name] = ModelScores(**cached("test", lambda r=model_rows, s=model_spec, c=context_turns: vars(
             score_model(model(), tokenizer, r, s, device, context_turns=c))))
@@ -376,7 +527,8 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
             retained[name] = retained["base"]
         elif items is not None:
             retained[name] = cached(f"retention:{len(items)}",
-                                    lambda: score_retention(model(), tokenizer, items, cfg.batch_size, device, precision))
+                                    lambda: score_retention(model(), tokenizer, items, cfg.batch_size, device, precision),
+                                    kept_identity)
         loaded.clear()
     retention = None
     if items is not None:

@@ -18,6 +18,10 @@ from sft_dagster.evaluation import (
 )
 from sft_dagster.spec import PipelineSpec
 
+from preference_fixtures import one_torch_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny-model generation: a second thread only waits
+
 LABELS = ["negative", "neutral", "positive"]
 
 
@@ -174,3 +178,134 @@ def test_report_shows_the_training_techniques_a_run_used():
     md = render_markdown(report)
     assert "NEFTune: noise alpha 5.0" in md and "`{prompt}?` 5" in md and "Replay: 4 general examples" in md
     assert "read from the cache for 6" in md and "0.2500" in md
+
+
+# -- Cheaper scoring, same results (issue #12) ------------------------------------------------------------------
+
+SHOTS_AND_ROWS = pd.DataFrame({
+    "example_id": [f"r{i}" for i in range(9)],
+    "prompt": ["good", "bad one here", "so so", "broke after a day, terrible", "great screen", "okay I guess",
+               "the battery lasts long and the screen is bright", "fine", "it works"],
+    "response": [LABELS[i % 3] for i in range(9)], "system": [None] * 9,
+})
+
+
+@pytest.fixture(scope="module")
+def varied_tiny_model(tiny_model_dir):
+    """The tiny model with larger random weights: its greedy tokens change with the prompt and position
+    (at the default scale every prompt gets the same newlines), so a wrong cache or order shows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _plain_generations(model, tokenizer, df, task, max_new_tokens):
+    """One row at a time: no padding, no shared prefix, no batching."""
+    import torch
+
+    from sft_dagster.formatting import generation_prompt_ids
+    from sft_dagster.schema import column_or_none
+
+    out = []
+    for p, s, h in zip(df["prompt"], df["system"], column_or_none(df, "history")):
+        ids = generation_prompt_ids(tokenizer, p, s, task, h)
+        row = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[0]
+        out.append(tokenizer.decode(row[len(ids):], skip_special_tokens=True))
+    return out
+
+
+def test_batched_generation_after_a_shared_prefix_equals_plain_generation_in_row_order(varied_tiny_model):
+    from sft_dagster.evaluation import SharedPrefix, generate, with_few_shot
+    from sft_dagster.formatting import generation_prompt_ids
+
+    model, tokenizer = varied_tiny_model
+    task = spec().task
+    zero_shot = SHOTS_AND_ROWS.iloc[3:]  # unsorted lengths: batches are formed by length, outputs come back in order
+    few_shot = with_few_shot(zero_shot, SHOTS_AND_ROWS.head(3), task)
+    prefixes = {}
+    for name, df in {"zero-shot": zero_shot, "3-shot": few_shot}.items():
+        prompts = [generation_prompt_ids(tokenizer, p, None, task, h) for p, h in zip(df["prompt"], df["history"]
+                                                                                       if "history" in df else [None] * len(df))]
+        prefixes[name] = len(SharedPrefix(model, prompts, "cpu", "fp32"))
+        got = generate(model, tokenizer, df, task, 6, 4, "cpu")
+        assert got == _plain_generations(model, tokenizer, df, task, 6), name
+        assert len(set(got)) > len(got) // 2  # the check can tell rows apart
+    assert 0 < prefixes["zero-shot"] < prefixes["3-shot"]  # the instruction, and then the shots, are shared
+
+
+def test_response_loss_after_a_shared_prefix_equals_the_loss_row_by_row(varied_tiny_model):
+    import torch
+
+    from sft_dagster.evaluation import response_loss, with_few_shot
+    from sft_dagster.formatting import build_messages, encode_example
+    from sft_dagster.schema import column_or_none
+    from sft_dagster.training.trainer import collate, summed_response_loss
+
+    model, tokenizer = varied_tiny_model
+    task = spec().task
+    # in the few-shot rows the shots' replies carry loss too: the shared prefix must stop before them
+    for df in (SHOTS_AND_ROWS.iloc[3:], with_few_shot(SHOTS_AND_ROWS.iloc[3:], SHOTS_AND_ROWS.head(3), task)):
+        total, count = 0.0, 0
+        for p, r, h in zip(df["prompt"], df["response"], column_or_none(df, "history")):
+            encoded = encode_example(tokenizer, build_messages(p, r, None, task, h), 512)
+            with torch.no_grad():
+                loss, n = summed_response_loss(model, collate([encoded], tokenizer.pad_token_id, "cpu"))
+            total, count = total + float(loss), count + n
+        assert response_loss(model, tokenizer, df, task, 512, 4, "cpu") == pytest.approx(total / count, rel=1e-5)
+    for mode in (False, True):  # the scorer leaves the model in the mode it came in (eval: dropout stays off)
+        model.train(mode)
+        response_loss(model, tokenizer, SHOTS_AND_ROWS.head(2), task, 512, 4, "cpu")
+        assert model.training == mode
+    model.eval()
+
+
+def test_generation_and_loss_in_one_pass_equal_the_two_passes(varied_tiny_model, monkeypatch):
+    from sft_dagster import evaluation
+    from sft_dagster.evaluation import generate, generate_with_loss, response_loss, with_few_shot
+    from sft_dagster.spec import TaskSpec
+
+    model, tokenizer = varied_tiny_model
+    chat = TaskSpec(type="instruction")
+    replies = ["positive", "not good at all, it broke", "so so", "fine", "it works well enough for me", "bad"]
+    rows = SHOTS_AND_ROWS.iloc[3:].assign(response=replies)  # replies of 2 to 9 tokens
+    # one pass (the loss reuses generation's prompt cache); few-shot history carries loss: two passes
+    for df, max_new_tokens in ((rows, 5), (rows, 1), (with_few_shot(rows, SHOTS_AND_ROWS.head(2), chat), 5)):
+        separate = []  # which calls took the second pass
+        monkeypatch.setattr(evaluation, "response_loss", lambda *a, **k: separate.append(1) or response_loss(*a, **k))
+        got, loss = generate_with_loss(model, tokenizer, df, chat, max_new_tokens, 512, 4, "cpu")
+        monkeypatch.undo()
+        assert len(separate) == ("history" in df)
+        assert got == generate(model, tokenizer, df, chat, max_new_tokens, 4, "cpu")
+        assert loss == pytest.approx(response_loss(model, tokenizer, df, chat, 512, 4, "cpu"), rel=1e-5)
+
+
+def test_base_model_scores_are_reused_by_the_next_run(tiny_model_dir, tmp_path, monkeypatch):
+    """A new candidate reuses the base model's scores; new test rows reuse its retention scores."""
+    from sft_dagster import evaluation
+
+    calls = {"score_model": 0, "score_retention": 0}
+    for name in calls:
+        real = getattr(evaluation, name)
+        monkeypatch.setattr(evaluation, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1)
+                            or _real(*a, **k))
+    rows = lambda n, o: pd.DataFrame({"example_id": [f"e{i}" for i in range(o, o + n)],  # noqa: E731
+                                      "prompt": [f"good item {i}" for i in range(o, o + n)],
+                                      "response": [LABELS[i % 3] for i in range(o, o + n)], "system": [None] * n})
+    s = spec(max_new_tokens=2, few_shot_k=2, retention_examples=9)
+    run = lambda test, adapter_id: evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, test, device="cpu",  # noqa: E731
+                                                       method="full", adapter_id=adapter_id, cache_dir=tmp_path,
+                                                       train=rows(10, 100))
+    run(rows(4, 0), "a1")
+    assert calls == {"score_model": 3, "score_retention": 2}  # base zero-shot, base 2-shot, candidate; retention x2
+    run(rows(4, 0), "a2")  # a new candidate, the same test rows
+    assert calls == {"score_model": 4, "score_retention": 3}
+    run(rows(5, 0), "a3")  # new test rows: the base is scored on them again, its retention is not
+    assert calls == {"score_model": 7, "score_retention": 4}

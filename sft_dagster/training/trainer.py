@@ -220,8 +220,10 @@ def _causal_lm(model):
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 vocabulary logits, target ids) at the loss positions only, row by row in order."""
     lm = _causal_lm(model)
+    # a KV cache of tokens before these (evaluation's shared prompt prefix), under either transformers name
+    past = {name: batch[name] for name in ("cache", "past_key_values") if name in batch}
     hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+                      position_ids=batch.get("position_ids"), use_cache=False, **past).last_hidden_state
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
     return lm.lm_head(hidden[:, :-1][positions]).float(), targets[positions]
@@ -236,9 +238,11 @@ def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 @torch.no_grad()
 def mean_loss_over(model, items: list, batch_size: int, length, collate_fn, loss_fn, device: str,
                    precision: str) -> float:
-    """Summed loss / summed count of `loss_fn` over `items` in length order, in eval mode (dropout off)."""
+    """Summed loss / summed count of `loss_fn` over `items` in length order, in eval mode (dropout off);
+    the model is left in the mode it came in."""
     if not items:
         return float("nan")
+    training = model.training
     model.eval()
     total, count = 0.0, 0
     order = sorted(range(len(items)), key=lambda i: length(items[i]))
@@ -247,7 +251,7 @@ def mean_loss_over(model, items: list, batch_size: int, length, collate_fn, loss
         with autocast(device, precision):
             loss, n = loss_fn(model, batch)
         total, count = total + float(loss), count + n
-    model.train()
+    model.train(training)
     return total / max(1, count)
 
 
