@@ -246,6 +246,23 @@ def test_pair_methods_count_their_own_batch_size_in_prompts(tiny_model_dir, tmp_
                      device="cpu", log=quiet).metrics["steps"] == 1
 
 
+@pytest.mark.parametrize("train", ["dpo", "reward_model"])
+def test_pair_methods_take_their_own_learning_rate(tiny_model_dir, tmp_path, train):
+    spec = spec_for(tiny_model_dir, batch_size=1, epochs=1, learning_rate=5e-3)
+    rates = {}
+    for name, lr in (("own", 1e-3), ("training", None)):
+        seen = []
+        args = (tiny_model_dir, rankings(2), rankings(1, offset=9), tmp_path / name)
+        if train == "dpo":
+            train_dpo(spec, DPOConfig(learning_rate=lr), args[0], None, *args[1:], device="cpu", log=quiet,
+                      on_metrics=lambda m: seen.append(m["lr"]))
+        else:
+            train_reward_model(spec, RewardModelConfig(learning_rate=lr), *args, device="cpu", log=quiet,
+                               on_metrics=lambda m: seen.append(m["lr"]))
+        rates[name] = seen[0]
+    assert rates["own"] == pytest.approx(rates["training"] * 1e-3 / 5e-3)
+
+
 def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

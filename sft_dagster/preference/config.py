@@ -94,6 +94,7 @@ class DPOConfig(_Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
 
 
 class RewardModelConfig(_Strict):
@@ -104,6 +105,7 @@ class RewardModelConfig(_Strict):
     center_rewards_coefficient: float | None = Field(None, ge=0)
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
 
 
 class PPOConfig(_Strict):

@@ -114,9 +114,9 @@ def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
               val_pairs: pd.DataFrame, output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """DPO (`preference.config.DPOConfig`) from the SFT adapter (None: the base model with a new LoRA
-    adapter), with the SFT model as reference; learning rate, epochs, LoRA and seed come from
-    `spec.training`, the batch size (prompts, each with all its pairs) from `config.batch_size` or
-    `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
+    adapter), with the SFT model as reference; epochs, LoRA and seed come from `spec.training`, the
+    batch size (prompts, each with all its pairs) and learning rate from `config` where it sets them,
+    else from `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
     from ..trainer import run_training
 
     spec = pair_training_spec(spec, config)

@@ -111,8 +111,8 @@ def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs:
                        output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
                        on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
     """Train a Bradley-Terry reward model (`preference.config.RewardModelConfig`) on pairs (PAIR_COLUMNS);
-    learning rate, epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all
-    its pairs) from `config.batch_size` or `spec.training`. Saves
+    epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all its pairs) and
+    learning rate from `config` where it sets them, else from `spec.training`. Saves
     `output_dir/reward_model` (see `load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
     saved weights on `val_pairs`."""
     from ..trainer import run_training
