@@ -140,7 +140,9 @@ def test_a_prompt_model_is_scored_as_the_base_model_with_its_examples(tiny_model
     # Generation: the k-shot baseline and the candidate, and only they, answer after the prompt's examples.
     prompted = list(with_few_shot(test, pd.DataFrame(prompt["examples"]), spec.task)["history"])
     assert report["prompt_models"]["tuned"]["example_ids"] == report["few_shot"]["example_ids"]
-    assert sum(h == prompted for h in histories) == 2 and len(histories) == 3 + 1  # base, k-shot, candidate, retention
+    # (the base model's zero-shot rows and retention generate in the one pass with their loss, not through
+    # `generate`; the prompted rows take `generate`, one generation per distinct prompt)
+    assert sum(h == prompted for h in histories) == 2 and len(histories) == 2  # k-shot, candidate
     # Loss: over the test replies only, after the examples; not the zero-shot loss.
     expected = reference_loss(tiny_model_dir, prompt, test.sort_values("example_id"))
     assert report["tuned"]["loss"] == pytest.approx(expected, rel=1e-4)
