@@ -36,10 +36,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _timed(fn):
-    start = time.perf_counter()
-    value = fn()
-    return value, round(time.perf_counter() - start, 2)
+class Clock:
+    """Wall and CPU seconds per part (CPU: this process, all threads; with one thread it is what the part
+    costs one core, however loaded the machine is)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    def __call__(self, part: str, fn):
+        wall, cpu = time.perf_counter(), time.process_time()
+        value = fn()
+        self.seconds[part] = round(time.perf_counter() - wall, 2)
+        self.cpu_seconds[part] = round(time.process_time() - cpu, 2)
+        return value
 
 
 def worker(args) -> dict:
@@ -76,32 +86,34 @@ def worker(args) -> dict:
     else:
         model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
     task, plain = spec.task, TaskSpec(type="instruction")
-    seconds, outputs = {}, {}
+    clock, outputs = Clock(), {}
     # what `evaluate` runs, call by call
-    scores, seconds["zero_shot"] = _timed(lambda: ev.score_model(model, tokenizer, rows, spec, device))
+    scores = clock("zero_shot", lambda: ev.score_model(model, tokenizer, rows, spec, device))
     outputs["zero_shot"] = {"raw": scores.raw_outputs, "loss": scores.loss}
     if args.model == "base" and len(shots):
         prompted = ev.with_few_shot(rows, shots, task)
-        few, seconds["few_shot"] = _timed(lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False))
+        few = clock("few_shot", lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False))
         outputs["few_shot"] = {"raw": few.raw_outputs}
     if len(items):
-        kept, seconds["retention"] = _timed(lambda: ev.score_retention(model, tokenizer, items, cfg.batch_size, device,
+        kept = clock("retention", lambda: ev.score_retention(model, tokenizer, items, cfg.batch_size, device,
                                                                        precision))
         outputs["retention"] = {"raw": kept["outputs"], "loss": kept["nll"]}
-    seconds["total"] = round(sum(seconds.values()), 2)
+    for measure in (clock.seconds, clock.cpu_seconds):
+        measure["total"] = round(sum(measure.values()), 2)
     if args.halves:  # generation and loss each on its own (the loss's forward, where a checkout shares it, runs again)
-        _, seconds["zero_shot_generate"] = _timed(lambda: ev.generate(model, tokenizer, rows, task, cfg.max_new_tokens,
+        clock("zero_shot_generate", lambda: ev.generate(model, tokenizer, rows, task, cfg.max_new_tokens,
                                                                      cfg.batch_size, device, precision))
-        _, seconds["zero_shot_loss"] = _timed(lambda: ev.response_loss(model, tokenizer, rows, task, spec.model.max_length,
+        clock("zero_shot_loss", lambda: ev.response_loss(model, tokenizer, rows, task, spec.model.max_length,
                                                                       cfg.batch_size, device, precision))
         if len(items):
-            _, seconds["retention_generate"] = _timed(lambda: ev.generate(model, tokenizer, items, plain,
+            clock("retention_generate", lambda: ev.generate(model, tokenizer, items, plain,
                                                                          ev.RETENTION_MAX_NEW_TOKENS, cfg.batch_size,
                                                                          device, precision))
-            _, seconds["retention_nll"] = _timed(lambda: ev.response_loss(model, tokenizer, items, plain, 10**6,
+            clock("retention_nll", lambda: ev.response_loss(model, tokenizer, items, plain, 10**6,
                                                                          cfg.batch_size, device, precision))
     return {"source": ev.__file__, "model": args.model, "load": [load_start[0], os.getloadavg()[0]], "n_test": len(rows), "n_retention": len(items), "k": len(shots),
-            "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "seconds": seconds, "outputs": outputs}
+            "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "seconds": clock.seconds,
+            "cpu_seconds": clock.cpu_seconds, "outputs": outputs}
 
 
 def _compare(a: dict, b: dict) -> dict:
@@ -157,7 +169,8 @@ def main() -> int:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             if args.out:
                 Path(args.out).with_suffix(f".worker{i}_{model}.json").write_text(json.dumps(result) + "\n")
-            print(json.dumps({"source": src, "model": model, "seconds": result["seconds"], "load": result["load"]}),
+            print(json.dumps({"source": src, "model": model, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
+                              "load": result["load"]}),
                   file=sys.stderr)
             runs[src][model].append(result)
     report = {
@@ -168,6 +181,8 @@ def main() -> int:
         "k": runs[args.src[0]]["base"][0]["k"],
         "seconds": {src: {m: {part: [r["seconds"][part] for r in rs] for part in rs[0]["seconds"]} for m, rs in by.items()}
                     for src, by in runs.items()},
+        "cpu_seconds": {src: {m: {part: [r["cpu_seconds"][part] for r in rs] for part in rs[0]["cpu_seconds"]}
+                            for m, rs in by.items()} for src, by in runs.items()},
         "load_average_per_worker": {src: {m: [r["load"] for r in rs] for m, rs in by.items()} for src, by in runs.items()},
     }
     if len(args.src) == 2:
