@@ -16,9 +16,11 @@ of the pairs:
   whose row in `preference.prompts` gives the answer (imported pairs' prompts have none);
 - `vs_sft`: each measure's mean change from SFT over prompts with a 95% bootstrap interval over prompts.
 
-Why sampled replies: on the demo, the greedy reply of the SFT model was already short and confident
-for every held-out prompt (rule style 1.0, BENCHMARKS.md), so a greedy-only report could not show a
-policy moving away from the hedged and long-winded replies SFT still produces when it samples.
+Why sampled replies: a policy is a distribution; its greedy reply is one point of it. In the first
+version of the demo every greedy SFT reply already followed the style part of the rule while 7% of its
+sampled replies did not (BENCHMARKS.md), and a greedy-only report on 13 prompts moves in steps of 1/13.
+The seeded, shared draws make the policies' differences paired (sample k of a prompt differs between
+two policies only where their distributions do), and the bootstrap over prompts says how sure a change is.
 """
 
 from __future__ import annotations
