@@ -166,12 +166,17 @@ def main() -> None:
     test_rows = test_all[test_all["category"].isin(intents)].reset_index(drop=True)
     model_dir = args.model_dir or resolve_base_model(ModelSpec(), args.storage / "models").path
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    runs = [run_seed(seed, args, model_dir, train_rows, test_rows, intents) for seed in args.seeds]
-    result = {"started": started, "intents": intents, "noise": args.noise, "features": args.features,
-              "ensemble": args.ensemble, "relabel_min_confidence": args.relabel_min_confidence, "epochs": args.epochs,
-              "max_steps": args.max_steps, "lr": args.lr, "test_rows": min(args.test_rows, len(test_rows)), "runs": runs,
-              "summary": summarise(runs, args.policies)}
-    print(write(result, args.out))
+    runs: list = []
+    for seed in args.seeds:
+        runs.append(run_seed(seed, args, model_dir, train_rows, test_rows, intents))
+        # Written after every seed: a run of ~10 minutes per seed that is stopped keeps what it measured.
+        result = {"started": started, "intents": intents, "noise": args.noise, "features": args.features,
+                  "ensemble": args.ensemble, "relabel_min_confidence": args.relabel_min_confidence,
+                  "epochs": args.epochs, "max_steps": args.max_steps, "lr": args.lr,
+                  "test_rows": min(args.test_rows, len(test_rows)), 
+                  "runs": runs, "summary": summarise(runs, args.policies)}
+        text = write(result, args.out)
+    print(text)
 
 
 if __name__ == "__main__":
