@@ -53,9 +53,11 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
     tuned = report["tuned"]
     champion = report.get("champion")
     if report.get("candidate_is_champion"):
+        what = (f"the current champion {report.get('champion_version')} is the {report['champion_tuned_from_candidate']} "
+                "policy tuned from this candidate" if report.get("champion_tuned_from_candidate") else
+                f"the candidate is the current champion {report.get('champion_version')} (same lineage)")
         return {"promote": True, "compared_with": f"champion {report.get('champion_version')}", "metric": metric,
-                "reason": f"the candidate is the current champion {report.get('champion_version')} (same lineage): "
-                          "nothing new to promote"}
+                "reason": f"{what}: nothing new to promote"}
     if report.get("champion_error"):
         return {"promote": False, "compared_with": "champion", "metric": metric,
                 "reason": f"the current champion could not be scored: {report['champion_error']}"}
@@ -101,6 +103,12 @@ def latest_version(pipeline_dir: Path) -> Path | None:
     if pointer.exists():
         return pipeline_dir / pointer.read_text().strip()
     return None
+
+
+def tuned_from(lineage: dict, adapter_lineage_hash: str) -> bool:
+    """Whether the promoted model with this lineage is a preference-tuned policy (DPO, PPO) trained from the
+    SFT adapter with that lineage hash (its lineage's `sft_adapter`)."""
+    return lineage.get("sft_adapter") == adapter_lineage_hash
 
 
 def champion(pipeline_dir: Path) -> dict | None:
@@ -208,9 +216,11 @@ def promote(adapter_dir: Path, registry_dir: Path, report: dict, lineage: dict, 
     (the new champion)."""
     registry_dir.mkdir(parents=True, exist_ok=True)
     existing = _versions(registry_dir)
-    # Promoting the same adapter twice (same lineage) is a no-op: return the existing version.
+    # Promoting the same adapter twice (same lineage) is a no-op: return the existing version. So is
+    # promoting an SFT adapter whose preference-tuned policy is the champion: the champion is its successor.
     if (current := latest_version(registry_dir)) is not None and (current / "lineage.json").exists():
-        if json.loads((current / "lineage.json").read_text()) == lineage:
+        current_lineage = json.loads((current / "lineage.json").read_text())
+        if current_lineage == lineage or tuned_from(current_lineage, lineage_hash_of(lineage)):
             return current
     version = f"v{(existing[-1] + 1) if existing else 1}"
     promoted_at = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -230,10 +230,12 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
     decision = report["promotion"]
     assert decision["candidate_policy"] == "dpo" and decision["promote"] and decision["required_gain"] == -1.0
 
-    # The DPO adapter became the pipeline's champion, after SFT's own v1.
+    # The DPO adapter became the pipeline's champion, after SFT's own v1 (preference_promoted_model runs
+    # after promoted_model: the asset graph's snapshot holds that dependency).
     promoted = metadata(instance, spec, "preference_promoted_model")
     lineage = json.loads((Path(promoted["path"]) / "lineage.json").read_text())
     assert lineage["preference_method"] == "dpo" and lineage["sft_adapter"]
+    assert metadata(instance, spec, "promoted_model")["version"] == "v1" and promoted["version"] == "v2"
     assert (storage / "registry" / spec.name / "LATEST").read_text().strip() == promoted["version"]
 
     # The CLI's run summary shows the preference outcome beside SFT's.
@@ -247,8 +249,14 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
 
     report_file = storage / spec.name / "preference" / "report" / "preference_report.json"
     first_bytes = report_file.read_bytes()
-    again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy", "preference_report"])
+    again = run(defs, spec, instance, ["reward_model", "dpo_adapter", "ppo_policy", "preference_report",
+                                       "evaluation_report", "promoted_model", "preference_promoted_model"])
     assert again.success
+    # The SFT adapter does not challenge the policy tuned from it, nor take LATEST back: no new version.
+    assert check_results(again)["evaluation_report:beats_champion"]
+    assert metadata(instance, spec, "promoted_model")["version"] == promoted["version"] == "v2"
+    assert metadata(instance, spec, "preference_promoted_model")["version"] == "v2"
+    assert sorted(p.name for p in (storage / "registry" / spec.name).glob("v*")) == ["v1", "v2"]
     for stage in ("reward_model", "dpo_adapter", "ppo_policy"):
         assert metadata(instance, spec, stage)["skipped_training"] is True
     # Unchanged inputs: the report is read back, not recomputed; a changed report setting recomputes it.

@@ -85,3 +85,26 @@ def test_a_negative_required_gain_is_worded_as_an_allowed_drop():
     assert "required" not in within["reason"] + outside["reason"]
     # a required gain keeps its wording
     assert "by the required +0.0500" in promotion_decision(report(0.5, 0.6), "accuracy", 0.05)["reason"]
+
+
+def test_a_policy_tuned_from_the_adapter_stays_champion(tmp_path):
+    """SFT v1, then the DPO policy tuned from it v2: promoting the same SFT adapter again (a later run, or
+    the same run in the other order) leaves the registry on the policy instead of flipping back to SFT."""
+    from sft_dagster.schema import lineage_hash_of
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    registry = tmp_path / "registry" / "demo"
+    ok = {"promote": True, "reason": "ok"}
+    sft = {"training_data_hash": "a"}
+    assert promote(adapter, registry, report(0.4, 0.8), sft, ok).name == "v1"
+    dpo = {"training_data_hash": "a", "preference_method": "dpo", "sft_adapter": lineage_hash_of(sft)}
+    assert promote(adapter, registry, report(0.4, 0.8), dpo, ok).name == "v2"
+    assert promote(adapter, registry, report(0.4, 0.8), sft, ok).name == "v2"
+    assert latest_version(registry).name == "v2" and not (registry / "v3").exists()
+    # A policy tuned from another adapter does not shield this one: a new SFT adapter is a new version.
+    assert promote(adapter, registry, report(0.4, 0.9), {"training_data_hash": "b"}, ok).name == "v3"
+    decision = promotion_decision(champion_report({"accuracy": 0.8, "loss": 1.0}, None) | {
+        "candidate_is_champion": True, "champion_version": "v2", "champion_tuned_from_candidate": "dpo"}, "accuracy", 0.05)
+    assert decision["promote"] and "v2 is the dpo policy tuned from this candidate" in decision["reason"]

@@ -38,6 +38,11 @@ def _champion(spec, storage: SFTStorage, base_model: dict, adapter: dict) -> tup
         return None, {}
     if current["lineage"] == adapter["lineage"]:
         return None, {"candidate_is_champion": True, "champion_version": current["version"]}
+    if registry.tuned_from(current["lineage"], adapter["lineage_hash"]):
+        # A DPO/PPO policy tuned from this very adapter was promoted after it: the adapter is not challenging
+        # its own successor (which would fail every nightly run, or flip the registry back and forth).
+        return None, {"candidate_is_champion": True, "champion_version": current["version"],
+                      "champion_tuned_from_candidate": current["lineage"].get("preference_method", "preference")}
     if current["base_model_hash"] != base_model["model_hash"]:
         return None, {"champion_version": current["version"],
                       "champion_error": f"{current['version']} was trained on base model {current['base_model_hash']}, "

@@ -419,10 +419,16 @@ def build(p: PipelineDefs) -> None:
     p.assets.append(preference_report)
 
     if candidate:
+        # After SFT's own promotion (`deps`, no data): the policy is tuned from the SFT adapter, so within one
+        # run the registry takes SFT's version first and the policy's last (LATEST ends on the policy); and
+        # when SFT's promotion gate fails, the policy tuned from that adapter is not promoted either (it was
+        # never compared with the champion the adapter lost to).
         @dg.asset(**p.asset_args("preference_promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
                                  io_manager_key=JSON_IO, ins=p.ins("preference_report", policy_assets[candidate]),
+                                 deps=[K("promoted_model")],
                                  description=f"The {candidate} policy copied with its model card into the pipeline's registry "
-                                             "(the new champion), only when it keeps the SFT task metric."))
+                                             "(the new champion), only when it keeps the SFT task metric and after "
+                                             "SFT's promoted_model."))
         def preference_promoted_model(context: dg.AssetExecutionContext, storage: SFTStorage, preference_report: dict,
                                       **policy) -> dg.Output[dict]:
             require_checks_passed(context, [*p.preference_blocking_checks, p.check_key("preference_report", PROMOTION_CHECK)])
