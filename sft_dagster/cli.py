@@ -119,11 +119,15 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     preference = {}
     if spec.preference is not None:
         pref = {n: _latest_metadata(instance, key(n)) if n in materialized else {}
-                for n in ("preference_pairs", "reward_model", "preference_report", "preference_promoted_model")}
+                for n in ("preference_pairs", "preference_quarantine", "reward_model", "preference_report",
+                          "preference_promoted_model")}
         report_file = pref["preference_report"].get("report_path")
         report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
         preference = {"pairs_kept": pref["preference_pairs"].get("pairs_kept"),
                       "pairs_quarantined": pref["preference_pairs"].get("pairs_quarantined"),
+                      # every record removed: pairs failing a gate, and rankings / imported rows that never
+                      # became pairs (unreadable, a side missing)
+                      "records_quarantined": pref["preference_quarantine"].get("dagster/row_count"),
                       "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
                       "policies": report.get("policies"), "vs_sft": report.get("vs_sft"),
                       "promotion": report.get("promotion"), "report": report_file,
@@ -173,6 +177,10 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     }
 
 
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def _print_summary(s: dict) -> None:
     rows = s["rows"]
     print(f"\n== {s['pipeline']}: run {s['run_id'][:8]} {'succeeded' if s['success'] else 'FAILED'} ==")
@@ -217,8 +225,10 @@ def _print_summary(s: dict) -> None:
             print(f"{name}: {path}")
     pref = s.get("preference") or {}
     if pref.get("pairs_kept") is not None:
-        print(f"preference pairs: {pref['pairs_kept']} kept, {pref['pairs_quarantined']} quarantined; reward model "
-              f"pairwise accuracy {pref['reward_model_pairwise_accuracy']}")
+        unread = (pref.get("records_quarantined") or 0) - (pref["pairs_quarantined"] or 0)
+        print(f"preference pairs: {pref['pairs_kept']} kept, {pref['pairs_quarantined']} quarantined by the pair gates"
+              + (f", {unread} rankings or imported rows quarantined before pairing" if unread > 0 else "")
+              + f"; reward model pairwise accuracy {_fmt(pref['reward_model_pairwise_accuracy'])}")
     for name, row in (pref.get("policies") or {}).items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)))
     for name, measures in (pref.get("vs_sft") or {}).items():

@@ -243,6 +243,9 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
                           stage_names(defs.resolve_job_def(f"{spec.name}_job")))
     pref = summary["preference"]
     assert pref["pairs_kept"] == len(pd.read_parquet(storage / spec.name / "tables" / "preference_pairs.parquet"))
+    quarantine = pd.read_parquet(storage / spec.name / "tables" / "preference_quarantine.parquet")
+    # The demo data plants an unreadable rankings line and a pair with a side missing: they are counted too.
+    assert pref["records_quarantined"] == len(quarantine) > pref["pairs_quarantined"] > 0
     assert pref["reward_model_pairwise_accuracy"] == reward["pairwise_accuracy"]
     assert pref["policies"] == report["policies"] and pref["registry"] == promoted["path"]
     assert pref["vs_sft"] == report["vs_sft"]
