@@ -274,3 +274,20 @@ def test_preference_graph_end_to_end_trains_reports_and_promotes(tmp_path, tiny_
     recomputed = metadata(instance, changed, "preference_report")
     assert recomputed["skipped_report"] is False and recomputed["inputs_hash"] != kept["inputs_hash"]
     assert json.loads(report_file.read_text())["sampling"]["samples_per_prompt"] == 2
+
+
+def test_a_policy_is_not_promoted_when_its_sft_adapter_lost_the_promotion_gate(tmp_path, tiny_model_dir, instance):
+    """preference_promoted_model runs after promoted_model: when SFT's blocking `beats_champion` fails
+    (here an impossible required gain), the DPO policy tuned from that adapter is trained and reported but
+    not promoted, though its own `keeps_task_metric` check passes."""
+    spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
+        "promotion.min_improvement": 2.0, "preference.train": ["dpo"], "preference.min_reward_accuracy": 0.0,
+        "preference.promotion.max_task_metric_drop": 1.0}))
+    storage = tmp_path / "store"
+    defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
+    result = run(defs, spec, instance)
+    checks = check_results(result)
+    assert checks["evaluation_report:beats_champion"] is False and checks["preference_report:keeps_task_metric"] is True
+    assert {"dpo_adapter", "preference_report"} <= materialized(result)
+    assert not {"promoted_model", "preference_promoted_model"} & materialized(result)
+    assert not list((storage / "registry" / spec.name).glob("v*"))
