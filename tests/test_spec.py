@@ -25,6 +25,12 @@ def write(tmp_path: Path, text: str, name: str = "spec.yaml") -> Path:
 def test_every_shipped_spec_loads():
     specs = load_specs(ROOT / "assets")
     assert "demo_sentiment" in [s.name for s in specs]
+    # The examples on the shared data sets (not run in CI: the data lives outside the repository).
+    examples = {s.name: s for s in load_specs(ROOT / "examples")}
+    assert {"banking77", "gsm8k", "multitask_support"} <= set(examples)
+    mixed = examples["multitask_support"]
+    assert [t.name for t in mixed.tasks] == ["intents"] and len(mixed.tasks[0].task.labels) == 77
+    assert mixed.mixing.strategy == "temperature"
 
 
 def test_defaults_and_relative_paths(tmp_path):
