@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from sft_dagster.quality import load_suite, run_suite
-from sft_dagster.quality.pii import find_pii, mask_pii
+from sft_dagster.quality.pii import find_pii, mask_pii, pii_kinds
 
 from test_quality_checks import ROOT, TASK, frame  # noqa: E402
 
@@ -67,3 +67,14 @@ def test_previews_mask_pii_before_cutting_cells_and_handle_missing_values():
     assert f"{long_prefix} write" in shown
     assert preview(df.head(0)).value == "_no rows_"
     assert "off" in preview(df, enabled=False).value and "write" not in preview(df, enabled=False).value
+
+
+def test_a_large_scan_in_worker_processes_equals_the_scan_in_process():
+    """pii_kinds splits many texts over spawned workers: the same kinds, in the same order, as one process
+    (here forced from 9 texts on, with 2 workers and an uneven last chunk)."""
+    texts = ["call +44 20 7946 0958 now", "order 123456789 arrived", "mail me at a.b@example.com",
+             "card 4111 1111 1111 1111", "", "2 + 2 = 4", "ring (212) 555-0143 or x@y.org", "nothing here",
+             "Tel 020 7946 0958"] * 3
+    serial = pii_kinds(texts, workers=1)
+    assert serial[:4] == ["phone", "", "email", "card_number"] and serial[6] == "email,phone"
+    assert pii_kinds(texts, workers=2, min_texts=9) == serial

@@ -15,7 +15,7 @@ import pandas as pd
 
 from .. import atomic
 from ..spec import TaskSpec
-from .pii import DEFAULT_REGIONS, find_pii, mask_pii
+from .pii import DEFAULT_REGIONS, mask_pii, pii_kinds
 from .suite import CheckEntry, Suite, build_expectation
 
 FAILING_ROWS_SHOWN = 20
@@ -160,8 +160,9 @@ def run_sft_check(entry: CheckEntry, df: pd.DataFrame, task: TaskSpec, token_len
     if kind == "pii":
         # The values found never leave this function: failing rows show the kinds and the text masked.
         regions = tuple(kw.get("regions", DEFAULT_REGIONS))
-        text = df[_scanned_columns(entry, df)].fillna("").astype(str).agg(" ".join, axis=1)
-        kinds = text.map(lambda t: ",".join(sorted({f.kind for f in find_pii(t, regions)})))
+        columns = [df[c].fillna("").astype(str) for c in _scanned_columns(entry, df)]
+        text = columns[0].str.cat(columns[1:], sep=" ") if len(columns) > 1 else columns[0]
+        kinds = pd.Series(pii_kinds(text.tolist(), regions), index=text.index, dtype=object)
         failing = kinds.ne("")
         shown = df.assign(pii_found=kinds, masked_text=text[failing].map(lambda t: mask_pii(t, regions)))
         by_kind = kinds[failing].str.split(",").explode().value_counts()

@@ -18,8 +18,11 @@ what reaches Dagster's event log (previews, failing rows, reports) never carries
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from multiprocessing import get_context
 
 import phonenumbers
 
@@ -107,3 +110,29 @@ def mask_pii(text: str, regions: tuple[str, ...] | list[str] = DEFAULT_REGIONS) 
         out += [text[last:f.start], f"[{f.kind}]"]
         last = f.end
     return "".join(out) + text[last:]
+
+
+# Below this many texts the scan runs in this process. Measured (BENCHMARKS.md, "Data-quality gate"):
+# with a 9-digit order number in every row, libphonenumber's matcher takes ~0.27 ms a row per region,
+# ~27 s of the 100k-row gate on one core; starting a spawned worker costs about 1 s.
+PARALLEL_MIN_TEXTS = 20_000
+
+
+def _kinds(texts: list[str], regions: tuple[str, ...]) -> list[str]:
+    return [",".join(sorted({f.kind for f in find_pii(t, regions)})) for t in texts]
+
+
+def pii_kinds(texts: list[str], regions: tuple[str, ...] | list[str] = DEFAULT_REGIONS,
+              workers: int | None = None, min_texts: int = PARALLEL_MIN_TEXTS) -> list[str]:
+    """For each text, the kinds found in it, comma-separated and sorted ("" when none). From `min_texts`
+    texts on, the texts are scanned in contiguous chunks by one spawned process per usable CPU (`workers`,
+    default the CPUs this process may run on): the same results in the same order."""
+    regions = tuple(regions)
+    workers = workers or len(os.sched_getaffinity(0))
+    if workers < 2 or len(texts) < min_texts:
+        return _kinds(texts, regions)
+    size = -(-len(texts) // workers)
+    chunks = [texts[i:i + size] for i in range(0, len(texts), size)]
+    with ProcessPoolExecutor(len(chunks), mp_context=get_context("spawn")) as pool:
+        parts = pool.map(_kinds, chunks, [regions] * len(chunks))
+        return [kinds for part in parts for kinds in part]
