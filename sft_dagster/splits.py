@@ -29,9 +29,26 @@ def unit_hash(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def normalized_text(values: pd.Series, ignore_digits: bool = False) -> pd.Series:
+    """Case, punctuation and whitespace folded away: the key of the near-duplicate and leakage checks."""
+    text = values.fillna("").astype(str).str.lower()
+    if ignore_digits:
+        text = text.str.replace(r"\d+", "0", regex=True)
+    return text.str.replace(r"[\W_]+", " ", regex=True).str.strip()
+
+
 def assign_splits(df: pd.DataFrame, cfg: SplitSpec) -> pd.DataFrame:
-    """`df` with a `split` column added (no rows removed)."""
-    u = np.fromiter((unit_hash(split_key(p), cfg.seed) for p in df["prompt"]), dtype=float, count=len(df))
+    """`df` with a `split` column added (no rows removed).
+
+    Prompts that the leakage check counts as the same text (`normalized_text`: punctuation folded too)
+    share a split: each takes the split of its group's smallest `split_key`, so a prompt with no such
+    twin keeps the split of its own key. Keyed by `split_key` alone, "My card is lost." and "my card is
+    lost" could land in train and test, and `no_split_leakage` would then block a run that curation
+    cannot repair (found on Banking77)."""
+    keys = df["prompt"].map(split_key)
+    group = normalized_text(df["prompt"])
+    keys = keys.groupby(group.where(group.str.len() > 0, keys), sort=False).transform("min")
+    u = np.fromiter((unit_hash(k, cfg.seed) for k in keys), dtype=float, count=len(df))
     split = np.where(u < cfg.test, "test", np.where(u < cfg.test + cfg.validation, "validation", "train"))
     return df.assign(split=pd.Series(split, index=df.index, dtype="string"))
 

@@ -41,6 +41,31 @@ def test_same_prompt_shares_a_split_and_seed_changes_split():
     assert sum(summary["rows"].values()) == 400
 
 
+def test_prompts_the_leakage_check_calls_equal_share_a_split_whatever_their_punctuation():
+    """Every punctuation variant of a prompt lands in one split (the leakage check folds punctuation), so
+    `no_split_leakage` passes on the splits; prompts without such a twin keep the split of their own key."""
+    from sft_dagster.quality.checks import run_sft_check
+    from sft_dagster.quality.suite import CheckEntry
+    from sft_dagster.spec import TaskSpec
+    from sft_dagster.splits import split_key, unit_hash
+
+    df = frame(600)
+    variants = ["My card is lost!", "my card, is lost", "My card is lost?", "MY-CARD IS LOST", "my_card is lost."]
+    for i, text in enumerate(variants):
+        df.loc[i, "prompt"] = text
+    cfg = SplitSpec(validation=0.1, test=0.2, seed=0)
+    split = assign_splits(df, cfg)["split"]
+    assert split[: len(variants)].nunique() == 1
+    # Without the grouping these variants fall into different splits: the test would mean nothing otherwise.
+    own = [unit_hash(split_key(t), cfg.seed) for t in variants]
+    assert len({"test" if u < 0.2 else "validation" if u < 0.3 else "train" for u in own}) > 1
+    alone = assign_splits(frame(600).iloc[len(variants):], cfg)["split"]
+    assert (split[len(variants):] == alone).all()
+    entry = CheckEntry(name="no_split_leakage", sft_check="split_leakage", kwargs={"column": "prompt"}, blocking=True)
+    leak = run_sft_check(entry, split.to_frame().join(df), TaskSpec(type="instruction"), None, None)
+    assert leak.passed and not leak.failing_ids
+
+
 def test_curation_accounts_for_every_row_and_never_cleans_test():
     df = frame(300)
     df.loc[5, ["content_hash"]] = df.loc[4, "content_hash"]  # exact duplicate of row 4

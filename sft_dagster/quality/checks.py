@@ -15,6 +15,7 @@ import pandas as pd
 
 from .. import atomic
 from ..spec import TaskSpec
+from ..splits import normalized_text  # the leakage check and the splits group prompts by the same key
 from .pii import DEFAULT_REGIONS, mask_pii, pii_kinds
 from .suite import CheckEntry, Suite, build_expectation
 
@@ -31,14 +32,6 @@ class CheckOutcome:
     metadata: dict = field(default_factory=dict)
     failing_ids: list[str] = field(default_factory=list)
     failing_rows: pd.DataFrame = field(default_factory=pd.DataFrame)
-
-
-def normalized_text(values: pd.Series, ignore_digits: bool = False) -> pd.Series:
-    """Case, punctuation and whitespace folded away: the key of the near-duplicate and leakage checks."""
-    text = values.fillna("").astype(str).str.lower()
-    if ignore_digits:
-        text = text.str.replace(r"\d+", "0", regex=True)
-    return text.str.replace(r"[\W_]+", " ", regex=True).str.strip()
 
 
 def _split_frame(df: pd.DataFrame, splits: pd.DataFrame | None) -> pd.Series | None:
