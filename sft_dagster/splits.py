@@ -2,8 +2,9 @@
 
 Each example's split is a pure function of its normalised prompt text and the spec's seed: a hash
 mapped to [0, 1) and cut at fixed thresholds. Adding data therefore never moves an existing example
-to another split (the test set stays the test set), and examples with the same prompt (duplicates,
-conflicting labels) always share a split, so none leaks across. Label proportions per split match
+to another split (the test set stays the test set), and examples whose prompts the leakage check
+counts as the same text (case, spacing and punctuation folded: duplicates, conflicting labels) always
+share a split, so none leaks across. Label proportions per split match
 the whole set in expectation; the stage reports them so a skew is visible.
 """
 
