@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import prompt_model
-from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, generation_prompt_ids
+from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, generation_prompt_ids, pad_id
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import MAIN_TASK, PipelineSpec, TaskSpec
@@ -133,16 +133,12 @@ def _encoded(tokenizer, df: pd.DataFrame, task: TaskSpec, max_length: int) -> li
             for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 @torch.no_grad()
 def _generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int, device: str,
               precision: str, replies: list[list[int]] | None = None) -> tuple[list[str], float, int]:
     """Greedy generations in the prompts' order; with `replies`, also the summed cross-entropy of each
     row's reply given its prompt and the number of reply tokens (`_reply_loss`)."""
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     prefix = SharedPrefix(model, prompts, device, precision)
     outputs: list[str] = [""] * len(prompts)
     total, count = 0.0, 0
@@ -227,7 +223,7 @@ def response_loss(model, tokenizer, df: pd.DataFrame, task: TaskSpec, max_length
     encoded = _encoded(tokenizer, df, task, max_length) if not context_turns else [
         _without_context(tokenizer, build_messages(p, r, s, task, h), context_turns, max_length)
         for p, r, s, h in zip(df["prompt"], df["response"], df["system"], column_or_none(df, "history"))]
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     # labels[i] is the target of position i - 1: the prefix's last position must predict no loss token
     first_loss = min((next((i for i, t in enumerate(e.labels) if t != IGNORE_INDEX), len(e.labels)) for e in encoded),
                      default=0)

@@ -64,6 +64,11 @@ def _ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[i
     return list(out)
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def encode_example(tokenizer, messages: list[dict], max_length: int) -> EncodedExample:
     """Token ids of the whole conversation and labels that are IGNORE_INDEX outside the assistant turns."""
     if not messages or messages[-1]["role"] != "assistant":

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..formatting import generation_prompt_ids
+from ..formatting import generation_prompt_ids, pad_id
 from ..schema import column_or_none, quarantine_rows
 from ..spec import TaskSpec
 from ..training.trainer import autocast, pick_device, pick_precision
@@ -76,7 +76,7 @@ def sample_continuations(model, tokenizer, prompts: list[list[int]], seeds: list
 
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     eos = tokenizer.eos_token_id
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                               **({"min_new_tokens": min_new_tokens} if min_new_tokens else {}))

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, pad_id
 from ..spec import TaskSpec
 from ..training.trainer import _causal_lm, collate
 
@@ -279,7 +279,7 @@ def load_reward_model(model_dir: str | Path, device: str = "cpu", seed: int = 0)
     from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point here, not a problem
     try:

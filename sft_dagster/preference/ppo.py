@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-from ..formatting import IGNORE_INDEX, EncodedExample, generation_prompt_ids
+from ..formatting import IGNORE_INDEX, EncodedExample, generation_prompt_ids, pad_id
 from ..schema import column_or_none
 from ..spec import TaskSpec
 from ..training.trainer import _causal_lm, collate
@@ -208,7 +208,7 @@ def rollout(policy, value_head: ValueHead, tokenizer, prompt_ids: list[list[int]
     eos = tokenizer.eos_token_id
     responses = [tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=True) for ids, _ in samples]
     examples = [EncodedExample(p + ids, [IGNORE_INDEX] * len(p) + ids, False) for p, (ids, _) in zip(prompt_ids, samples)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     batch = collate(examples, pad, device)
     scores = torch.tensor([float(s) for s in reward_fn(prompt_texts, responses)], device=device)
     if scores.shape != (len(prompt_ids),):
@@ -334,7 +334,7 @@ def reward_model_fn(reward_model, tokenizer, task: TaskSpec, max_length: int, de
     from ..formatting import build_messages, encode_example
     from .losses import reward_input, reward_scores
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
 
     @torch.no_grad()
     def score(prompts: list[str], responses: list[str]) -> list[float]:

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from .. import evaluation
+from ..formatting import pad_id
 from ..spec import PipelineSpec
 from .demo_data import RULE_PARTS, rule_parts, rule_satisfaction
 from .losses import collate_pair_groups, encode_pairs, group_pairs, pair_sides, pairwise_accuracy, sequence_logprobs
@@ -57,7 +58,7 @@ def logprob_accuracy(model, tokenizer, pairs: pd.DataFrame, spec: PipelineSpec, 
     """Share of pairs whose chosen reply has the higher sequence log-probability under `model` (each
     distinct reply of a prompt scored once, `losses.group_pairs`)."""
     groups = group_pairs(encode_pairs(tokenizer, pairs, spec.task, spec.model.max_length))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     chosen, rejected = [], []
     for start in range(0, len(groups), batch_size):
         batch = collate_pair_groups(groups[start : start + batch_size], pad, device)

@@ -128,7 +128,7 @@ def pii_kinds(texts: list[str], regions: tuple[str, ...] | list[str] = DEFAULT_R
     texts on, the texts are scanned in contiguous chunks by one spawned process per usable CPU (`workers`,
     default the CPUs this process may run on): the same results in the same order."""
     regions = tuple(regions)
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if workers < 2 or len(texts) < min_texts:
         return _kinds(texts, regions)
     size = -(-len(texts) // workers)

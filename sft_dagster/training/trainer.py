@@ -28,6 +28,7 @@ import torch
 
 from .. import atomic
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example
+from ..formatting import pad_id as pad_id_of
 from ..schema import column_or_none
 from ..spec import PipelineSpec, TaskSpec
 from . import augment
@@ -512,7 +513,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     train_set = method.encode_train(tokenizer, train_data)
     val_set = method.encode(tokenizer, val_data)
     if not train_set:
@@ -673,7 +674,7 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     device = pick_device(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     encoded = encode_frame(tokenizer, train_df, spec, augment.row_tasks(train_df, spec, tasks))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     choice = resolve_precision(spec, model_dir, device, encoded, pad_id, probe_cache)
     n_tokens = sum(len(e.input_ids) for e in encoded)
     steps = optimizer_steps(len(encoded), spec)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ...formatting import IGNORE_INDEX, EncodedExample
+from ...formatting import pad_id as pad_id_of
 from .. import augment, trainer
 from ..distill import Distiller
 from .base import TrainingMethod
@@ -45,7 +46,7 @@ class SFTMethod(TrainingMethod):
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad_id = pad_id_of(tokenizer)
             self.distiller = Distiller.prepare(self.spec, model_dir, tokenizer, self.teacher_cache, device, pad_id,
                                                self.task_frame, augment.main_tasks(self.task_frame, self.spec, self.tasks))
         model = trainer.load_model(self.spec, model_dir, device, precision)
