@@ -10,9 +10,13 @@ base (the adapter switched off) for both; TRL runs at its default (reference for
 with `precompute_ref_log_probs=True` (what sft_dagster always does).
 
 Each run is its own subprocess (peak RSS is its own). Tokens/s counts the non-padding tokens of both
-sides of every trained pair (the same chat-template tokens for both trainers) over the training time:
+sides of every trained pair (the same chat-template tokens for both trainers, although sft_dagster
+computes the tokens the two sides share once) over the training time:
 for sft_dagster's DPO the reference pass over the pairs is included (`tokens_per_second_with_reference`),
-for TRL the whole `trainer.train()` call. Prints JSON with the ratios, CPU and load average.
+for TRL the whole `trainer.train()` call. `mean_train_loss` is the mean over the steps for both (TRL's
+`training_loss`). TRL runs at its defaults otherwise, gradient checkpointing included (its configs
+turn it on), which lowers its peak RSS and costs it a recomputed forward pass. Prints JSON with the
+ratios, CPU and load average.
 
     .venv/bin/python benchmarks/preference_throughput.py --steps 20 --model-dir <converted SmolLM2 folder>
 """
@@ -78,19 +82,21 @@ def run_ours(args, kind: str) -> dict:
     s = spec(args.model_dir, args.steps)
     out = Path(args.out) / f"ours_{kind}"
     val = pairs.head(8)  # one validation batch at the end (not timed)
+    step_losses = []  # TRL's `training_loss` is the mean over the steps: the same here, not the last step's
+    record = lambda metrics: step_losses.append(metrics["train_loss"])  # noqa: E731
     if kind == "rm":
         result = train_reward_model(s, RewardModelConfig(), Path(args.model_dir), pairs, val, out, device="cpu",
-                                    log=lambda _: None)
+                                    log=lambda _: None, on_metrics=record)
     else:
         result = train_dpo(s, DPOConfig(beta=0.1), Path(args.model_dir), None, pairs, val, out, device="cpu",
-                           log=lambda _: None)
+                           log=lambda _: None, on_metrics=record)
     m = result.metrics
     seconds = m["seconds"] - m["validation_seconds"]
     reference = m.get("reference_seconds", 0.0)
     return {"trained_tokens": m["trained_tokens"], "steps": m["steps"], "seconds": round(seconds, 2),
             "reference_seconds": reference, "tokens_per_second": m["tokens_per_second"],
             "tokens_per_second_with_reference": round(m["trained_tokens"] / (seconds + reference), 1),
-            "final_train_loss": m["train_loss"]}
+            "mean_train_loss": sum(step_losses) / len(step_losses), "last_step_train_loss": m["train_loss"]}
 
 
 def run_trl(args, kind: str, precompute: bool = False) -> dict:
@@ -132,7 +138,7 @@ def run_trl(args, kind: str, precompute: bool = False) -> dict:
     seconds = time.perf_counter() - start
     tokens = pair_tokens(args.model_dir, pairs.head(trainer.state.global_step * 8), s)
     return {"trained_tokens": tokens, "steps": trainer.state.global_step, "seconds": round(seconds, 2),
-            "tokens_per_second": round(tokens / seconds, 1), "final_train_loss": output.training_loss}
+            "tokens_per_second": round(tokens / seconds, 1), "mean_train_loss": output.training_loss}
 
 
 RUNS = {"ours_rm": lambda a: run_ours(a, "rm"), "trl_rm": lambda a: run_trl(a, "rm"),

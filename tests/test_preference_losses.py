@@ -22,13 +22,16 @@ from sft_dagster.preference.losses import (
     encode_pairs,
     group_pairs,
     load_reward_model,
+    pair_sides,
     pairwise_accuracy,
     reward_batch_loss,
     reward_input,
     reward_scores,
     sequence_logprobs,
+    shared_row_length,
 )
 from sft_dagster.spec import TaskSpec
+from sft_dagster.training.trainer import collate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TASK = TaskSpec(type="qa", prompt_template="Q: {prompt}")
@@ -54,16 +57,36 @@ def reference_sequence_logprob(model, input_ids: list[int], labels: list[int]) -
     return sum(float(logprobs[t - 1, labels[t]]) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX)
 
 
+def sequence_tokens(batch, s: int) -> list[int]:
+    """The tokens sequence `s` of a `collate_pair_groups` batch sees at its last token: itself, in order."""
+    row, last = batch["sequence_last"][s].tolist()
+    return batch["input_ids"][row, : last + 1][batch["attention_mask"][row, 0, last, : last + 1]].tolist()
+
+
 def test_sequence_logprobs_equal_the_formula_and_ignore_padding(tiny):
     model, tokenizer = tiny
     pairs = pairs_of(tokenizer)
-    batch = collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
-    assert batch["input_ids"].shape[0] == 4 and (batch["attention_mask"] == 0).any()  # padded rows
-    with torch.no_grad():
-        got = sequence_logprobs(model, batch)
+    batch = collate_pair_groups(group_pairs(pairs), tokenizer.pad_token_id, "cpu")
     sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    lengths = [shared_row_length([p.chosen.input_ids, p.rejected.input_ids]) for p in pairs]
+    assert batch["input_ids"].shape == (2, max(lengths)) and min(lengths) < max(lengths)  # a padded row
+    assert max(lengths) < max(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)  # prompt shared
+    chosen_rows, rejected_rows = (batch[k].tolist() for k in ("chosen_index", "rejected_index"))
+    assert [sequence_tokens(batch, s) for s in chosen_rows + rejected_rows] == [e.input_ids for e in sides]
+    with torch.no_grad():
+        got = torch.cat(pair_sides(sequence_logprobs(model, batch), batch))
+        plain = sequence_logprobs(model, collate(sides, tokenizer.pad_token_id, "cpu"))  # one row per side
     expected = [reference_sequence_logprob(model, e.input_ids, e.labels) for e in sides]
     assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(plain.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4)
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"  # takes the mask as an additive float mask
+    with torch.no_grad():
+        assert torch.allclose(sequence_logprobs(eager, batch), sequence_logprobs(model, batch), atol=1e-5)
+    padded = dict(batch, input_ids=batch["input_ids"].clone())
+    padded["input_ids"][0 if lengths[0] < lengths[1] else 1, min(lengths):] = 7
+    with torch.no_grad():
+        assert torch.allclose(sequence_logprobs(model, padded), sequence_logprobs(model, batch), atol=1e-6)
     # Only reply tokens (and the end-of-turn token) are scored: the prompt, the template and the newline
     # after the turn are not.
     e = pairs[0].chosen
@@ -71,11 +94,49 @@ def test_sequence_logprobs_equal_the_formula_and_ignore_padding(tiny):
     assert tokenizer.decode(scored) == "positive<|im_end|>"
 
 
+def test_shared_prefix_rows_give_the_gradients_of_one_row_per_sequence(tiny, tiny_model_dir):
+    """Computing a group's shared tokens once changes no gradient: DPO's and the reward model's losses
+    backpropagate to every weight as the one-row-per-sequence batch of the same replies does."""
+    model, tokenizer = tiny
+    groups = group_pairs(ranked_pairs(tokenizer))
+
+    def plain_batch(cut=None):  # the old layout: one right-padded row per distinct reply
+        sequences = [cut(e) if cut else e for g in groups for e in g.sequences]
+        batch = collate(sequences, tokenizer.pad_token_id, "cpu")
+        offsets = [sum(len(g.sequences) for g in groups[:i]) for i in range(len(groups))]
+        for key, side in (("chosen_index", "chosen"), ("rejected_index", "rejected")):
+            batch[key] = torch.tensor([o + i for g, o in zip(groups, offsets) for i in getattr(g, side)])
+        return batch
+
+    def gradients(net, loss_fn, batch):
+        net.zero_grad()
+        loss, _ = loss_fn(net, batch)
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+    policy = copy.deepcopy(model).train()  # dropout: none in the tiny model, so both passes see one function
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.05 * torch.randn_like(policy.lm_head.weight))
+    dpo = lambda net, batch: dpo_batch_loss(net, batch, beta=0.2, reference=model)  # noqa: E731
+    shared = collate_pair_groups(groups, tokenizer.pad_token_id, "cpu")
+    assert shared["input_ids"].numel() < plain_batch()["input_ids"].numel()
+    for net, loss_fn, cut in ((policy, dpo, None), (load_reward_model(tiny_model_dir, seed=0), reward_batch_loss,
+                                                    reward_input)):
+        a, grads_a = gradients(net, loss_fn, collate_pair_groups(groups, tokenizer.pad_token_id, "cpu", cut=cut))
+        b, grads_b = gradients(net, loss_fn, plain_batch(cut))
+        assert a == pytest.approx(b, rel=1e-5)
+        assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+        for key in grads_a:
+            assert torch.allclose(grads_a[key], grads_b[key], rtol=1e-4, atol=1e-6), key
+        assert any(g.abs().sum() > 0 for g in grads_a.values())
+
+
 def test_gradients_reach_the_reply_context_but_not_padding_or_the_trailing_newline(tiny):
     model, tokenizer = tiny
     model = copy.deepcopy(model)
     pairs = pairs_of(tokenizer)
-    batch = collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    sides = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    batch = collate(sides, tokenizer.pad_token_id, "cpu")
     captured = {}
 
     def keep(_, __, output):
@@ -86,7 +147,7 @@ def test_gradients_reach_the_reply_context_but_not_padding_or_the_trailing_newli
     sequence_logprobs(model, batch).sum().backward()
     handle.remove()
     grad = captured["embeddings"].grad.abs().sum(-1)  # [rows, positions]
-    for row, e in enumerate([p.chosen for p in pairs] + [p.rejected for p in pairs]):
+    for row, e in enumerate(sides):
         last_scored = max(i for i, label in enumerate(e.labels) if label != IGNORE_INDEX)
         assert (grad[row, :last_scored] > 0).all()  # the prompt conditions the reply
         assert (grad[row, last_scored:] == 0).all()  # the end-of-turn token predicts nothing scored; pads neither
@@ -163,20 +224,23 @@ def test_reward_model_scores_the_last_reply_token_and_learns(tiny_model_dir, tin
     cut = reward_input(pairs[0].chosen)
     assert tokenizer.decode(cut.input_ids[-1:]) == "<|im_end|>"  # the reply's end, not the template's newline
     batch = collate_reward_pairs(pairs, tokenizer.pad_token_id, "cpu")
+    sides = [reward_input(p.chosen) for p in pairs] + [reward_input(p.rejected) for p in pairs]
     with torch.no_grad():
         scores = reward_scores(reward_model, batch)
-        for row in range(4):  # each row scored alone, by hand: the head on the last token's hidden state
-            n = int(batch["attention_mask"][row].sum())
-            hidden = reward_model.model(input_ids=batch["input_ids"][row : row + 1, :n]).last_hidden_state[0, -1]
-            assert float(scores[row]) == pytest.approx(float(reward_model.score(hidden)), abs=1e-5)
-        padded = dict(batch, input_ids=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7))
-        assert torch.allclose(reward_scores(reward_model, padded), scores, atol=1e-6)  # pad ids do not matter
+        for s, e in enumerate(sides):  # each side scored alone, by hand: the head on the last token's hidden state
+            hidden = reward_model.model(input_ids=torch.tensor([e.input_ids])).last_hidden_state[0, -1]
+            assert float(scores[s]) == pytest.approx(float(reward_model.score(hidden)), abs=1e-5)
+        plain = collate(sides, tokenizer.pad_token_id, "cpu")  # one right-padded row per side: the last real token
+        assert (plain["attention_mask"] == 0).any()
+        assert torch.allclose(reward_scores(reward_model, plain), scores, atol=1e-5)
+        padded = dict(plain, input_ids=plain["input_ids"].masked_fill(plain["attention_mask"] == 0, 7))
+        assert torch.allclose(reward_scores(reward_model, padded), scores, atol=1e-5)  # pad ids do not matter
     # A few Bradley-Terry steps separate chosen from rejected on these pairs.
     optimizer = torch.optim.AdamW(reward_model.parameters(), lr=1e-2)
     history = []
     for _ in range(15):
         scores = reward_scores(reward_model, batch)
-        loss, stats = bradley_terry_loss(scores[:2], scores[2:])
+        loss, stats = bradley_terry_loss(*pair_sides(scores, batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -202,7 +266,7 @@ def ranked_pairs(tokenizer) -> list:
 
 
 def test_pairs_of_a_prompt_share_their_replies_and_give_the_same_losses(tiny, tiny_model_dir):
-    """Grouping by prompt scores each distinct reply once (4 + 2 rows instead of 14) and changes no
+    """Grouping by prompt scores each distinct reply once (4 + 2 sequences instead of 14) and changes no
     loss: DPO, Bradley-Terry and the statistics equal those of the side-by-side batch of the same pairs."""
     model, tokenizer = tiny
     pairs = ranked_pairs(tokenizer)
@@ -212,10 +276,10 @@ def test_pairs_of_a_prompt_share_their_replies_and_give_the_same_losses(tiny, ti
     assert groups[0].chosen == [0, 0, 0, 1, 1, 2] and groups[0].rejected == [1, 2, 3, 2, 3, 3]
     grouped = collate_pair_groups(groups, tokenizer.pad_token_id, "cpu")
     flat = collate_pairs(pairs, tokenizer.pad_token_id, "cpu")
-    assert grouped["input_ids"].shape[0] == 6 and flat["input_ids"].shape[0] == 14
+    assert len(grouped["sequence_last"]) == 6 and len(flat["sequence_last"]) == 14
     for p, c, r in zip(pairs, grouped["chosen_index"].tolist(), grouped["rejected_index"].tolist()):
-        assert grouped["input_ids"][c, : len(p.chosen.input_ids)].tolist() == p.chosen.input_ids
-        assert grouped["input_ids"][r, : len(p.rejected.input_ids)].tolist() == p.rejected.input_ids
+        assert sequence_tokens(grouped, c) == p.chosen.input_ids
+        assert sequence_tokens(grouped, r) == p.rejected.input_ids
 
     policy = copy.deepcopy(model)
     with torch.no_grad():

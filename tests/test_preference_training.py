@@ -120,7 +120,7 @@ def test_dpo_loss_in_the_loop_equals_the_formula_and_the_reference_is_cached_onc
     items = method.encode(tokenizer, frame)
     policy = method.load_model(tiny_model_dir, "cpu", "fp32")
     method.prepare(policy, items, [], tokenizer.pad_token_id, "cpu", "fp32", quiet)
-    assert method.reference_forward_rows == 12
+    assert method.reference_sequences == 12
     # Cached reference log-probs = the SFT model's, recomputed by hand (not the base model's).
     reference = sft_model(tiny_model_dir, adapter)
     from transformers import AutoModelForCausalLM
@@ -166,7 +166,7 @@ def test_dpo_trains_from_the_sft_adapter_and_saves_an_adapter_like_sft(tiny_mode
     assert history[-1]["margin"] > 0.1 and history[-1]["train_loss"] < math.log(2) - 0.05
     assert {"logps_chosen", "logps_rejected", "rewards_chosen", "rewards_rejected", "accuracy"} <= set(history[-1])
     # The reference ran once per pair (train + validation, 2 rows each), not per step.
-    assert result.metrics["reference_forward_rows"] == 2 * (24 + 8)
+    assert result.metrics["reference_sequences"] == 2 * (24 + 8)
     assert result.metrics["steps"] == 12
     assert result.metrics["val_accuracy"] > 0.5
     # Loadable exactly like an SFT adapter.
@@ -230,8 +230,8 @@ def test_pairs_grouped_by_prompt_train_exactly_like_separate_pairs(tiny_model_di
     assert grouped_losses == pytest.approx(separate_losses, rel=1e-4)
     assert grouped.metrics["trained_tokens"] < separate.metrics["trained_tokens"] / 2
     if train == "dpo":
-        assert grouped.metrics["reference_forward_rows"] == 4 * 4 + 4  # distinct replies of train + validation
-        assert separate.metrics["reference_forward_rows"] == 2 * 6 * 5
+        assert grouped.metrics["reference_sequences"] == 4 * 4 + 4  # distinct replies of train + validation
+        assert separate.metrics["reference_sequences"] == 2 * 6 * 5
 
 
 def test_pair_methods_count_their_own_batch_size_in_prompts(tiny_model_dir, tmp_path):

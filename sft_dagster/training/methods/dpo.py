@@ -40,7 +40,7 @@ class DPOMethod(PairMethod):
         super().__init__(spec)
         self.config = config
         self.sft_adapter_dir = Path(sft_adapter_dir) if sft_adapter_dir is not None else None
-        self.reference_forward_rows = 0  # rows the reference scored: each distinct reply once
+        self.reference_sequences = 0  # sequences the reference scored: each distinct reply once
         self.reference_seconds = 0.0
 
     def identity(self) -> dict:
@@ -85,13 +85,13 @@ class DPOMethod(PairMethod):
             batch = collate_pair_groups([c.group for c in chunk], pad_id, device)
             with autocast(device, autocast_precision):
                 logps = sequence_logprobs(model, batch).float().cpu().tolist()
-            self.reference_forward_rows += batch["input_ids"].shape[0]
+            self.reference_sequences += len(batch["sequence_last"])
             for item in chunk:
                 item.reference, logps = logps[: len(item.group.sequences)], logps[len(item.group.sequences) :]
         model.train(was_training)
         self.reference_seconds += time.perf_counter() - start
         pairs = sum(i.group.n_pairs for i in items)
-        log(f"dpo: reference log-probs of {self.reference_forward_rows} distinct replies ({pairs} pairs) computed "
+        log(f"dpo: reference log-probs of {self.reference_sequences} distinct replies ({pairs} pairs) computed "
             f"once in {self.reference_seconds:.1f} s")
 
     def loss(self, model, batch):
@@ -107,7 +107,7 @@ class DPOMethod(PairMethod):
         return {"beta": self.config.beta, "label_smoothing": self.config.label_smoothing,
                 "sft_adapter_dir": str(self.sft_adapter_dir) if self.sft_adapter_dir else None,
                 "reference_seconds": round(self.reference_seconds, 2),
-                "reference_forward_rows": self.reference_forward_rows}
+                "reference_sequences": self.reference_sequences}
 
 
 def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path | None, train_pairs: pd.DataFrame,

@@ -13,7 +13,7 @@ from .base import TrainingMethod
 class PairMethod(TrainingMethod):
     """Items are `preference.losses.PairGroup`s (or objects with a `.group`): all the pairs of one prompt,
     over its distinct replies, each reply one sequence of the batch (a full ranking of 4 replies is 6
-    pairs over 4 sequences instead of 12 sides). A pair weighs 1, so the loss of an optimizer step is
+    pairs over 4 sequences instead of 12 sides), the group one row whose prompt tokens are computed once. A pair weighs 1, so the loss of an optimizer step is
     still the mean over the pairs of its accumulation window; `training.batch_size` counts prompts
     (groups) per micro-batch. Data with one pair per prompt (most imported sets) gives groups of one
     pair, trained exactly as pairs."""
@@ -28,9 +28,10 @@ class PairMethod(TrainingMethod):
         return getattr(item, "group", item)
 
     def length(self, item) -> int:
-        """A group fills one row per distinct reply, each padded to its longest."""
-        group = self._group(item)
-        return len(group.sequences) * max(len(s.input_ids) for s in group.sequences)
+        """A group fills one row: its shared tokens once, then each reply's own (`collate_pair_groups`)."""
+        from ...preference.losses import shared_row_length
+
+        return shared_row_length([s.input_ids for s in self._group(item).sequences])
 
     def tokens(self, item) -> int:
         return sum(len(s.input_ids) for s in self._group(item).sequences)
