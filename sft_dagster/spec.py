@@ -318,7 +318,8 @@ class TrainingSpec(_Strict):
     checkpoint_every_steps: int = Field(50, ge=1)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     gradient_checkpointing: bool = False
-    # A micro-batch padded beyond this many tokens is run in smaller pieces: the same gradients (the
+    # A micro-batch whose collated batch holds more token slots than this (rows x width: padding
+    # included, a shared prefix counted once per row) is run in smaller pieces: the same gradients (the
     # loss is normalised over the whole step), a lower activation-memory peak.
     max_tokens_per_micro_batch: int = Field(1024, ge=16)
     # Padding-free packing: the examples of a micro-batch are concatenated into one row, positions

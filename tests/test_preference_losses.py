@@ -28,10 +28,9 @@ from sft_dagster.preference.losses import (
     reward_input,
     reward_scores,
     sequence_logprobs,
-    shared_row_length,
 )
 from sft_dagster.spec import TaskSpec
-from sft_dagster.training.trainer import collate
+from sft_dagster.training.trainer import collate, shared_row_length
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TASK = TaskSpec(type="qa", prompt_template="Q: {prompt}")

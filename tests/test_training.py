@@ -195,6 +195,69 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     assert torch.allclose(packed_loss, padded_loss, rtol=1e-5)
 
 
+def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(tiny_model_dir):
+    """The tokens a micro-batch's examples share (system turn, template) computed once: the same loss
+    and the same gradient for every weight as one padded row per example, in fewer tokens; rows are
+    split to stay under the row limit; the SFT method uses them unless NEFTune (per-example noise) is on."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+    from sft_dagster.training.methods.sft import SFTMethod
+    from sft_dagster.training.trainer import (
+        collate,
+        collate_shared_prefix,
+        common_prefix_length,
+        shared_prefix_rows,
+        shared_row_length,
+        summed_response_loss,
+    )
+
+    spec = spec_for(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
+    rows = examples(6)
+    encoded = [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
+               for p, r in zip(rows["prompt"], rows["response"])]
+    shared = common_prefix_length([e.input_ids for e in encoded])
+    assert shared > 5  # the template's tokens before the review text
+    assert [len(r) for r in shared_prefix_rows(encoded)] == [6]
+    split = shared_prefix_rows(encoded, max_row=shared + 30)  # about two examples' own tokens a row
+    assert len(split) > 1 and sorted(e.input_ids for r in split for e in r) == sorted(e.input_ids for e in encoded)
+
+    def loss_and_gradients(net, batch):
+        net.zero_grad()
+        loss, n = summed_response_loss(net, batch)
+        loss.backward()
+        return float(loss.detach()), n, {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+    plain = collate(encoded, tokenizer.pad_token_id, "cpu")
+    want, want_n, want_grads = loss_and_gradients(model, plain)
+    assert want_n == sum(e.n_loss_tokens for e in encoded)
+    for layout in ([encoded], split):
+        batch = collate_shared_prefix(layout, tokenizer.pad_token_id, "cpu")
+        computed = sum(shared_row_length([e.input_ids for e in row]) for row in layout)
+        assert computed < sum(len(e.input_ids) for e in encoded)
+        got, n, grads = loss_and_gradients(model, batch)
+        assert n == want_n and got == pytest.approx(want, rel=1e-5)
+        assert grads.keys() == want_grads.keys()
+        for key in grads:
+            assert torch.allclose(grads[key], want_grads[key], rtol=1e-4, atol=1e-6), key
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        assert float(summed_response_loss(eager, collate_shared_prefix([encoded], tokenizer.pad_token_id, "cpu"))[0]) \
+            == pytest.approx(want, rel=1e-5)
+
+    method = SFTMethod(spec)
+    method.load_model(tiny_model_dir, "cpu", "fp32")
+    assert "token_index" in method.collate(encoded, tokenizer.pad_token_id, "cpu")
+    noisy = SFTMethod(spec_for(tiny_model_dir, neftune_alpha=5.0))
+    noisy.load_model(tiny_model_dir, "cpu", "fp32")
+    assert "token_index" not in noisy.collate(encoded, tokenizer.pad_token_id, "cpu")
+
+
 def test_multi_turn_chats_train_on_the_whole_conversation(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 

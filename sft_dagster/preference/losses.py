@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, pad_id
 from ..spec import TaskSpec
-from ..training.trainer import _causal_lm
+from ..training.trainer import _causal_lm, collate_shared_prefix, decoder_hidden, response_logits
 
 
 @dataclass
@@ -107,91 +107,22 @@ def _reply_start(encoded: EncodedExample) -> int:
     return next(i for i, label in enumerate(encoded.labels) if label != IGNORE_INDEX)
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    """How many leading tokens all the sequences share."""
-    first, n = sequences[0], min(len(s) for s in sequences)
-    for other in sequences[1:]:
-        n = next((i for i in range(n) if other[i] != first[i]), n)
-    return n
-
-
-def shared_row_length(sequences: list[list[int]]) -> int:
-    """The tokens of one shared-prefix row (`collate_pair_groups`): the common prefix once, then each
-    sequence's remaining tokens."""
-    shared = common_prefix_length(sequences)
-    return shared + sum(len(s) - shared for s in sequences)
-
-
 def collate_pair_groups(groups: list[PairGroup], pad_id: int, device: str, cut=None) -> dict[str, torch.Tensor]:
-    """One row per group: the tokens its sequences share (the chat template's system turn and the prompt,
-    sometimes a reply's first words) once, then each sequence's remaining tokens, right-padded.
-
-    A 4-D attention mask lets each sequence's own tokens see the shared tokens and, causally, each
-    other, never another sequence's tokens, and position ids continue from the shared part, so every
-    token is computed exactly as in a row of its own (the same products up to float summation order;
-    tested against one-sequence-per-row forwards). On the throughput benchmark's demo pairs (one pair
-    per prompt) the rows hold 10,866 tokens where one row per sequence holds 17,117 (1.58x fewer; a
-    ranking of four replies shares its prompt four ways). Padding tokens see only themselves and the
-    shared part (no empty softmax row).
-
-    Beside `input_ids`, `attention_mask` [rows, 1, width, width] (bool: True = may attend) and
-    `position_ids`, the batch indexes the sequences (in group order): `sequence_last` (row, position of
-    each sequence's last token), and for log-probabilities each scored token (`labels` != -100) as
-    `token_index` (row, position of the token before it), `token_targets` and `token_sequence`;
-    `chosen_index` / `rejected_index` give each pair's chosen and rejected sequence. `cut` maps a
-    sequence to the tokens scored (`reward_input`)."""
-    rows, owners, positions = [], [], []
-    last, token_index, token_targets, token_sequence, chosen, rejected = [], [], [], [], [], []
-    for row, group in enumerate(groups):
-        sequences = [cut(e) if cut else e for e in group.sequences]
-        shared = common_prefix_length([e.input_ids for e in sequences])
-        ids, owner, position = list(sequences[0].input_ids[:shared]), [-1] * shared, list(range(shared))
-        offset = len(last)
-        for j, e in enumerate(sequences):
-            start = len(ids) - shared  # where = position in the row of each of the sequence's tokens
-            ids += e.input_ids[shared:]
-            owner += [j] * (len(e.input_ids) - shared)
-            position += range(shared, len(e.input_ids))
-            where = lambda t, start=start: t if t < shared else start + t  # noqa: E731
-            last.append((row, where(len(e.input_ids) - 1)))
-            for t in range(1, len(e.labels)):
-                if e.labels[t] != IGNORE_INDEX:
-                    token_index.append((row, where(t - 1)))
-                    token_targets.append(e.input_ids[t])
-                    token_sequence.append(offset + j)
-        chosen += [offset + i for i in group.chosen]
-        rejected += [offset + i for i in group.rejected]
-        rows.append(ids), owners.append(owner), positions.append(position)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    owner = torch.full((len(rows), width), -2, dtype=torch.long)  # -1: shared, -2: padding
-    position = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, o, p) in enumerate(zip(rows, owners, positions)):
-        ids[i, : len(r)], owner[i, : len(o)], position[i, : len(p)] = torch.tensor(r), torch.tensor(o), torch.tensor(p)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    mask = causal & ((owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None]))
-    long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-    return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device), "position_ids": position.to(device),
-            "sequence_last": long(last), "token_index": long(token_index).view(-1, 2),
-            "token_targets": long(token_targets), "token_sequence": long(token_sequence),
-            "chosen_index": long(chosen), "rejected_index": long(rejected)}
-
-
-def decoder_hidden(decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The decoder's last hidden states for a batch of plain rows (2-D mask) or of shared-prefix rows
-    (`collate_pair_groups`: a boolean 4-D mask, passed on as the attention implementation takes it)."""
-    mask = batch.get("attention_mask")
-    if mask is not None and mask.dim() == 4:
-        implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
-        if implementation == "eager":  # eager adds the mask to the scores
-            dtype = decoder.get_input_embeddings().weight.dtype
-            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        elif implementation != "sdpa":
-            raise ValueError(f"pair batches share their prompt tokens through a 4-D attention mask, which the "
-                             f"'{implementation}' attention does not take; load the model with "
-                             f"attn_implementation='sdpa' or 'eager'")
-    return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
-                   use_cache=False).last_hidden_state
+    """One row per group (`training.trainer.collate_shared_prefix`): the tokens its sequences share
+    (the chat template's system turn and the prompt, sometimes a reply's first words) computed once,
+    then each reply's own tokens; with `chosen_index` / `rejected_index`, each pair's chosen and
+    rejected sequence (sequences numbered in group order). On the throughput benchmark's demo pairs
+    (one pair per prompt) the rows hold 10,866 tokens where one row per reply holds 17,117 (1.58x
+    fewer; a ranking of four replies shares its prompt four ways). `cut` maps a sequence to the tokens
+    scored (`reward_input`)."""
+    batch = collate_shared_prefix([[cut(e) if cut else e for e in g.sequences] for g in groups], pad_id, device)
+    offsets = [0]
+    for group in groups:
+        offsets.append(offsets[-1] + len(group.sequences))
+    for key, side in (("chosen_index", "chosen"), ("rejected_index", "rejected")):
+        batch[key] = torch.tensor([o + i for g, o in zip(groups, offsets) for i in getattr(g, side)], dtype=torch.long,
+                                  device=device)
+    return batch
 
 
 def _side_by_side(pairs: list[EncodedPair]) -> PairGroup:
@@ -219,9 +150,7 @@ def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torc
     only where the mask is True.
     """
     lm = _causal_lm(model)
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-    return logprobs_from_hidden(lm, hidden, batch["labels"])
+    return logprobs_from_hidden(lm, decoder_hidden(lm.model, batch), batch["labels"])
 
 
 def logprobs_from_hidden(lm, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,10 +169,8 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if "token_sequence" not in batch:
         logprobs, _ = response_token_logprobs(model, batch)
         return logprobs.sum(dim=-1)
-    lm = _causal_lm(model)
-    hidden = decoder_hidden(lm.model, batch)
-    rows, positions = batch["token_index"].unbind(-1)
-    picked = -F.cross_entropy(lm.lm_head(hidden[rows, positions]).float(), batch["token_targets"], reduction="none")
+    logits, targets = response_logits(model, batch)
+    picked = -F.cross_entropy(logits, targets, reduction="none")
     out = torch.zeros(len(batch["sequence_last"]), dtype=picked.dtype, device=picked.device)
     return out.index_add(0, batch["token_sequence"], picked)
 

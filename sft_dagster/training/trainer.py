@@ -172,18 +172,15 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int) -> li
     return batches
 
 
-def split_by_token_budget(micro: list[int], lengths: list[int], budget: int, packed: bool = False) -> list[list[int]]:
-    """Halve a micro-batch (sorted by length) until each piece's size fits the budget.
-
-    A piece's size is its padded size (rows x longest row), or its token count when packed.
-    """
-    size = sum(lengths[i] for i in micro) if packed else len(micro) * max(lengths[i] for i in micro)
-    if len(micro) <= 1 or size <= budget:
+def split_by_token_budget(micro: list[int], lengths: list[int], budget: int, size) -> list[list[int]]:
+    """Halve a micro-batch (sorted by length) until each piece's `size` (the token slots its collated
+    batch holds: `TrainingMethod.batch_tokens`) fits the budget."""
+    if len(micro) <= 1 or size(micro) <= budget:
         return [micro]
     ordered = sorted(micro, key=lambda i: lengths[i])
     half = len(ordered) // 2
-    return (split_by_token_budget(ordered[:half], lengths, budget, packed)
-            + split_by_token_budget(ordered[half:], lengths, budget, packed))
+    return split_by_token_budget(ordered[:half], lengths, budget, size) + split_by_token_budget(ordered[half:], lengths,
+                                                                                                budget, size)
 
 
 def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[str, torch.Tensor]:
@@ -213,6 +210,109 @@ def collate_packed(examples: list[EncodedExample], device: str) -> dict[str, tor
     return {"input_ids": ids[None].to(device), "labels": labels[None].to(device), "position_ids": positions[None].to(device)}
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens all the sequences share."""
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
+
+
+def shared_row_length(sequences: list[list[int]]) -> int:
+    """The tokens of one shared-prefix row (`collate_shared_prefix`): the common prefix once, then each
+    sequence's remaining tokens."""
+    shared = common_prefix_length(sequences)
+    return shared + sum(len(s) - shared for s in sequences)
+
+
+def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, device: str) -> dict[str, torch.Tensor]:
+    """One row per list of examples: the tokens they all share (their longest common prefix: the chat
+    template's system turn, an instruction, a prompt) once, then each example's remaining tokens;
+    rows right-padded.
+
+    A 4-D attention mask lets each example's own tokens see the shared tokens and, causally, each
+    other, never another example's tokens, and position ids continue from the shared part, so every
+    token is computed as in a row of its own: the same products up to float summation order (tested
+    against one-row-per-example forwards, losses and gradients). Padding tokens see only themselves and
+    the shared part (no empty softmax row).
+
+    Beside `input_ids`, `attention_mask` [rows, 1, width, width] (bool: True = may attend) and
+    `position_ids`, the batch indexes the examples (numbered row by row): `sequence_last` (row, position
+    of each example's last token), and each loss token (`labels` != -100) as `token_index` (row,
+    position of the token before it, whose logits predict it), `token_targets` and `token_sequence`."""
+    rows, owners, positions = [], [], []
+    last, token_index, token_targets, token_sequence = [], [], [], []
+    for row, sequences in enumerate(rows_of):
+        shared = common_prefix_length([e.input_ids for e in sequences])
+        ids, owner, position = list(sequences[0].input_ids[:shared]), [-1] * shared, list(range(shared))
+        for j, e in enumerate(sequences):
+            start = len(ids) - shared  # token t >= shared of this example sits at start + t in the row
+            ids += e.input_ids[shared:]
+            owner += [j] * (len(e.input_ids) - shared)
+            position += range(shared, len(e.input_ids))
+            where = lambda t, start=start: t if t < shared else start + t  # noqa: E731
+            last.append((row, where(len(e.input_ids) - 1)))
+            for t in range(1, len(e.labels)):
+                if e.labels[t] != IGNORE_INDEX:
+                    token_index.append((row, where(t - 1)))
+                    token_targets.append(e.input_ids[t])
+                    token_sequence.append(len(last) - 1)
+        rows.append(ids), owners.append(owner), positions.append(position)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    owner = torch.full((len(rows), width), -2, dtype=torch.long)  # -1: shared, -2: padding
+    position = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, o, p) in enumerate(zip(rows, owners, positions)):
+        ids[i, : len(r)], owner[i, : len(o)], position[i, : len(p)] = torch.tensor(r), torch.tensor(o), torch.tensor(p)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    mask = causal & ((owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None]))
+    long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device), "position_ids": position.to(device),
+            "sequence_last": long(last), "token_index": long(token_index).view(-1, 2),
+            "token_targets": long(token_targets), "token_sequence": long(token_sequence)}
+
+
+SHARED_ROW_TOKENS = 512
+
+
+def shared_prefix_rows(examples: list[EncodedExample], max_row: int = SHARED_ROW_TOKENS) -> list[list[EncodedExample]]:
+    """A micro-batch's examples as the rows of `collate_shared_prefix`: as few rows as keep each under
+    `max_row` tokens (or the longest example), the examples spread so the rows are about equally long
+    (longest first, each to the shortest row). A longer row shares its prefix with more examples but
+    costs attention quadratic in its length."""
+    shared = common_prefix_length([e.input_ids for e in examples])
+    own = [len(e.input_ids) - shared for e in examples]
+    room = max(max_row, max(len(e.input_ids) for e in examples)) - shared
+    n = min(len(examples), max(1, math.ceil(sum(own) / max(1, room))))
+    rows, lengths = [[] for _ in range(n)], [0] * n
+    for i in sorted(range(len(examples)), key=lambda i: -own[i]):
+        j = lengths.index(min(lengths))
+        rows[j].append(examples[i])
+        lengths[j] += own[i]
+    return [r for r in rows if r]
+
+
+def shares_prefixes(model) -> bool:
+    """Whether `model`'s attention takes the 4-D masks of `collate_shared_prefix` (sdpa, eager)."""
+    return getattr(_causal_lm(model).config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+
+
+def decoder_hidden(decoder, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
+    """The decoder's last hidden states for a batch of plain rows (2-D mask) or of shared-prefix rows
+    (`collate_shared_prefix`: a boolean 4-D mask, passed on as the attention implementation takes it)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 4:
+        implementation = getattr(decoder.config, "_attn_implementation", "sdpa")
+        if implementation == "eager":  # eager adds the mask to the scores
+            dtype = decoder.get_input_embeddings().weight.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        elif implementation != "sdpa":
+            raise ValueError(f"shared-prefix batches need an attention that takes a 4-D mask, not "
+                             f"'{implementation}'; load the model with attn_implementation='sdpa' or 'eager'")
+    return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
+                   use_cache=False, **extra).last_hidden_state
+
+
 def _causal_lm(model):
     """The transformers model under any peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -223,8 +323,10 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     lm = _causal_lm(model)
     # a KV cache of tokens before these (evaluation's shared prompt prefix), under either transformers name
     past = {name: batch[name] for name in ("cache", "past_key_values") if name in batch}
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                      position_ids=batch.get("position_ids"), use_cache=False, **past).last_hidden_state
+    hidden = decoder_hidden(lm.model, batch, **past)
+    if "token_index" in batch:  # shared-prefix rows (collate_shared_prefix)
+        rows, positions = batch["token_index"].unbind(-1)
+        return lm.lm_head(hidden[rows, positions]).float(), batch["token_targets"]
     targets = batch["labels"][:, 1:]
     positions = targets != IGNORE_INDEX
     return lm.lm_head(hidden[:, :-1][positions]).float(), targets[positions]
@@ -533,6 +635,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     lengths = [method.length(e) for e in train_set]
+    piece_size = lambda piece: method.batch_tokens([train_set[i] for i in piece])  # noqa: E731
     weights = [method.weight(e) for e in train_set]
     tokens = [method.tokens(e) for e in train_set]
     micro_per_epoch = length_grouped_batches(lengths, cfg.batch_size, cfg.seed)
@@ -571,7 +674,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
             window_weight = sum(weights[i] for micro in group for i in micro)
             loss_sum = 0.0
             pieces = [piece for micro in group[rank::world]  # each rank takes its share of the window
-                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch, method.packing)]
+                      for piece in split_by_token_budget(micro, lengths, cfg.max_tokens_per_micro_batch, piece_size)]
             for piece in pieces:
                 batch = method.collate([train_set[i] for i in piece], pad_id, device)
                 with autocast(device, amp):

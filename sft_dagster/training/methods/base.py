@@ -81,6 +81,12 @@ class TrainingMethod(ABC):
     def length(self, item) -> int:
         """Tokens one item adds to a padded micro-batch's width x rows (the token budget's unit)."""
 
+    def batch_tokens(self, items: list) -> int:
+        """Token slots of the items' collated batch (the micro-batch token budget's measure): rows x the
+        longest row, or the tokens of one packed row."""
+        lengths = [self.length(i) for i in items]
+        return sum(lengths) if self.packing else len(lengths) * max(lengths)
+
     def tokens(self, item) -> int:
         """Real (unpadded) tokens the item trains on."""
         return self.length(item)

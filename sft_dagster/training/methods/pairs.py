@@ -29,7 +29,7 @@ class PairMethod(TrainingMethod):
 
     def length(self, item) -> int:
         """A group fills one row: its shared tokens once, then each reply's own (`collate_pair_groups`)."""
-        from ...preference.losses import shared_row_length
+        from ..trainer import shared_row_length
 
         return shared_row_length([s.input_ids for s in self._group(item).sequences])
 

@@ -36,6 +36,7 @@ class SFTMethod(TrainingMethod):
         self.train_frame = None
         self.task_frame = None  # the train split before replay rows are mixed in
         self.last_kl: float | None = None
+        self.share_prefix = False  # set when the model is loaded
 
     @staticmethod
     def output_name_for(method: str) -> str:
@@ -51,6 +52,8 @@ class SFTMethod(TrainingMethod):
                                                self.task_frame, augment.main_tasks(self.task_frame, self.spec, self.tasks))
         model = trainer.load_model(self.spec, model_dir, device, precision)
         self.neftune = augment.attach_neftune(model, self.spec.training.neftune_alpha)
+        # NEFTune draws its noise per example: a prefix computed once would get one draw for all
+        self.share_prefix = self.neftune is None and not self.packing and trainer.shares_prefixes(model)
         return model
 
     def uses_autocast(self, precision: str) -> bool:
@@ -74,6 +77,12 @@ class SFTMethod(TrainingMethod):
     def length(self, item: EncodedExample) -> int:
         return len(item.input_ids)
 
+    def batch_tokens(self, items: list[EncodedExample]) -> int:
+        if self.share_prefix and not self.packing:
+            rows = trainer.shared_prefix_rows(items)
+            return len(rows) * max(trainer.shared_row_length([e.input_ids for e in r]) for r in rows)
+        return super().batch_tokens(items)
+
     def weight(self, item: EncodedExample) -> int:
         return sum(1 for label in item.labels[1:] if label != IGNORE_INDEX)
 
@@ -84,7 +93,11 @@ class SFTMethod(TrainingMethod):
         return {}  # spec.training already names lora / qlora / full: fingerprints stay as before
 
     def collate(self, items, pad_id, device):
-        return trainer.collate_packed(items, device) if self.packing else trainer.collate(items, pad_id, device)
+        if self.packing:
+            return trainer.collate_packed(items, device)
+        if self.share_prefix:  # the tokens the examples share (system turn, instruction) computed once
+            return trainer.collate_shared_prefix(trainer.shared_prefix_rows(items), pad_id, device)
+        return trainer.collate(items, pad_id, device)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         return trainer.summed_response_loss(model, batch)
