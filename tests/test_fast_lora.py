@@ -142,3 +142,50 @@ def test_bf16_base_model_takes_the_fast_path_and_matches_peft():
     for name in grads_a:
         assert grads_b[name].dtype == torch.float32
         assert _relative_error(grads_b[name], grads_a[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_swiglu_mlp_matches_the_unfused_layers(tiny_model_dir, dropout):
+    """The MLP's down projection fused with SiLU(gate) * up keeps two activations instead of four and
+    computes the same outputs and gradients: against peft's own layers without dropout, against the
+    unfused fast layers (same dropout masks for the same seed) with it."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    model.train()
+    peft_model, unfused, fused = model, copy.deepcopy(model), copy.deepcopy(model)
+    use_fast_lora(unfused)
+    for module in unfused.modules():  # the fast layers, the MLP left as transformers wrote it
+        if hasattr(module, "_unfused_forward"):
+            module.forward = module._unfused_forward
+    use_fast_lora(fused)
+    mlps = [m for m in fused.modules() if hasattr(m, "_unfused_forward")]
+    assert len(mlps) == base.config.num_hidden_layers
+    ids = torch.randint(3, base.config.vocab_size, (2, 9))
+
+    def run(net):
+        torch.manual_seed(7)
+        net.zero_grad()
+        captured = {}
+        def keep(_, __, out):
+            captured.setdefault("grad_fn", type(out.grad_fn).__name__)
+
+        handle = net.get_base_model().model.layers[0].mlp.register_forward_hook(keep)
+        logits = net(input_ids=ids).logits
+        handle.remove()
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}, captured
+
+    out_f, grads_f, seen = run(fused)
+    assert "SwiGLULoraDown" in seen["grad_fn"]
+    for other in ([peft_model] if dropout == 0 else []) + [unfused]:
+        out, grads, _ = run(other)
+        assert torch.allclose(out, out_f, atol=1e-5)
+        assert grads.keys() == grads_f.keys() and len(grads) == 7 * 2 * base.config.num_hidden_layers
+        for name in grads:
+            assert torch.allclose(grads[name], grads_f[name], rtol=1e-4, atol=1e-6), name
