@@ -209,6 +209,7 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
         collate,
         collate_shared_prefix,
         common_prefix_length,
+        probe_batch,
         shared_prefix_rows,
         shared_row_length,
         summed_response_loss,
@@ -256,6 +257,11 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
     noisy = SFTMethod(spec_for(tiny_model_dir, neftune_alpha=5.0))
     noisy.load_model(tiny_model_dir, "cpu", "fp32")
     assert "token_index" not in noisy.collate(encoded, tokenizer.pad_token_id, "cpu")
+    # The pre-flight's timed step (duration estimate, precision probe) is collated the way training is.
+    probe, tokens = probe_batch(encoded, spec, tokenizer.pad_token_id, "cpu")
+    sample = sorted(encoded, key=lambda e: len(e.input_ids))[3:][: spec.training.batch_size]
+    assert "token_index" in probe and tokens == sum(len(e.input_ids) for e in sample)
+    assert "token_index" not in probe_batch(encoded, noisy.spec, tokenizer.pad_token_id, "cpu")[0]
 
 
 def test_multi_turn_chats_train_on_the_whole_conversation(tiny_model_dir, tmp_path):

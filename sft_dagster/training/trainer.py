@@ -416,14 +416,28 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str 
     return model
 
 
-def probe_batch(encoded: list[EncodedExample], batch_size: int, pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """A typical batch: `batch_size` rows from the middle of the length distribution."""
-    sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][:batch_size]
-    return collate(sample, pad_id, device)
+def collates_shared_prefixes(spec: PipelineSpec) -> bool:
+    """Whether SFT micro-batches are shared-prefix rows (`collate_shared_prefix`) for this spec: not when
+    packing, nor under NEFTune (its noise is drawn per example; a prefix computed once would get one draw)."""
+    return not spec.training.packing and spec.training.neftune_alpha == 0
+
+
+def probe_batch(encoded: list[EncodedExample], spec: PipelineSpec, pad_id: int, device: str
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """A typical micro-batch, collated as the trainer will (shared prefixes, packed or padded rows):
+    `batch_size` rows from the middle of the length distribution; and the tokens it trains on."""
+    sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
+    if spec.training.packing:
+        batch = collate_packed(sample, device)
+    elif collates_shared_prefixes(spec):
+        batch = collate_shared_prefix(shared_prefix_rows(sample), pad_id, device)
+    else:
+        batch = collate(sample, pad_id, device)
+    return batch, sum(len(e.input_ids) for e in sample)
 
 
 def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precision: str,
-                       batch: dict[str, torch.Tensor], repeats: int = 2) -> dict:
+                       batch: dict[str, torch.Tensor], tokens: int, repeats: int = 2) -> dict:
     """Best time of one forward + backward of a freshly loaded model after a warm-up step, and its loss.
 
     The global RNG is left as it was (the run's seed decides the adapters' initial values, whether or
@@ -454,7 +468,6 @@ def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precisi
     gc.collect()
     if not device.startswith("cuda"):
         release_freed_memory_to_os()
-    tokens = int(batch["attention_mask"].sum())
     return {"seconds": round(min(times[1:]), 4), "tokens": tokens, "loss": round(first_loss, 6)}
 
 
@@ -474,11 +487,11 @@ def resolve_precision(spec: PipelineSpec, model_dir: Path, device: str, encoded:
         "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
     }
     bf16_supported = torch.cuda.is_bf16_supported() if device.startswith("cuda") else True
-    batch = probe_batch(encoded, spec.training.batch_size, pad_id, device)
+    batch, tokens = probe_batch(encoded, spec, pad_id, device)
 
     def measure():
         return measure_precision(device, widths, bf16_supported,
-                                 lambda precision: time_training_step(spec, model_dir, device, precision, batch))
+                                 lambda precision: time_training_step(spec, model_dir, device, precision, batch, tokens))
 
     return cached_choice(probe_cache_dir(cache_dir), key, measure)
 
@@ -784,8 +797,8 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     plan = {"n_examples": len(encoded), "n_tokens": n_tokens, "n_loss_tokens": sum(e.n_loss_tokens for e in encoded),
             "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": choice.precision,
             "precision_reason": choice.reason, "precision_choice": choice.to_metadata()}
-    batch = probe_batch(encoded, spec.training.batch_size, pad_id, device)
-    step = time_training_step(spec, model_dir, device, choice.precision, batch, repeats=1)
+    batch, tokens = probe_batch(encoded, spec, pad_id, device)
+    step = time_training_step(spec, model_dir, device, choice.precision, batch, tokens, repeats=1)
     tokens_per_second = step["tokens"] / step["seconds"]
     epochs = steps * spec.training.gradient_accumulation_steps * spec.training.batch_size / max(1, len(encoded))
     plan["estimated_seconds"] = round(n_tokens * epochs / tokens_per_second, 1)

@@ -53,7 +53,7 @@ class SFTMethod(TrainingMethod):
         model = trainer.load_model(self.spec, model_dir, device, precision)
         self.neftune = augment.attach_neftune(model, self.spec.training.neftune_alpha)
         # NEFTune draws its noise per example: a prefix computed once would get one draw for all
-        self.share_prefix = self.neftune is None and not self.packing and trainer.shares_prefixes(model)
+        self.share_prefix = trainer.collates_shared_prefixes(self.spec) and trainer.shares_prefixes(model)
         return model
 
     def uses_autocast(self, precision: str) -> bool:
