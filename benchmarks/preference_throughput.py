@@ -83,7 +83,7 @@ def run_ours(args, kind: str) -> dict:
     out = Path(args.out) / f"ours_{kind}"
     val = pairs.head(8)  # one validation batch at the end (not timed)
     step_losses = []  # TRL's `training_loss` is the mean over the steps: the same here, not the last step's
-    record = lambda metrics: step_losses.append(metrics["train_loss"])  # noqa: E731
+    record = lambda metrics: step_losses.append(metrics["train_loss"])
     if kind == "rm":
         result = train_reward_model(s, RewardModelConfig(), Path(args.model_dir), pairs, val, out, device="cpu",
                                     log=lambda _: None, on_metrics=record)

@@ -116,7 +116,7 @@ def test_shared_prefix_rows_give_the_gradients_of_one_row_per_sequence(tiny, tin
     policy = copy.deepcopy(model).train()  # dropout: none in the tiny model, so both passes see one function
     with torch.no_grad():
         policy.lm_head.weight.add_(0.05 * torch.randn_like(policy.lm_head.weight))
-    dpo = lambda net, batch: dpo_batch_loss(net, batch, beta=0.2, reference=model)  # noqa: E731
+    dpo = lambda net, batch: dpo_batch_loss(net, batch, beta=0.2, reference=model)
     shared = collate_pair_groups(groups, tokenizer.pad_token_id, "cpu")
     assert shared["input_ids"].numel() < plain_batch()["input_ids"].numel()
     for net, loss_fn, cut in ((policy, dpo, None), (load_reward_model(tiny_model_dir, seed=0), reward_batch_loss,

@@ -40,6 +40,19 @@ def examples(n: int, offset: int = 0) -> pd.DataFrame:
                          "response": [r[2] for r in rows], "system": [None] * n})
 
 
+def encoded_examples(model_dir: Path, n: int):
+    """(spec, tokenizer, the first n `examples` encoded with the spec's template) for the tiny model."""
+    from transformers import AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+
+    spec = spec_for(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = examples(n)
+    return spec, tokenizer, [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
+                             for p, r in zip(rows["prompt"], rows["response"])]
+
+
 def losses(spec, model_dir, train_df, val_df, out, device="cpu"):
     history = []
     result = train(spec, model_dir, train_df, val_df, out, device=device, log=lambda _: None,
@@ -167,17 +180,16 @@ def test_precision_decision_takes_the_faster_only_when_the_loss_matches():
 
 
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from sft_dagster.formatting import build_messages, encode_example
-    from sft_dagster.training.trainer import collate, collate_packed, summed_response_loss
+    from sft_dagster.training.trainer import (
+        collate,
+        collate_packed,
+        summed_response_loss,
+    )
 
-    spec = spec_for(tiny_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    _, tokenizer, encoded = encoded_examples(tiny_model_dir, 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    rows = examples(3)
-    encoded = [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
-               for p, r in zip(rows["prompt"], rows["response"])]
     with torch.no_grad():
         packed = collate_packed(encoded, "cpu")
         # As the trainer calls it: without a KV cache (transformers only honours packed position ids then).
@@ -201,9 +213,8 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
     split to stay under the row limit; the SFT method uses them unless NEFTune (per-example noise) is on."""
     import copy
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from sft_dagster.formatting import build_messages, encode_example
     from sft_dagster.training.methods.sft import SFTMethod
     from sft_dagster.training.trainer import (
         collate,
@@ -215,12 +226,8 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
         summed_response_loss,
     )
 
-    spec = spec_for(tiny_model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec, tokenizer, encoded = encoded_examples(tiny_model_dir, 6)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
-    rows = examples(6)
-    encoded = [encode_example(tokenizer, build_messages(p, r, None, spec.task), 128)
-               for p, r in zip(rows["prompt"], rows["response"])]
     shared = common_prefix_length([e.input_ids for e in encoded])
     assert shared > 5  # the template's tokens before the review text
     assert [len(r) for r in shared_prefix_rows(encoded)] == [6]
@@ -398,7 +405,12 @@ def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, m
     from transformers import AutoTokenizer
 
     from sft_dagster.formatting import build_messages, encode_example
-    from sft_dagster.training.trainer import collate, load_model, summed_response_loss, validation_loss
+    from sft_dagster.training.trainer import (
+        collate,
+        load_model,
+        summed_response_loss,
+        validation_loss,
+    )
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)

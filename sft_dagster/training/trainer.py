@@ -225,6 +225,11 @@ def shared_row_length(sequences: list[list[int]]) -> int:
     return shared + sum(len(s) - shared for s in sequences)
 
 
+def _row_position(t: int, shared: int, start: int) -> int:
+    """Where token t of an example sits in its shared-prefix row: in the shared part, or after it."""
+    return t if t < shared else start + t
+
+
 def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     """One row per list of examples: the tokens they all share (their longest common prefix: the chat
     template's system turn, an instruction, a prompt) once, then each example's remaining tokens;
@@ -250,11 +255,10 @@ def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, devi
             ids += e.input_ids[shared:]
             owner += [j] * (len(e.input_ids) - shared)
             position += range(shared, len(e.input_ids))
-            where = lambda t, start=start: t if t < shared else start + t  # noqa: E731
-            last.append((row, where(len(e.input_ids) - 1)))
+            last.append((row, _row_position(len(e.input_ids) - 1, shared, start)))
             for t in range(1, len(e.labels)):
                 if e.labels[t] != IGNORE_INDEX:
-                    token_index.append((row, where(t - 1)))
+                    token_index.append((row, _row_position(t - 1, shared, start)))
                     token_targets.append(e.input_ids[t])
                     token_sequence.append(len(last) - 1)
         rows.append(ids), owners.append(owner), positions.append(position)
@@ -266,7 +270,7 @@ def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, devi
         ids[i, : len(r)], owner[i, : len(o)], position[i, : len(p)] = torch.tensor(r), torch.tensor(o), torch.tensor(p)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     mask = causal & ((owner[:, None, :] == -1) | (owner[:, None, :] == owner[:, :, None]))
-    long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+    long = lambda values: torch.tensor(values, dtype=torch.long, device=device)
     return {"input_ids": ids.to(device), "attention_mask": mask[:, None].to(device), "position_ids": position.to(device),
             "sequence_last": long(last), "token_index": long(token_index).view(-1, 2),
             "token_targets": long(token_targets), "token_sequence": long(token_sequence)}
@@ -648,7 +652,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
     lengths = [method.length(e) for e in train_set]
-    piece_size = lambda piece: method.batch_tokens([train_set[i] for i in piece])  # noqa: E731
+    piece_size = lambda piece: method.batch_tokens([train_set[i] for i in piece])
     weights = [method.weight(e) for e in train_set]
     tokens = [method.tokens(e) for e in train_set]
     micro_per_epoch = length_grouped_batches(lengths, cfg.batch_size, cfg.seed)
