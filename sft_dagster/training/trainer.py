@@ -296,9 +296,23 @@ def shared_prefix_rows(examples: list[EncodedExample], max_row: int = SHARED_ROW
     return [r for r in rows if r]
 
 
+# the attention implementations that take the 4-D masks of `collate_shared_prefix`
+SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
+
+
 def shares_prefixes(model) -> bool:
-    """Whether `model`'s attention takes the 4-D masks of `collate_shared_prefix` (sdpa, eager)."""
-    return getattr(_causal_lm(model).config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+    """Whether `model`'s attention takes the 4-D masks of `collate_shared_prefix`."""
+    return getattr(_causal_lm(model).config, "_attn_implementation", "sdpa") in SHARED_PREFIX_ATTENTION
+
+
+def collate_micro_batch(examples: list[EncodedExample], pad_id: int, device: str, packing: bool,
+                        share_prefix: bool) -> dict[str, torch.Tensor]:
+    """An SFT micro-batch as training runs it: one packed row, shared-prefix rows, or padded rows."""
+    if packing:
+        return collate_packed(examples, device)
+    if share_prefix:  # the tokens the examples share (system turn, instruction) computed once
+        return collate_shared_prefix(shared_prefix_rows(examples), pad_id, device)
+    return collate(examples, pad_id, device)
 
 
 def decoder_hidden(decoder, batch: dict[str, torch.Tensor], **extra) -> torch.Tensor:
@@ -310,7 +324,7 @@ def decoder_hidden(decoder, batch: dict[str, torch.Tensor], **extra) -> torch.Te
         if implementation == "eager":  # eager adds the mask to the scores
             dtype = decoder.get_input_embeddings().weight.dtype
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-        elif implementation != "sdpa":
+        elif implementation not in SHARED_PREFIX_ATTENTION:
             raise ValueError(f"shared-prefix batches need an attention that takes a 4-D mask, not "
                              f"'{implementation}'; load the model with attn_implementation='sdpa' or 'eager'")
     return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
@@ -431,12 +445,7 @@ def probe_batch(encoded: list[EncodedExample], spec: PipelineSpec, pad_id: int, 
     """A typical micro-batch, collated as the trainer will (shared prefixes, packed or padded rows):
     `batch_size` rows from the middle of the length distribution; and the tokens it trains on."""
     sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
-    if spec.training.packing:
-        batch = collate_packed(sample, device)
-    elif collates_shared_prefixes(spec):
-        batch = collate_shared_prefix(shared_prefix_rows(sample), pad_id, device)
-    else:
-        batch = collate(sample, pad_id, device)
+    batch = collate_micro_batch(sample, pad_id, device, spec.training.packing, collates_shared_prefixes(spec))
     return batch, sum(len(e.input_ids) for e in sample)
 
 

@@ -13,10 +13,10 @@ from .base import TrainingMethod
 class PairMethod(TrainingMethod):
     """Items are `preference.losses.PairGroup`s (or objects with a `.group`): all the pairs of one prompt,
     over its distinct replies, each reply one sequence of the batch (a full ranking of 4 replies is 6
-    pairs over 4 sequences instead of 12 sides), the group one row whose prompt tokens are computed once. A pair weighs 1, so the loss of an optimizer step is
-    still the mean over the pairs of its accumulation window; `training.batch_size` counts prompts
-    (groups) per micro-batch. Data with one pair per prompt (most imported sets) gives groups of one
-    pair, trained exactly as pairs."""
+    pairs over 4 sequences instead of 12 sides), the group one row whose prompt tokens are computed
+    once. A pair weighs 1, so the loss of an optimizer step is still the mean over the pairs of its
+    accumulation window; `training.batch_size` counts prompts (groups) per micro-batch. Data with one
+    pair per prompt (most imported sets) gives groups of one pair, trained exactly as pairs."""
 
     def encode(self, tokenizer, frame):
         from ...preference.losses import encode_pairs, group_pairs

@@ -52,7 +52,6 @@ class SFTMethod(TrainingMethod):
                                                self.task_frame, augment.main_tasks(self.task_frame, self.spec, self.tasks))
         model = trainer.load_model(self.spec, model_dir, device, precision)
         self.neftune = augment.attach_neftune(model, self.spec.training.neftune_alpha)
-        # NEFTune draws its noise per example: a prefix computed once would get one draw for all
         self.share_prefix = trainer.collates_shared_prefixes(self.spec) and trainer.shares_prefixes(model)
         return model
 
@@ -78,7 +77,7 @@ class SFTMethod(TrainingMethod):
         return len(item.input_ids)
 
     def batch_tokens(self, items: list[EncodedExample]) -> int:
-        if self.share_prefix and not self.packing:
+        if self.share_prefix:
             rows = trainer.shared_prefix_rows(items)
             return len(rows) * max(trainer.shared_row_length([e.input_ids for e in r]) for r in rows)
         return super().batch_tokens(items)
@@ -93,11 +92,7 @@ class SFTMethod(TrainingMethod):
         return {}  # spec.training already names lora / qlora / full: fingerprints stay as before
 
     def collate(self, items, pad_id, device):
-        if self.packing:
-            return trainer.collate_packed(items, device)
-        if self.share_prefix:  # the tokens the examples share (system turn, instruction) computed once
-            return trainer.collate_shared_prefix(trainer.shared_prefix_rows(items), pad_id, device)
-        return trainer.collate(items, pad_id, device)
+        return trainer.collate_micro_batch(items, pad_id, device, self.packing, self.share_prefix)
 
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         return trainer.summed_response_loss(model, batch)
