@@ -1,6 +1,6 @@
 """Where a training step's time goes: matrix products vs casts, elementwise work, optimizer and data.
 
-Profiles one optimizer step of the trainer's own code (`load_model`, `collate`, `summed_response_loss`,
+Profiles one optimizer step of the trainer's own code (`load_model`, `collate_micro_batch`, `summed_response_loss`,
 backward, gradient clipping, AdamW) on SmolLM2-135M-Instruct with LoRA r=16 on all linear layers, a
 batch of 8 Banking77 rows (the demo reviews when the shared data is absent), after `--warmup` steps,
 in the precision given; `--compile` wraps the decoder in `torch.compile` first. Prints JSON: seconds
@@ -62,7 +62,7 @@ def build(precision: str, compile_model: bool):
     if compile_model:
         model.get_base_model().model.compile(dynamic=True)
     model.train()
-    return model, encoded, tokenizer.pad_token_id
+    return model, encoded, tokenizer.pad_token_id, spec
 
 
 def main() -> None:
@@ -76,22 +76,25 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from sft_dagster.training.trainer import collate, make_optimizer, release_freed_memory_to_os, summed_response_loss
+    from sft_dagster.training.trainer import (HeapReleaser, collate_micro_batch, collates_shared_prefixes,
+                                              make_optimizer, summed_response_loss)
 
-    model, encoded, pad_id = build(args.precision, args.compile)
+    model, encoded, pad_id, spec = build(args.precision, args.compile)
+    share_prefix = collates_shared_prefixes(spec)
+    heap = HeapReleaser()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, 2e-4, 0.0, "cpu")
     batches = [encoded[i : i + args.rows] for i in range(0, len(encoded), args.rows)]
 
     def step(rows) -> int:
-        batch = collate(rows, pad_id, "cpu")
+        batch = collate_micro_batch(rows, pad_id, "cpu", spec.training.packing, share_prefix)
         loss, n = summed_response_loss(model, batch)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        release_freed_memory_to_os()
-        return int(batch["attention_mask"].sum())
+        heap.after_step()
+        return sum(len(e.input_ids) for e in rows)
 
     warm = []
     for rows in batches[: args.warmup]:

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -78,16 +79,51 @@ def _libc():
 
 
 def release_freed_memory_to_os() -> None:
-    """Hand the pages glibc keeps for freed blocks back to the OS (CPU training, after each step).
-
-    Batches of varying length leave glibc's heap holding the high-water mark of every shape seen, so
-    resident memory creeps up step after step. One `malloc_trim` per optimizer step keeps it at what a
-    step needs; serving every large block from mmap instead (M_MMAP_THRESHOLD) also caps the peak
-    inside a step but was measured 28% slower (page faults on every activation; BENCHMARKS.md).
-    """
+    """Hand the pages glibc keeps for freed blocks back to the OS (`malloc_trim`): before loading a model,
+    after training, and when `HeapReleaser` sees the heap reach a new high between steps."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux: /proc/self/statm), or None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class HeapReleaser:
+    """Between CPU training steps, trims glibc's heap only when its resident set reaches a new high.
+
+    Freed activations stay in glibc's heap and the next step reuses them. Trimming after every step
+    (as this trainer did) hands those pages back, so the next step page-faults them in again: on
+    SmolLM2-135M, 400 Banking77 rows, 30 steps, that was 135k page faults and 0.45 s of kernel time
+    per step, and throughput rose from 218.8 to 249.4 tokens/s without it (100 steps: 231.9 -> 258.2)
+    while the peak RSS rose 1-3% (2,468 -> 2,541 MiB over 100 steps); without trimming, the resident
+    set between steps stayed within the largest batch's footprint (no creep over 100 steps). A trim
+    when the resident set exceeds the highest seen by `growth` still hands back what a fragmenting
+    heap would accumulate; it fires a few times while the first batches grow the heap, then rarely.
+    """
+
+    def __init__(self, growth: float = 0.1, rss: Callable[[], int | None] = resident_bytes,
+                 release: Callable[[], None] = release_freed_memory_to_os):
+        self.growth, self._rss, self._release = growth, rss, release
+        self.high: int | None = None
+        self.trims = 0
+
+    def after_step(self) -> bool:
+        """Trim if the resident set is above the previous high by more than `growth`; True if it did."""
+        rss = self._rss()
+        if rss is None:
+            return False
+        if self.high is not None and rss <= self.high * (1 + self.growth):
+            return False
+        self._release()
+        self.high, self.trims = rss, self.trims + 1
+        return True
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -692,6 +728,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
 
     start_time, early_stopped = time.perf_counter() - state["seconds"], False
     step = state["step"]
+    heap = HeapReleaser() if not device.startswith("cuda") else None
     while step < total_steps and not early_stopped:
         epoch, offset = divmod(step, steps_per_epoch)
         batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed + epoch)
@@ -723,8 +760,8 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if not device.startswith("cuda"):
-                release_freed_memory_to_os()
+            if heap is not None:
+                heap.after_step()
             step += 1
             state["step"], state["train_loss"] = step, loss_sum / window_weight
             state["seconds"] = time.perf_counter() - start_time
@@ -771,6 +808,8 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
             for k, v in torch.load(best_path, weights_only=True).items():
                 named[k].copy_(v.to(named[k].device))
     method.finish(model)
+    if heap is not None:  # the last steps' activations, before saving and evaluation
+        release_freed_memory_to_os()
     seconds = time.perf_counter() - start_time
     out = output_dir / method.output_name
     if rank == 0:
