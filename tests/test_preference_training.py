@@ -75,14 +75,14 @@ def test_reward_model_with_the_loss_sign_flipped_learns_the_opposite(tiny_model_
 
 
 # ----------------------------------------------------------------------------------------------------- DPO
-def sft_adapter(model_dir: Path, out: Path, seed: int = 7) -> Path:
+def sft_adapter(model_dir: Path, out: Path, seed: int = 7, dropout: float = 0.0) -> Path:
     """A LoRA adapter with random weights, standing in for the SFT adapter: the SFT model differs from the base."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
                                       init_lora_weights=False))
     model.save_pretrained(out)
     return out
@@ -177,6 +177,37 @@ def test_dpo_trains_from_the_sft_adapter_and_saves_an_adapter_like_sft(tiny_mode
     sft = sft_model(tiny_model_dir, adapter)
     ids = torch.tensor([[1, 5, 9, 14, 20]])
     assert not torch.allclose(tuned(input_ids=ids).logits, sft(input_ids=ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_policy_trains_without_dropout_unless_asked(tiny_model_dir, tmp_path, disable):
+    """The SFT adapter was trained with LoRA dropout 0.2; the reference log-probs are computed without
+    dropout. With dropout off (the default, as TRL's), the first step's policy is the reference exactly:
+    loss log 2; with it on, the policy's log-probs are noisy and the first loss is not log 2."""
+    adapter = sft_adapter(tiny_model_dir, tmp_path / "sft", dropout=0.2)
+    history = []
+    train_dpo(spec_for(tiny_model_dir, epochs=1), DPOConfig(beta=0.5, disable_dropout=disable), tiny_model_dir,
+              adapter, pairs(8), pairs(4, offset=100), tmp_path / "dpo", device="cpu", log=quiet,
+              on_metrics=history.append)
+    gap = abs(history[0]["train_loss"] - math.log(2))
+    assert (gap < 1e-5) if disable else (gap > 1e-4), history[0]
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_reward_model_scores_alike_in_training_unless_dropout_is_asked_for(tiny_model_dir, tmp_path, disable):
+    from sft_dagster.training.methods.reward_model import RewardModelMethod
+
+    spec = spec_for(tiny_model_dir, lora={"r": 4, "alpha": 8, "dropout": 0.2})
+    method = RewardModelMethod(spec, RewardModelConfig(disable_dropout=disable))
+    model = method.load_model(tiny_model_dir, "cpu", "fp32").train()
+    with torch.no_grad():  # a random head and B = 0: move B so that the LoRA branch (and its dropout) counts
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 7]])
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second) == disable
 
 
 def test_dpo_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):

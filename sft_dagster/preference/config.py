@@ -92,6 +92,9 @@ class DPOConfig(_Strict):
     beta: float = Field(0.1, gt=0)
     # conservative DPO: the share of labels assumed flipped (0 = plain DPO)
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # dropout off in the policy (LoRA's too), as TRL's DPOConfig: the reference log-probs are computed
+    # without dropout, and a policy forward with it makes the log-ratio noise from the first step
+    disable_dropout: bool = True
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
@@ -103,6 +106,8 @@ class RewardModelConfig(_Strict):
     method: Literal["reward_model"] = "reward_model"
     # adds coef * mean((r_chosen + r_rejected)^2): keeps rewards centred on 0 (Eisenstein et al. 2023)
     center_rewards_coefficient: float | None = Field(None, ge=0)
+    # dropout off (LoRA's too), as TRL's RewardConfig: scores are then the same in training and scoring
+    disable_dropout: bool = True
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from ...spec import PipelineSpec
-from .pairs import PairMethod, load_policy, pair_training_spec
+from .pairs import PairMethod, disable_dropout, load_policy, pair_training_spec
 
 
 @dataclass
@@ -52,7 +52,10 @@ class DPOMethod(PairMethod):
         return {"method": self.name, "config": self.config.model_dump(mode="json"), "start": start}
 
     def load_model(self, model_dir: Path, device: str, precision: str):
-        return load_policy(self.spec, model_dir, self.sft_adapter_dir, device)
+        model = load_policy(self.spec, model_dir, self.sft_adapter_dir, device)
+        if self.config.disable_dropout:
+            disable_dropout(model)
+        return model
 
     def encode(self, tokenizer, frame):
         return [ReferencedGroup(g) for g in super().encode(tokenizer, frame)]

@@ -67,6 +67,20 @@ def lora_config(spec: PipelineSpec, task_type: str):
                       target_modules=lora.target_modules, task_type=task_type)
 
 
+def disable_dropout(model) -> None:
+    """Dropout off in `model`, in training mode too: every `nn.Dropout` (peft's LoRA dropout among them)
+    and the attention dropout of the decoder's attention modules.
+
+    For pair methods (TRL's `disable_dropout`, on by default in its DPO and reward configs). Measured on
+    SmolLM2 (20 steps, 8 pairs a step, LoRA dropout 0.05): DPO's mean train loss was 0.729 with dropout,
+    above log 2 = 0.693, the loss of a policy equal to its reference; TRL's, without dropout, 0.598."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
 def load_policy(spec: PipelineSpec, model_dir: Path, start: Path | None, device: str, trainable: bool = True):
     """A causal LM policy with a LoRA adapter: the SFT adapter `start` (trainable, it keeps its own
     LoRA settings), or a full fine-tuned model folder `start` / the base model with a new adapter from

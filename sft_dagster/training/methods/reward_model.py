@@ -23,7 +23,7 @@ import torch
 
 from ... import atomic
 from ...spec import PipelineSpec, TaskSpec
-from .pairs import PairMethod, lora_config, pair_training_spec
+from .pairs import PairMethod, disable_dropout, lora_config, pair_training_spec
 
 META_FILE = "reward_model.json"
 
@@ -48,6 +48,8 @@ class RewardModelMethod(PairMethod):
         model = get_peft_model(load_reward_model(model_dir, device, seed=self.spec.training.seed),
                                lora_config(self.spec, "SEQ_CLS"))
         use_fast_lora(model)
+        if self.config.disable_dropout:
+            disable_dropout(model)
         return model
 
     def collate(self, items, pad_id, device):
