@@ -329,7 +329,7 @@ def test_resident_bytes_follow_touched_memory():
 def test_cpu_training_does_not_trim_the_heap_after_every_step(tiny_model_dir, tmp_path, monkeypatch):
     """Trimming returns the freed activations the next step would reuse (page faults: 11-14% of a
     SmolLM2 step, `HeapReleaser`); training trims when the heap reaches a new high and once at the end."""
-    import sft_dagster.training.trainer as trainer
+    from sft_dagster.training import trainer
 
     trims = []
 
