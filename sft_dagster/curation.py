@@ -19,7 +19,9 @@ Order of decisions, each recorded with its reason:
    labelled, with their flags, so the report can show the as-labelled and the corrected view.
    `label_issues: relabel` trains a flagged row on cleanlab's suggested label when its calibrated
    confidence reaches `relabel_min_confidence` (the old label kept in `relabelled_from`); the other
-   flagged rows are quarantined until a person decides in the review queue.
+   flagged rows are quarantined until a person decides in the review queue. Generation tasks' response
+   findings (misaligned, wrong language, copy ...; warnings such as boilerplate never) follow
+   `response_issues: drop | keep` the same way, train and validation only, reviewed rows never.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from .splits import assign_splits
 
 FLAG_COLUMNS = ["is_label_issue", "is_outlier", "is_near_duplicate", "suggested_label", "label_score",
                 "suggested_confidence"]
+# Generation tasks' response findings (quality/response_issues.py), carried when the flags have them.
+RESPONSE_FLAG_COLUMNS = ["is_response_issue", "is_response_warning", "response_issue_types", "response_issue_score",
+                         "response_issue_reason"]
 
 
 def curate(
@@ -53,7 +58,11 @@ def curate(
     """
     df = assign_splits(labelled, splits)
     if flags is not None and not flags.empty:
-        df = df.merge(flags[["example_id", *[c for c in FLAG_COLUMNS if c in flags]]], on="example_id", how="left")
+        df = df.merge(flags[["example_id", *[c for c in FLAG_COLUMNS + RESPONSE_FLAG_COLUMNS if c in flags]]],
+                      on="example_id", how="left")
+    response = "is_response_issue" in df
+    if response:
+        df["is_response_issue"] = df["is_response_issue"].fillna(False).astype(bool)
     for col in ("is_label_issue", "is_outlier", "is_near_duplicate"):
         df[col] = df[col].fillna(False).astype(bool) if col in df else False
     if "suggested_label" not in df:
@@ -113,6 +122,10 @@ def curate(
             + " (label score " + df.loc[hit, "label_score"].astype(float).map("{:.3f}".format).astype(str)
             + ", confidence " + df.loc[hit, "suggested_confidence"].astype(float).map("{:.3f}".format).astype(str) + ")"
         )
+    if response and policy.response_issues == "drop":
+        hit = trainable & df["is_response_issue"] & ~df["reviewed"].astype(bool) & reason.isna()
+        reason[hit] = ("response issue (" + df.loc[hit, "response_issue_types"].astype(str) + "): "
+                       + df.loc[hit, "response_issue_reason"].astype(str))
     if policy.near_duplicates == "drop":
         kept_of = representatives(df, clusters, reason.isna())  # among the rows still in
         hit = trainable & (df["example_id"] != kept_of) & reason.isna()
@@ -143,4 +156,7 @@ def curate(
         "flagged_test_rows_kept": int((~trainable & df["is_label_issue"] & ~removed).sum()),
         "relabelled": int(curated["relabelled_from"].notna().sum()),
     }
+    if response:
+        stats["response_issues_quarantined"] = int(reason[removed].str.startswith("response issue").sum())
+        stats["flagged_test_response_rows_kept"] = int((~trainable & df["is_response_issue"] & ~removed).sum())
     return curated, quarantined, stats

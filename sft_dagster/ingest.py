@@ -128,6 +128,33 @@ def _iter_parquet(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, An
 _READERS = {"jsonl": _iter_jsonl, "csv": _iter_csv, "parquet": _iter_parquet}
 
 
+def _text_lines(path: Path, encoding: str) -> list[str]:
+    """A plain-text file's lines (a final newline ends the last line; it does not start another)."""
+    text = _decode(path, encoding)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def _iter_parallel(path: Path, target: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any, str | None]]:
+    """Line N of `path` and line N of `target` as one record {prompt, response}.
+
+    Unequal line counts fail the pair of files: one missing or extra line misaligns every line after it,
+    so no row of such a pair can be trusted. A line blank on one side is that row's problem (quarantined).
+    """
+    prompts, responses = _text_lines(path, encoding), _text_lines(target, encoding)
+    if len(prompts) != len(responses):
+        raise IngestError(f"{path}: target: {target} has {len(responses)} lines, {path.name} has {len(prompts)}; "
+                          "a parallel pair must be line-aligned (a missing or extra line shifts every line after it)")
+    for line_no, (prompt, response) in enumerate(zip(prompts, responses), start=1):
+        if not prompt.strip() and not response.strip():
+            continue
+        record = {"prompt": prompt, "response": response}
+        empty = [f"line {line_no} of {p.name} is blank" for p, t in ((path, prompt), (target, response)) if not t.strip()]
+        yield line_no, record, ("; ".join(empty) or None)
+
+
 def _as_text(value: Any, field: str) -> tuple[str | None, str | None]:
     """(text, problem): scalars become text; containers and nulls are problems."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
@@ -218,13 +245,20 @@ def _check_columns(path: Path, fmt: str, source: SourceSpec, records: list[tuple
             )
 
 
-def read_source_file(path: Path, source: SourceSpec) -> tuple[list[dict], list[dict]]:
-    """One file -> (canonical rows, quarantined rows); a file without rows gives two empty lists."""
+def read_source_file(path: Path, source: SourceSpec, target: Path | None = None) -> tuple[list[dict], list[dict]]:
+    """One file -> (canonical rows, quarantined rows); a file without rows gives two empty lists.
+    target: the resolved target-side file of a `format: parallel` source."""
     fmt = _format_of(path, source)
-    records = list(_READERS[fmt](path, source.encoding))
+    if fmt == "parallel":
+        if target is None or not target.is_file():
+            raise IngestError(f"{path}: target: no such file {target} (the line-aligned responses of format: parallel)")
+        records = list(_iter_parallel(path, target, source.encoding))
+    else:
+        records = list(_READERS[fmt](path, source.encoding))
     if not records:
         return [], []
-    _check_columns(path, fmt, source, records)
+    if fmt != "parallel":
+        _check_columns(path, fmt, source, records)
     kept, quarantined = [], []
     for line_no, record, problem in records:
         fields = {}
@@ -265,8 +299,13 @@ def ingest(spec: PipelineSpec) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     per_file: dict[str, dict[str, int]] = {}
     warnings: list[str] = []
     for source in spec.sources:
-        for path in source_files(spec, source):
-            rows, bad = read_source_file(path, source)
+        files = source_files(spec, source)
+        target = spec.resolve(source.target).resolve() if source.target else None
+        if target is not None and len(files) != 1:
+            raise IngestError(f"{spec.spec_path or '<spec>'}: sources.path: format: parallel reads one file and its "
+                              f"target; {source.path!r} matches {len(files)} files")
+        for path in files:
+            rows, bad = read_source_file(path, source, target)
             kept.extend(rows)
             quarantined.extend(bad)
             per_file[str(path)] = {"rows_read": len(rows) + len(bad), "kept": len(rows), "quarantined": len(bad)}

@@ -15,31 +15,32 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import atomic
+from . import atomic, metrics
+from .judge import markdown_lines as win_rate_lines
 from .prompt_model import METHOD as FEW_SHOT
 from .prompt_model import PROMPT_FILE
 from .schema import lineage_hash_of
 
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
-
-
 def _gain(metric: str, candidate: float, reference: float) -> float:
-    return (reference - candidate) if metric in LOWER_IS_BETTER else (candidate - reference)
+    """The candidate's gain over the reference: positive is better (TER, loss and the like: lower is better)."""
+    return (reference - candidate) if metrics.lower_is_better(metric) else (candidate - reference)
 
 
-def all_tasks_decision(report: dict, min_improvement: float) -> dict:
+def all_tasks_decision(report: dict, min_improvement: float, require_significant: bool = False) -> dict:
     """A multi-task report's decision: the main task's (`report["promotion"]`, with forgetting) and every
     further task's on its own primary metric; the adapter is promoted only when all pass."""
     main = report["promotion"]
     decisions = {"main": main} | {
-        name: promotion_decision(task_report, task_report["primary_metric"], min_improvement)
+        name: promotion_decision(task_report, task_report["primary_metric"], min_improvement,
+                                 require_significant=require_significant)
         for name, task_report in report["tasks"].items() if name != "main"}
     blocked = [f"{name}: {d['reason']}" for name, d in decisions.items() if not d["promote"]]
     return main | {"promote": not blocked, "tasks": decisions,
                    "reason": ("every task passes: " + main["reason"]) if not blocked else "; ".join(blocked)}
 
 
-def promotion_decision(report: dict, metric: str, min_improvement: float, max_forgetting: float | None = None) -> dict:
+def promotion_decision(report: dict, metric: str, min_improvement: float, max_forgetting: float | None = None,
+                       require_significant: bool = False) -> dict:
     """Champion / challenger: may the candidate (`tuned`) replace the current promoted model?
 
     With a champion in the report, the candidate must beat it on `metric` by `min_improvement` and must
@@ -47,7 +48,9 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
     model. With `max_forgetting`, it must also keep answering the general prompts the base model answers
     right (report["retention"]): forgetting above the limit blocks promotion. A candidate that *is* the champion (same lineage) needs no promotion and passes.
     A negative `min_improvement` is an allowed drop (the candidate may be at most that much worse), and
-    the reason says so.
+    the reason says so. With `require_significant`, the lower end of the 95% interval of the gain (the
+    report's paired bootstrap of the candidate's difference from the same reference) must be above
+    `min_improvement` as well; a report without that interval is not promoted.
     Returns `{"promote", "reason", "compared_with", "metric", "candidate", "reference", "gain", ...}`.
     """
     tuned = report["tuned"]
@@ -66,6 +69,9 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
     if metric not in tuned or metric not in reference:
         return {"promote": False, "compared_with": reference_name, "metric": metric,
                 "reason": f"metric {metric!r} is not in the evaluation report (has {sorted(tuned)})"}
+    if tuned[metric] is None or reference[metric] is None:  # e.g. distinct-2 of outputs under two words
+        return {"promote": False, "compared_with": reference_name, "metric": metric,
+                "reason": f"metric {metric!r} has no value for the {'candidate' if tuned[metric] is None else reference_name}"}
     gain = _gain(metric, tuned[metric], reference[metric])
     decision = {"compared_with": reference_name, "metric": metric, "candidate": tuned[metric],
                 "reference": reference[metric], "gain": gain, "required_gain": min_improvement}
@@ -77,6 +83,8 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
     else:
         reasons.append(f"candidate {metric} {tuned[metric]:.4f} {'beats' if ok else 'does not beat'} {reference_name} "
                        f"{reference[metric]:.4f} by the required {min_improvement:+.4f} (gain {gain:+.4f})")
+    ok = _significant(report, metric, "tuned_minus_champion" if champion else "tuned_minus_base", min_improvement,
+                      decision, reasons, require_significant) and ok
     primary = report.get("primary_metric")
     if champion and primary and primary != metric and primary in tuned and primary in champion:
         primary_gain = _gain(primary, tuned[primary], champion[primary])
@@ -92,6 +100,26 @@ def promotion_decision(report: dict, metric: str, min_improvement: float, max_fo
             reasons.append(f"and it forgets {retention['forgetting']:.1%} of the general prompts the base model answers "
                            f"right (promotion.max_forgetting {max_forgetting:.1%})")
     return decision | {"promote": ok, "reason": "; ".join(reasons)}
+
+
+def _significant(report: dict, metric: str, difference: str, min_improvement: float, decision: dict,
+                 reasons: list[str], required: bool) -> bool:
+    """Whether the interval of the candidate's gain on `metric` is above `min_improvement`. The interval goes
+    into `decision` whenever the report has it; only when `required` does it decide (and is in `reasons`)."""
+    interval = metrics.gain_interval(report.get("intervals"), difference, metric)
+    if interval is not None:
+        decision["gain_interval"] = interval
+    if not required:
+        return True
+    if interval is None:
+        reasons.append(f"and the report has no interval of the {metric} gain, which promotion.require_significant needs")
+        return False
+    level = (report.get("intervals") or {}).get("confidence", 0.95)
+    cleared = interval[0] > min_improvement  # strictly: a lower end of 0 is no evidence of a gain
+    reasons.append(f"{'and' if cleared else 'but'} the {level:.0%} interval of the gain [{interval[0]:+.4f}, "
+                   f"{interval[1]:+.4f}] {'clears' if cleared else 'does not clear'} {min_improvement:+.4f} "
+                   "(promotion.require_significant)")
+    return cleared
 
 
 def _versions(pipeline_dir: Path) -> list[int]:
@@ -171,6 +199,20 @@ def _use(pipeline: str, version: str, lineage: dict) -> list[str]:
     ]
 
 
+def _metric_lines(report: dict) -> list[str]:
+    """The model card's metrics: every metric of the report with its 95% interval, per model, and the
+    candidate's difference from the model it was compared with (none for a report without intervals)."""
+    intervals = report.get("intervals") or {}
+    champion = bool(report.get("champion"))
+    columns = [("base", "base"), *([("champion", f"champion {report.get('champion_version')}")] if champion else []),
+               ("tuned", "this version")]
+    table = metrics.markdown_table(intervals, {k: report.get(k) or {} for k, _ in columns}, columns,
+                                   intervals.get("compared_with"), f"change vs {'champion' if champion else 'base'}")
+    if not table:
+        return []
+    return ["", f"## Metrics ({intervals['confidence']:.0%} intervals)", "", *table]
+
+
 def model_card(pipeline: str, version: str, report: dict, lineage: dict, decision: dict) -> str:
     metric = report["primary_metric"]
     champion_line = (f", champion {report['champion_version']} {report['champion'][metric]:.4f}"
@@ -194,6 +236,8 @@ def model_card(pipeline: str, version: str, report: dict, lineage: dict, decisio
             f"- Promotion: {decision['reason']}",
             *([] if few_shot else [f"- Trained on: {lineage.get('device', '?')}; {libraries or 'library versions not recorded'}"]),
             f"- Promoted at: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+            *_metric_lines(report),
+            *win_rate_lines(report.get("win_rate")),
             "",
             "## Lineage",
             "",

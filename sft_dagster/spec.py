@@ -25,11 +25,10 @@ from .preference.config import (
     RankingConfig,
     RewardModelConfig,
 )
+from . import metrics
 from .strict import _Strict
+from .task_types import GENERATION_TASKS, LABEL_TASKS, TaskType
 
-LABEL_TASKS = frozenset({"classification", "sentiment"})
-GENERATION_TASKS = frozenset({"qa", "summarization", "translation", "style", "instruction"})
-TaskType = Literal["classification", "sentiment", "qa", "summarization", "translation", "style", "instruction"]
 
 # A data-quality suite's name: a file `data_checks/<name>.yaml`, never a path.
 SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -62,10 +61,29 @@ class TaskSpec(_Strict):
     # serving use it, and `prompt_template` is set to it.
     prompt_templates: list[str] | None = None
     system: str | None = None
+    # Generation tasks: the language responses (and prompts) must be in, as a code of the language
+    # identifier (ISO 639-1: en, fr, de ...); checked by the `wrong_language` response finding. Unset: the
+    # dataset's dominant language is expected (quality/response_issues.py).
+    response_language: str | None = None
+    prompt_language: str | None = None
 
     @property
     def is_label_task(self) -> bool:
         return self.type in LABEL_TASKS
+
+    @field_validator("response_language", "prompt_language")
+    @classmethod
+    def _known_language(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from .langid import known_languages
+
+        code = v.strip().lower()
+        if code not in known_languages():
+            close = sorted(c for c in known_languages() if c[:1] == code[:1])
+            raise ValueError(f"{v!r} is not a language code the language identifier (py3langid) knows; use an ISO "
+                             f"639-1 code such as en, fr, de (codes starting with {code[:1]!r}: {close})")
+        return code
 
     @model_validator(mode="before")
     @classmethod
@@ -94,12 +112,20 @@ class TaskSpec(_Strict):
             bad = [i for i, t in enumerate(self.prompt_templates) if t.count("{prompt}") != 1]
             if bad:
                 raise ValueError(f"task.prompt_templates[{bad[0]}] must contain {{prompt}} exactly once")
+        for key in ("response_language", "prompt_language"):
+            if self.is_label_task and getattr(self, key) is not None:
+                raise SpecKeyError((key,), f"task.{key} is for generation tasks, not {self.type}")
         return self
 
 
 class SourceSpec(_Strict):
     path: str  # a file or a glob, relative to the spec file
-    format: Literal["jsonl", "csv", "parquet"] | None = None  # default: from the extension
+    # default: from the extension. `parallel`: a line-aligned pair of plain-text files (the layout of
+    # Moses / OPUS / WMT corpora): line N of `path` is the prompt, line N of `target` its response.
+    format: Literal["jsonl", "csv", "parquet", "parallel"] | None = None
+    # format: parallel only: the target-side file (one file, relative to the spec file). Left out of dumps
+    # while unset, so specs without it keep their fingerprint (and their trained adapters).
+    target: str | None = Field(None, exclude_if=lambda v: v is None)
     # Text encoding of JSONL and CSV files (any Python codec name: cp1252, latin-1, utf-16 ...); a UTF-8
     # byte-order mark is accepted either way.
     encoding: str = "utf-8"
@@ -112,6 +138,17 @@ class SourceSpec(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _parallel_target(self) -> "SourceSpec":
+        if self.format == "parallel" and not (self.target or "").strip():
+            raise SpecKeyError(("target",), "format: parallel needs `target`: the line-aligned file of responses")
+        if self.target is not None and self.format != "parallel":
+            raise SpecKeyError(("target",), "target is for format: parallel (a line-aligned pair of text files)")
+        if self.format == "parallel" and self.columns:
+            raise SpecKeyError(("columns",), "format: parallel has no columns to map: line N of path is the prompt, "
+                                             "line N of target the response")
+        return self
 
     @field_validator("encoding")
     @classmethod
@@ -170,11 +207,87 @@ class CurationPolicy(_Strict):
     relabel_min_confidence: float = Field(0.8, gt=0, le=1)
     near_duplicates: Literal["drop", "keep"] = "drop"
     outliers: Literal["drop", "keep"] = "keep"
+    # Generation tasks: rows with a blocking response finding (quality.response) in train and validation
+    # are quarantined (drop) or trained on (keep); test rows stay, with their flags, either way.
+    response_issues: Literal["drop", "keep"] = "drop"
+
+
+# The response findings of generation tasks (quality/response_issues.py: one function each).
+RESPONSE_FINDINGS = ("misaligned", "wrong_language", "copy", "length", "truncated", "boilerplate")
+ResponseFinding = Literal["misaligned", "wrong_language", "copy", "length", "truncated", "boilerplate"]
+
+
+class ResponseFitSpec(_Strict):
+    """`misaligned`: the base model's loss on each response with its prompt vs without (response_fit.py)."""
+
+    # A row is flagged when its prompt helps it at most this share of what it helps the dataset's median
+    # row: 1 - IFD <= max_relative_gain * (1 - median IFD), IFD = loss with prompt / loss without.
+    max_relative_gain: float = Field(0.3, ge=0, lt=1)
+    # The share of clean rows the rule above flags, measured (quality/response_issues.py): the estimated
+    # precision of the flags is 1 - clean_tail_rate * clean rows / flagged rows.
+    clean_tail_rate: float = Field(0.08, ge=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    max_tokens: int = Field(1024, ge=16)  # tokens per scored conversation (the prompt's start is cut first)
+
+
+class ResponseLanguageSpec(_Strict):
+    """`wrong_language`: py3langid's probabilities over a plausible language set (response_issues.py)."""
+
+    min_probability: float = Field(0.5, gt=0, le=1)  # the detected language's probability, at least
+    max_expected_probability: float = Field(0.1, ge=0, lt=1)  # the expected language's probability, at most
+    # Without task.response_language: the dataset's dominant language is expected when at least this
+    # share of the confidently identified responses is in it.
+    dominant_share: float = Field(0.6, gt=0.5, le=1)
+
+
+class ResponseCopySpec(_Strict):
+    """`copy`: the response is (nearly) the prompt, or one chunk of it."""
+
+    min_similarity: float = Field(0.9, gt=0, le=1)
+    min_words: int = Field(3, ge=1)  # a chunk copy needs at least this many words (short answers are spans)
+
+
+class ResponseLengthSpec(_Strict):
+    max_z: float = Field(3.5, gt=0)  # modified z-score of log(response / prompt length)
+
+
+class ResponseTruncationSpec(_Strict):
+    # "no terminal punctuation" counts only where at least this share of the dataset's responses has it
+    min_terminal_share: float = Field(0.9, gt=0, le=1)
+
+
+class ResponseQualitySpec(_Strict):
+    """`quality.response`: response-quality findings for generation tasks (ignored by label tasks)."""
+
+    enabled: bool = True
+    findings: list[ResponseFinding] = Field(default_factory=lambda: list(RESPONSE_FINDINGS))
+    # Findings that only warn: shown in the review queue, never quarantined or counted by the gate.
+    warnings: list[ResponseFinding] = Field(default_factory=lambda: ["boilerplate"])
+    # Blocking gate `response_issue_rate`: fail when more than this share of rows has a blocking finding.
+    max_issue_rate: float = Field(0.10, ge=0, le=1)
+    fit: ResponseFitSpec = ResponseFitSpec()
+    language: ResponseLanguageSpec = ResponseLanguageSpec()
+    copied: ResponseCopySpec = ResponseCopySpec()
+    length: ResponseLengthSpec = ResponseLengthSpec()
+    truncation: ResponseTruncationSpec = ResponseTruncationSpec()
+
+    @field_validator("findings", "warnings")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"has duplicates: {v}")
+        return v
+
+    @property
+    def blocking_findings(self) -> list[str]:
+        return [f for f in self.findings if f not in self.warnings]
 
 
 class QualitySpec(_Strict):
     suite: str = "default"  # data_checks/<suite>.yaml: an identifier, never a path
     cleanlab: CleanlabSpec = CleanlabSpec()
+    # Generation tasks: findings on the responses themselves (misaligned, wrong language, copies ...).
+    response: ResponseQualitySpec = ResponseQualitySpec()
     policy: CurationPolicy = CurationPolicy()
     # Optional CSV listing every known label error (text, true_label): label-issue detection is
     # then scored (precision, recall) against it and shown in the UI.
@@ -354,6 +467,16 @@ class TrainingSpec(_Strict):
         return self
 
 
+class JudgeSpec(_Strict):
+    """A judge model for generation tasks: the candidate's pairwise win rate against the base model and the
+    champion on the test prompts (sft_dagster/judge.py)."""
+
+    # In the forms of model.base: an HF id in the local cache, a local directory, a .gguf file, or
+    # embedded:smollm2-135m-instruct.
+    model: str
+    max_examples: int | None = Field(None, ge=1)  # judge the first this many scored test rows; default: all
+
+
 class EvaluationSpec(_Strict):
     max_examples: int | None = Field(None, ge=1)  # default: the whole test split
     max_new_tokens: int = Field(16, ge=1)
@@ -366,13 +489,23 @@ class EvaluationSpec(_Strict):
     # Catastrophic forgetting: this many general prompts (sft_dagster/retention.py) scored for base,
     # champion and candidate (0: off).
     retention_examples: int = Field(200, ge=0)
+    # Generation tasks: a judge model (JudgeSpec). Left out of every dump while unset, so specs without it keep
+    # their lineage and their cached scores.
+    judge: JudgeSpec | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class PromotionSpec(_Strict):
-    metric: str = "accuracy"
+    # Any metric the task's evaluation reports (sft_dagster/metrics/: chrf, bleu, ter, rougeL, exact_match,
+    # token_f1, accuracy, macro_f1, ...), or loss / perplexity. None: the task type's primary metric
+    # (accuracy, chrf, rougeLsum, exact_match, rougeL), filled in when the pipeline spec is loaded.
+    metric: str | None = None
     # The candidate must beat the current promoted model (the champion; the base model before the first
     # promotion) by at least this much on `metric`, and must not be worse on the task's primary metric.
     min_improvement: float = 0.0
+    # true: the gain must be significant too: the lower end of the 95% paired bootstrap interval of the
+    # candidate's difference on `metric` (evaluation report, `intervals`) must be above `min_improvement`.
+    # Left out of every dump while false, so specs without it keep their lineage.
+    require_significant: bool = Field(False, exclude_if=lambda v: not v)
     # `base`: compare with the base model only (e.g. after switching to another base model).
     compare_with: Literal["champion", "base"] = "champion"
     # Block promotion when the candidate gets wrong more than this share of the general prompts the base
@@ -632,6 +765,49 @@ class PipelineSpec(_Strict):
                                       "prompt model has none")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_promotion_metric(cls, data: Any) -> Any:
+        """`promotion.metric` left out is the task type's primary metric, filled in here, before validation,
+        so that every reader of `spec.promotion.metric` sees it (and a label spec's dump is unchanged)."""
+        if not isinstance(data, dict):
+            return data
+        task, promotion = data.get("task"), data.get("promotion", {})
+        kind = task.get("type") if isinstance(task, dict) else getattr(task, "type", None)
+        if kind not in LABEL_TASKS | GENERATION_TASKS:
+            return data  # the task's own validation says what is wrong
+        if isinstance(promotion, dict) and promotion.get("metric") is None:
+            return {**data, "promotion": {**promotion, "metric": metrics.primary_metric(kind)}}
+        if isinstance(promotion, PromotionSpec) and promotion.metric is None:
+            return {**data, "promotion": promotion.model_copy(update={"metric": metrics.primary_metric(kind)})}
+        return data
+
+    @model_validator(mode="after")
+    def _promotion_metric(self) -> PipelineSpec:
+        """A promotion metric the task's evaluation never reports would fail `beats_champion` after training."""
+        metric, kind, accepted = self.promotion.metric, self.task.type, metrics.accepted(self.task.type)
+        if metric not in accepted:
+            known = metrics.REGISTRY.get(metric)
+            why = ("describes the outputs and has no better direction" if known and kind in known.tasks else
+                   f"is not a metric a {kind} task's evaluation reports")
+            raise SpecKeyError(("promotion", "metric"), f"{metric!r} {why}; use one of {', '.join(accepted)} "
+                                                        f"(default for {kind}: {metrics.primary_metric(kind)})")
+        if self.promotion.require_significant and metric in metrics.MODEL_METRICS:
+            raise SpecKeyError(("promotion", "require_significant"),
+                               f"{metric} is measured on the model, not per test row, so it has no interval; "
+                               f"choose a task metric as promotion.metric ({', '.join(accepted[:3])}, ...)")
+        return self
+
+    @model_validator(mode="after")
+    def _judge(self) -> PipelineSpec:
+        """A judge compares generated answers; a label task's answer is one label, which accuracy scores."""
+        if self.evaluation.judge is not None and self.task.is_label_task:
+            raise SpecKeyError(("evaluation", "judge"),
+                               f"a judge compares generated answers, for generation tasks ({', '.join(sorted(GENERATION_TASKS))}); "
+                               f"a {self.task.type} task's answers are labels, scored by accuracy and macro-F1: "
+                               "remove evaluation.judge")
+        return self
+
     def task_specs(self) -> dict[str, TaskSpec]:
         """Every task of the mix by name: the spec's own as `main`, then `tasks`."""
         return {MAIN_TASK: self.task, **{t.name: t.task for t in self.tasks}}
@@ -686,15 +862,29 @@ class PipelineSpec(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of the resolved spec: part of every SFT adapter's lineage. The `preference:` and `student:`
-        sections and `training.min_rows_to_train` are left out (they do not shape the SFT adapter; adding them
-        must not retrain SFT), and so is an unset `model.keep_layers` (specs written before it existed keep
-        their fingerprint)."""
+        sections, `training.min_rows_to_train` and `evaluation.judge` are left out (they do not shape the SFT
+        adapter; adding them must not retrain SFT), and so is an unset `model.keep_layers` (specs written before it existed keep
+        their fingerprint). Response-quality settings are left out where they cannot apply (a label task's
+        `quality.response`, an unset `task.response_language`), so label-task lineages stay as they were."""
         data = self.model_dump(mode="json", exclude={"preference": True, "student": True,
-                                                     "training": {"min_rows_to_train"}})
+                                                     "training": {"min_rows_to_train"}, "evaluation": {"judge"}})
         if data["model"].get("keep_layers") is None:
             del data["model"]["keep_layers"]
+        _drop_unused_response_settings(data["task"], data["quality"])
+        for entry in data.get("tasks") or []:
+            _drop_unused_response_settings(entry["task"], entry.get("quality"))
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _drop_unused_response_settings(task: dict, quality: dict | None) -> None:
+    """In a dumped spec (for the fingerprint): response settings that do not shape this task's adapter."""
+    for key in ("response_language", "prompt_language"):
+        if task.get(key) is None:
+            task.pop(key, None)
+    if quality is not None and task.get("type") in LABEL_TASKS:
+        quality.pop("response", None)
+        quality.get("policy", {}).pop("response_issues", None)
 
 
 def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:

@@ -184,12 +184,28 @@ def step_logger_from_env() -> StepLogger | None:
 
 
 def log_evaluation(run: TrackedRun, report: dict, files: list[Path], artifact_path: str = "evaluation") -> dict:
-    """The evaluation report's metrics (`eval.<model>.<metric>`, `eval.promote`) and files, into the
-    training run's MLflow run; returns the metrics logged."""
+    """The evaluation report's metrics (`eval.<model>.<metric>`, `eval.promote`), their 95% intervals
+    (`eval.<model>.<metric>.low` / `.high`), the candidate's differences with theirs
+    (`eval.tuned_minus_base.<metric>`, `eval.tuned_minus_champion.<metric>`, each with `.low` / `.high`), the
+    judged win rates (`eval.win_rate.tuned_vs_base`, `eval.win_rate.tuned_vs_champion`, with `.low` / `.high`)
+    and the files, into the training run's MLflow run; returns the metrics logged."""
     metrics = {}
+    intervals = report.get("intervals") or {}
     for model in ("base", "base_few_shot", "champion", "tuned"):
         for name, value in (report.get(model) or {}).items():
             metrics[f"eval.{model}.{name}"] = value
+        for name, interval in ((intervals.get("models") or {}).get(model) or {}).items():
+            if interval:
+                metrics[f"eval.{model}.{name}.low"], metrics[f"eval.{model}.{name}.high"] = interval
+    for difference, found in (intervals.get("differences") or {}).items():
+        for name, d in found.items():
+            metrics[f"eval.{difference}.{name}"] = d["value"]
+            if d["interval"]:
+                metrics[f"eval.{difference}.{name}.low"], metrics[f"eval.{difference}.{name}.high"] = d["interval"]
+    for versus, found in ((report.get("win_rate") or {}).get("versus") or {}).items():
+        metrics[f"eval.win_rate.tuned_vs_{versus}"] = found["value"]
+        if found.get("interval"):
+            metrics[f"eval.win_rate.tuned_vs_{versus}.low"], metrics[f"eval.win_rate.tuned_vs_{versus}.high"] = found["interval"]
     for model, values in ((report.get("retention") or {}).get("models") or {}).items():
         for name, value in (values or {}).items():
             metrics[f"eval.retention.{model}.{name}"] = value

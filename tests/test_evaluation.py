@@ -84,23 +84,24 @@ def test_score_model_runs_generation_and_loss(tiny_model_dir):
     assert 0 <= scores.metrics["accuracy"] <= 1
 
 
-def test_greedy_generation_runs_once_per_distinct_prompt(tiny_model_dir):
+def test_greedy_generation_runs_once_per_distinct_prompt(tiny_model_dir, monkeypatch):
     """Rows sharing a prompt (a test split with several reference replies per prompt) share one greedy
     generation, and every row gets the reply its prompt gets alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sft_dagster import evaluation
     from sft_dagster.evaluation import generate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     rows_generated = []
-    original = model.generate
+    original = evaluation.greedy
 
-    def counting(**kwargs):
-        rows_generated.append(kwargs["input_ids"].shape[0])
-        return original(**kwargs)
+    def counting(model, prompts, *args, **kwargs):
+        rows_generated.append(len(prompts))
+        return original(model, prompts, *args, **kwargs)
 
-    model.generate = counting
+    monkeypatch.setattr(evaluation, "greedy", counting)
     test = pd.DataFrame({"prompt": ["good", "bad one", "good", "so so", "bad one", "good"], "system": [None] * 6})
     task = spec().task
     out = generate(model, tokenizer, test, task, 4, 2, "cpu")
@@ -309,3 +310,156 @@ def test_base_model_scores_are_reused_by_the_next_run(tiny_model_dir, tmp_path, 
     assert calls == {"score_model": 4, "score_retention": 3}
     run(rows(5, 0), "a3")  # new test rows: the base is scored on them again, its retention is not
     assert calls == {"score_model": 7, "score_retention": 4}
+
+
+def test_generation_task_scores_its_metrics_and_finds_cut_off_outputs(varied_tiny_model):
+    """A translation task gets chrF/BLEU/TER and the text statistics; the share of outputs cut off at
+    max_new_tokens (token counts from re-tokenizing the output) agrees with generation's own tokens."""
+    import torch
+
+    from sft_dagster.formatting import generation_prompt_ids
+
+    model, tokenizer = varied_tiny_model
+    s = PipelineSpec.model_validate({"name": "g", "task": {"type": "translation"}, "sources": [{"path": "x"}],
+                                     "evaluation": {"max_new_tokens": 6}})
+    test = pd.DataFrame({"example_id": list("abcdefgh"), "system": [None] * 8, "response": ["le chat"] * 8,
+                         "prompt": ["good", "bad one", "so so", "the product arrived", "battery lasts long",
+                                    "terrible quality", "It is okay", "classify the review"]})
+    scores = score_model(model, tokenizer, test, s, "cpu")
+    assert list(scores.metrics)[:3] == ["chrf", "bleu", "ter"] and "accuracy" not in scores.metrics
+    assert {"words_mean", "empty_rate", "cutoff_rate", "distinct_2", "loss", "perplexity"} <= set(scores.metrics)
+    cut = []
+    for prompt in test["prompt"]:
+        ids = generation_prompt_ids(tokenizer, prompt, None, s.task, None)
+        row = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)[0, len(ids):]
+        cut.append(tokenizer.eos_token_id not in row.tolist())
+    assert [n >= 6 for n in scores.output_tokens] == cut
+    assert scores.metrics["cutoff_rate"] == pytest.approx(sum(cut) / len(cut))
+
+
+# -- Faster evaluation, same outputs (issue #21) ------------------------------------------------------------------
+
+def test_greedy_loop_with_rows_leaving_and_joining_equals_model_generate(varied_tiny_model, monkeypatch):
+    """Rows that end at different steps leave the batch and waiting rows take their places (after a
+    shared prefix, and after a long few-shot one); every row's tokens are `model.generate`'s for its
+    prompt alone, token for token. An end token the model often picks makes the rows end at different
+    steps; padding no row attends to is dropped as soon as there is any."""
+    import torch
+
+    from sft_dagster import decoding
+    from sft_dagster.evaluation import _prompt_ids, with_few_shot
+
+    model, tokenizer = varied_tiny_model
+    task = spec().task
+    monkeypatch.setattr(decoding._Batch, "DROP", 1)
+    for df in (SHOTS_AND_ROWS, with_few_shot(SHOTS_AND_ROWS.iloc[3:], SHOTS_AND_ROWS.head(3), task)):
+        prompts = _prompt_ids(tokenizer, df, task)
+
+        def alone(ids, eos):
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, len(ids):].tolist()
+            return out[: out.index(eos) + 1] if eos in out else out
+
+        free = [alone(p, tokenizer.eos_token_id) for p in prompts]
+        ends = lambda t: {g.index(t) + 1 if t in g else 10 for g in free}  # noqa: E731
+        common = max({t for g in free for t in g}, key=lambda t: len(ends(t)))  # the end token ending rows most variously
+        expected = [alone(p, common) for p in prompts]
+        print(common, ends(common), free, expected)
+        assert len({len(e) for e in expected}) >= 3  # rows end at different steps (or run to the 10-token cap)
+        for batch_size, refill in ((3, 1), (4, 2), (len(prompts), None)):
+            got, _ = decoding.greedy(model, prompts, 10, batch_size, "cpu", "fp32", tokenizer.pad_token_id, common,
+                                     refill=refill)
+            assert got == expected, (batch_size, refill)
+
+
+def test_greedy_loss_per_row_equals_the_separate_loss_pass(varied_tiny_model):
+    """Each row's reply loss from the generation pass (taken before the row joins the batch) is its loss
+    scored on its own."""
+    import torch
+
+    from sft_dagster import decoding
+    from sft_dagster.evaluation import _encoded, _prompt_ids, _reply_after
+    from sft_dagster.training.trainer import collate, summed_response_loss
+
+    model, tokenizer = varied_tiny_model
+    rows = SHOTS_AND_ROWS.assign(response=["positive", "not good at all", "so so", "fine", "it works well enough",
+                                           "bad", "neutral", "positive", "great screen"])
+    task = spec().task
+    prompts, encoded = _prompt_ids(tokenizer, rows, task), _encoded(tokenizer, rows, task, 512)
+    replies = [_reply_after(p, e) for p, e in zip(prompts, encoded)]
+    _, losses = decoding.greedy(model, prompts, 5, 3, "cpu", "fp32", tokenizer.pad_token_id, tokenizer.eos_token_id,
+                                replies=replies, refill=1)
+    for (loss, n), e in zip(losses, encoded):
+        with torch.no_grad():
+            alone, count = summed_response_loss(model, collate([e], tokenizer.pad_token_id, "cpu"))
+        assert n == count and loss == pytest.approx(float(alone), rel=1e-5)
+
+
+def test_row_store_generates_only_rows_it_does_not_hold(varied_tiny_model, tmp_path, monkeypatch):
+    """The second pass over the same rows runs no model; a changed row and a new row are the only ones
+    generated, and every output and the loss are those of a pass without the store."""
+    from sft_dagster import evaluation
+    from sft_dagster.evaluation import RowStore, generate_with_loss
+
+    model, tokenizer = varied_tiny_model
+    task = spec().task
+    forwards, generated = [], []
+    original_forward, original_greedy = model.forward, evaluation.greedy
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(1) or original_forward(*a, **k))
+    monkeypatch.setattr(evaluation, "greedy", lambda m, prompts, *a, **k: generated.append(len(prompts))
+                        or original_greedy(m, prompts, *a, **k))
+    first = SHOTS_AND_ROWS.head(6)
+    run = lambda df, store=None: generate_with_loss(model, tokenizer, df, task, 5, 512, 4, "cpu",  # noqa: E731
+                                                    store=store if store is None else RowStore(tmp_path, {"model": "m"}))
+
+    def same(got, expected):
+        assert got[0] == expected[0] and got[1] == pytest.approx(expected[1], rel=1e-6)
+
+    stored = run(first, True)
+    assert generated == [6]
+    forwards.clear()
+    generated.clear()
+    same(run(first, True), stored)
+    assert generated == [] and forwards == []  # every row read back: no model call at all
+    same(stored, run(first))
+    second = pd.concat([first.head(5), SHOTS_AND_ROWS.iloc[[6]]]).reset_index(drop=True)
+    second.loc[2, "prompt"] = "so so, really"
+    generated.clear()
+    got = run(second, True)
+    assert generated == [2]  # the changed row and the new one
+    same(got, run(second))
+    assert RowStore(tmp_path, {"model": "another"}).rows == {}  # another model has its own rows
+
+
+def test_evaluate_reports_seconds_per_part_and_generates_only_new_rows(tiny_model_dir, tmp_path, monkeypatch):
+    """Per model, the seconds of loading and of each part, and the rows generated: a nightly run with one
+    new test row generates that row for the base model (zero- and few-shot), nothing on the retention
+    prompts, and every row for the new candidate."""
+    from sft_dagster import evaluation
+
+    rows = lambda n, o: pd.DataFrame({"example_id": [f"e{i}" for i in range(o, o + n)],  # noqa: E731
+                                      "prompt": [f"good item {i}" for i in range(o, o + n)],
+                                      "response": [LABELS[i % 3] for i in range(o, o + n)], "system": [None] * n})
+    s = spec(max_new_tokens=2, few_shot_k=2, retention_examples=9)
+    run = lambda test, adapter_id: evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, test, device="cpu",  # noqa: E731
+                                                       method="full", adapter_id=adapter_id, cache_dir=tmp_path,
+                                                       train=rows(10, 100))
+    first = run(rows(4, 0), "a1")
+    seconds = first["seconds_by_part"]
+    assert set(seconds["base"]) == {"load", "zero_shot", "few_shot", "retention"}
+    assert set(seconds["tuned"]) == {"load", "zero_shot", "retention"} and seconds["report"] >= 0
+    assert all(v >= 0 for part in ("base", "tuned") for v in seconds[part].values())
+    assert first["generated_rows"] == {"base": {"zero_shot": 4, "few_shot": 4, "retention": 9},
+                                       "tuned": {"zero_shot": 4, "retention": 9}}
+    md = evaluation.render_markdown(first)
+    assert "## Evaluation cost" in md and "| test rows (generation and loss) |" in md
+    nightly = run(rows(5, 0), "a2")
+    assert nightly["generated_rows"] == {"base": {"zero_shot": 1, "few_shot": 1, "retention": 0},
+                                         "tuned": {"zero_shot": 5, "retention": 9}}
+    assert "load" in nightly["seconds_by_part"]["base"]  # loaded for the new row only
+    fresh = evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, rows(5, 0), device="cpu", method="full",
+                                adapter_id="a3", train=rows(10, 100))  # nothing cached
+    for model in ("base", "base_few_shot", "tuned"):
+        assert nightly[model] == pytest.approx(fresh[model], rel=1e-6), model
+    assert nightly["samples"] == fresh["samples"]

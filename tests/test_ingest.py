@@ -150,3 +150,41 @@ def test_a_file_of_broken_lines_quarantines_each_line_instead_of_a_column_error(
     examples, quarantine, stats = ingest(make_spec(tmp_path, [{"path": "a.jsonl"}]))
     assert len(examples) == 0 and list(quarantine["source_line"]) == [1, 2]
     assert quarantine["reason"].str.startswith("invalid JSON").all()
+
+
+def test_parallel_text_pair_is_read_line_by_line(tmp_path):
+    """A line-aligned corpus (Moses/OPUS layout): line N of each file is one example; a line blank on one
+    side is quarantined naming the file and line; rows read = kept + quarantined."""
+    (tmp_path / "val.en").write_text("A dog runs.\r\nTwo cats sleep.\n\nA man reads.\nA red car.\n", encoding="utf-8")
+    (tmp_path / "val.fr").write_text("Un chien court.\nDeux chats dorment.\n\n\nUne voiture rouge.\n", encoding="utf-8")
+    spec = make_spec(tmp_path, [{"path": "val.en", "format": "parallel", "target": "val.fr"}])
+    examples, quarantine, stats = ingest(spec)
+    assert list(zip(examples["prompt"], examples["response"], examples["source_line"])) == [
+        ("A dog runs.", "Un chien court.", 1), ("Two cats sleep.", "Deux chats dorment.", 2),
+        ("A red car.", "Une voiture rouge.", 5)]
+    assert list(quarantine["source_line"]) == [4]
+    assert quarantine["reason"].iloc[0] == "line 4 of val.fr is blank"
+    assert stats["rows_read"] == 4 == len(examples) + len(quarantine)  # line 3, blank on both sides, is no row
+
+
+def test_parallel_pair_of_unequal_length_fails_naming_both_files(tmp_path):
+    (tmp_path / "a.en").write_text("one\ntwo\nthree\n")
+    (tmp_path / "a.de").write_text("eins\nzwei\n")
+    spec = make_spec(tmp_path, [{"path": "a.en", "format": "parallel", "target": "a.de"}])
+    with pytest.raises(IngestError, match=r"a\.de has 2 lines, a\.en has 3"):
+        ingest(spec)
+    missing = make_spec(tmp_path, [{"path": "a.en", "format": "parallel", "target": "nope.de"}])
+    with pytest.raises(IngestError, match="target: no such file"):
+        ingest(missing)
+
+
+def test_parallel_source_spec_errors_name_the_key(tmp_path):
+    from sft_dagster.spec import SpecError, load_spec
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: t\ntask: {type: translation}\nsources:\n  - path: a.en\n    format: parallel\n")
+    with pytest.raises(SpecError, match=r"spec\.yaml:4: sources\.0\.target: .*needs `target`"):
+        load_spec(path)
+    path.write_text("name: t\ntask: {type: translation}\nsources:\n  - path: a.jsonl\n    target: a.fr\n")
+    with pytest.raises(SpecError, match=r"sources\.0\.target: .*is for format: parallel"):
+        load_spec(path)

@@ -99,3 +99,61 @@ def test_promotion_refuses_an_adapter_the_report_was_not_made_for_and_upgrades_r
     after = metadata(instance, spec, "fine_tuned_adapter")
     assert after["skipped_training"] is False and after["lineage_hash"] != before["lineage_hash"]
     assert after["lineage"]["libraries"]["transformers"] == "99.0.0"
+
+
+def translation_report(tuned_right: range, champion: bool = False, rows: int = 40) -> dict:
+    """A translation report on `rows` rows: the reference model (the base model, or champion v1) translates
+    rows 0-19 and leaves the others untranslated; the candidate translates the rows `tuned_right`."""
+    import pandas as pd
+
+    from sft_dagster import metrics
+    from sft_dagster.evaluation import ModelScores, build_report, references
+    from sft_dagster.spec import PipelineSpec
+
+    spec = PipelineSpec.model_validate({"name": "t", "task": {"type": "translation"}, "sources": [{"path": "x"}]})
+    sources = [f"the {a} {b} is on the {c}" for a in ("red", "small", "old", "big") for b in ("cat", "dog")
+               for c in ("mat", "roof", "bed", "car", "road")][:rows]
+    targets = [s.replace("the", "le").replace("is on", "est sur") for s in sources]
+    test = pd.DataFrame({"example_id": [f"r{i:02d}" for i in range(rows)], "prompt": sources, "response": targets,
+                         "system": [None] * rows})
+
+    def scored(right: range) -> ModelScores:
+        outputs = [targets[i] if i in right else sources[i] for i in range(rows)]
+        return ModelScores(predictions=outputs, raw_outputs=outputs, loss=1.0,
+                           metrics=metrics.score(metrics.Rows("translation", outputs, references(test))))
+
+    reference = scored(range(20))
+    if champion:
+        return build_report(test, scored(range(0)), scored(tuned_right), spec, reference, "v1")
+    return build_report(test, reference, scored(tuned_right), spec)
+
+
+@pytest.mark.parametrize("champion", [False, True])
+def test_require_significant_refuses_a_gain_whose_interval_does_not_clear_the_margin(champion):
+    from sft_dagster.registry import promotion_decision
+
+    barely = translation_report(range(2, 23), champion)  # 3 rows better than the reference model, 2 worse
+    plain = promotion_decision(barely, "chrf", 0.0)
+    assert plain["promote"] and plain["gain"] > 0  # the point estimate alone would promote
+    decision = promotion_decision(barely, "chrf", 0.0, require_significant=True)
+    assert not decision["promote"]
+    low, high = decision["gain_interval"]
+    assert low <= 0 < high and f"[{low:+.4f}, {high:+.4f}] does not clear +0.0000" in decision["reason"]
+    assert decision["compared_with"] == ("champion v1" if champion else "base model")
+
+    clear = promotion_decision(translation_report(range(32), champion), "chrf", 0.0, require_significant=True)
+    assert clear["promote"] and clear["gain_interval"][0] > 0 and "clears +0.0000" in clear["reason"]
+    # TER is lower-is-better: the same candidate's gain interval is positive too
+    assert promotion_decision(translation_report(range(32), champion), "ter", 0.0, require_significant=True)["promote"]
+    # a margin above the interval's lower end refuses again
+    margin = clear["gain_interval"][0] + 1.0
+    assert not promotion_decision(translation_report(range(32), champion), "chrf", margin, require_significant=True)["promote"]
+
+
+def test_require_significant_refuses_a_report_without_intervals():
+    from sft_dagster.registry import promotion_decision
+
+    report = {"tuned": {"chrf": 40.0}, "base": {"chrf": 20.0}, "primary_metric": "chrf"}
+    assert promotion_decision(report, "chrf", 0.0)["promote"]
+    refused = promotion_decision(report, "chrf", 0.0, require_significant=True)
+    assert not refused["promote"] and "no interval" in refused["reason"]

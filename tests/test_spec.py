@@ -77,7 +77,8 @@ def test_fingerprint_changes_with_content(tmp_path):
 def test_example_specs_load():
     """The examples on the shared data sets (not run in CI: the data lives outside the repository)."""
     examples = {s.name: s for s in map(load_spec, (ROOT / "examples").glob("*.yaml"))}
-    assert sorted(examples) == ["banking77", "gsm8k", "multitask_support"]
+    assert sorted(examples) == ["banking77", "dialogsum", "gsm8k", "multitask_support", "translation_en_fr"]
+    assert examples["translation_en_fr"].sources[0].format == "parallel"
     mixed = examples["multitask_support"]
     assert [t.name for t in mixed.tasks] == ["intents"] and len(mixed.tasks[0].task.labels) == 77
     assert mixed.mixing.strategy == "temperature"
@@ -98,3 +99,58 @@ def test_min_rows_to_train_leaves_the_training_lineage_alone(tmp_path):
     threshold = load_spec(write(tmp_path, VALID + "training:\n  min_rows_to_train: 20\n", "b.yaml"))
     assert "min_rows_to_train" not in plain.training.model_dump(mode="json")
     assert threshold.fingerprint() == plain.fingerprint()
+
+
+GENERATION = """
+name: tiny_gen
+task:
+  type: {kind}
+sources:
+  - path: data/*.jsonl
+"""
+
+
+def test_promotion_metric_defaults_to_the_task_types_primary_metric(tmp_path):
+    defaults = {kind: load_spec(write(tmp_path, GENERATION.format(kind=kind), f"{kind}.yaml")).promotion.metric
+                for kind in ("translation", "summarization", "qa", "instruction", "style")}
+    assert defaults == {"translation": "chrf", "summarization": "rougeLsum", "qa": "exact_match",
+                        "instruction": "rougeL", "style": "rougeL"}
+    label = load_spec(write(tmp_path, VALID))
+    assert label.promotion.metric == "accuracy"  # a label spec's default, and its dump, as before
+    assert label.promotion.model_dump(mode="json") == {"metric": "accuracy", "min_improvement": 0.0,
+                                                       "compare_with": "champion", "max_forgetting": None, "registry": None}
+    chosen = load_spec(write(tmp_path, GENERATION.format(kind="translation") + "promotion:\n  metric: bleu\n"))
+    assert chosen.promotion.metric == "bleu"
+    assert load_spec(write(tmp_path, GENERATION.format(kind="qa") + "promotion: {metric: loss}\n")).promotion.metric == "loss"
+
+
+def test_a_promotion_metric_the_task_cannot_produce_fails_at_load_with_file_line_and_key(tmp_path):
+    path = write(tmp_path, GENERATION.format(kind="translation") + "promotion:\n  min_improvement: 0.5\n  metric: accuracy\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    message = str(err.value)
+    assert f"{path}:9: promotion.metric:" in message  # line 9: `metric: accuracy`
+    assert "'accuracy' is not a metric a translation task's evaluation reports" in message and "chrf" in message
+    with pytest.raises(SpecError, match="no better direction"):  # a length statistic is reported, not a target
+        load_spec(write(tmp_path, GENERATION.format(kind="summarization") + "promotion: {metric: words_mean}\n"))
+    with pytest.raises(SpecError, match=r"promotion\.metric: .*'chrf' is not a metric a sentiment task"):
+        load_spec(write(tmp_path, VALID + "promotion: {metric: chrf}\n"))
+
+
+def test_require_significant_needs_a_metric_with_an_interval(tmp_path):
+    path = write(tmp_path, GENERATION.format(kind="qa") + "promotion:\n  metric: loss\n  require_significant: true\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"{path}:9: promotion.require_significant:" in str(err.value) and "no interval" in str(err.value)
+    spec = load_spec(write(tmp_path, GENERATION.format(kind="qa") + "promotion: {require_significant: true}\n"))
+    assert spec.promotion.require_significant and spec.promotion.metric == "exact_match"
+    plain = load_spec(write(tmp_path, GENERATION.format(kind="qa"), "plain.yaml"))
+    assert "require_significant" not in plain.promotion.model_dump()  # false: in no dump, no lineage changes
+
+
+def test_multi_task_and_preference_specs_resolve_the_main_tasks_metric():
+    demo = load_spec(ROOT / "assets" / "demo_preference.yaml")
+    assert demo.preference is not None and demo.promotion.metric == "exact_match"
+    mixed = load_spec(ROOT / "examples" / "multitask.yaml")
+    assert mixed.tasks and mixed.promotion.metric == "accuracy"
+    assert mixed.task_pipeline(mixed.tasks[0].name).promotion.metric == "accuracy"

@@ -115,3 +115,27 @@ def test_report_lists_the_last_promoted_versions(tmp_path):
     assert "## Promoted versions (last 2, newest first)" in md
     assert "| version | promoted at | test rows | accuracy | loss |" in md
     assert f"| v3 (champion) | {history[0]['promoted_at']} | 40 | 0.7500 | 0.2500 |" in md
+
+
+def test_evaluation_intervals_are_logged_beside_the_metrics():
+    from test_promotion import translation_report
+
+    from sft_dagster.tracking import log_evaluation
+
+    class Run:
+        logged: dict = {}
+
+        def log_metrics(self, metrics):
+            self.logged.update(metrics)
+
+        def log_artifact(self, path, artifact_path=None):
+            pass
+
+    report = translation_report(range(32), champion=True)
+    logged = log_evaluation(Run(), report, [])
+    low, high = report["intervals"]["models"]["tuned"]["chrf"]
+    assert (logged["eval.tuned.chrf.low"], logged["eval.tuned.chrf.high"]) == (low, high)
+    difference = report["intervals"]["differences"]["tuned_minus_champion"]["bleu"]
+    assert logged["eval.tuned_minus_champion.bleu"] == difference["value"]
+    assert logged["eval.tuned_minus_champion.bleu.low"] == difference["interval"][0]
+    assert "eval.tuned_minus_base.ter.high" in logged and logged["eval.champion.chrf"] == report["champion"]["chrf"]

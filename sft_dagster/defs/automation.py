@@ -85,6 +85,7 @@ def watched_files(spec: PipelineSpec, storage: SFTStorage) -> dict[str, list]:
         files |= watched_files(spec.task_pipeline(entry.name), storage)
     paths = [path for source in spec.sources
              for path in sorted(glob.glob(str(spec.resolve(source.path).resolve()), recursive=True))]
+    paths += [str(spec.resolve(source.target).resolve()) for source in spec.sources if source.target]
     return files | stamps([*paths, corrections_path(spec, storage)])
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import evaluation, formatting, prompt_model, registry
+from .. import decoding, evaluation, formatting, judge, metrics, prompt_model, registry
 from ..schema import frame_hash, lineage_hash_of
 from ..tracking import TrackedRun, log_evaluation
 from .common import JSON_IO, PipelineDefs, code_version
@@ -56,10 +56,11 @@ def build(p: PipelineDefs) -> None:
     promotion_check = dg.AssetCheckSpec(
         PROMOTION_CHECK, asset=K("evaluation_report"), blocking=True,
         description=f"the candidate beats the current promoted model (the base model before the first promotion) on "
-                    f"{spec.promotion.metric} by at least {spec.promotion.min_improvement}, and is not worse on the "
-                    "primary metric")
+                    f"{spec.promotion.metric} by at least {spec.promotion.min_improvement}"
+                    f"{' (the lower end of the 95% interval of its gain)' if spec.promotion.require_significant else ''}, "
+                    "and is not worse on the primary metric")
 
-    @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, formatting, prompt_model),
+    @dg.asset(**p.asset_args("evaluation_report", kinds={"pytorch", "markdown"}, code_version=code_version(evaluation, decoding, formatting, prompt_model, metrics, judge),
                              io_manager_key=JSON_IO, check_specs=[promotion_check],
                              ins={"dataset_splits": dg.AssetIn(splits_asset(p)), **p.ins("fine_tuned_adapter", "base_model")},
                              description="Base model vs champion vs candidate on the test split, and the promotion decision."))
@@ -69,12 +70,16 @@ def build(p: PipelineDefs) -> None:
         paths = p.paths(storage)
         test_df = dataset_splits[dataset_splits["split"] == "test"].reset_index(drop=True)
         champion, champion_note = _champion(spec, storage, base_model, fine_tuned_adapter)
+        judge_model = (judge.resolve(spec.evaluation.judge, paths.model_cache, spec.base_dir)
+                       if spec.evaluation.judge is not None else None)
         code = context.assets_def.code_versions_by_key[context.asset_key]
         inputs_hash = lineage_hash_of({"adapter": fine_tuned_adapter["lineage_hash"], "test": frame_hash(test_df),
                                        "evaluation": spec.evaluation.model_dump(mode="json"),
                                        "promotion": spec.promotion.model_dump(mode="json"), "code_version": code,
                                        # A candidate that became the champion keeps the report that promoted it.
-                                       "champion": champion["lineage"] if champion else champion_note.get("champion_error")})
+                                       "champion": champion["lineage"] if champion else champion_note.get("champion_error"),
+                                       **({"judge": [judge_model.model_hash, judge_model.tokenizer_hash]}
+                                          if judge_model is not None else {})})
         report_dir = paths.reports_dir / inputs_hash
         if (report_dir / "evaluation.json").exists():
             context.log.info("adapter, champion and test split unchanged since the last evaluation: keeping its report")
@@ -85,16 +90,18 @@ def build(p: PipelineDefs) -> None:
             report = evaluation.evaluate_tasks(
                 spec, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), dataset_splits,
                 device=compute.resolved_device(), method=fine_tuned_adapter["method"],
-                adapter_id=fine_tuned_adapter["lineage_hash"], champion=champion,
+                adapter_id=fine_tuned_adapter["lineage_hash"], champion=champion, judge=judge_model,
                 cache_dir=paths.reports_dir / "scores",
                 cache_key={"base_model": base_model["model_hash"], "tokenizer": base_model["tokenizer_hash"], "code": code})
             report |= champion_note | {"training": evaluation.training_summary(fine_tuned_adapter.get("metrics") or {}),
                                        "adapter_lineage_hash": fine_tuned_adapter["lineage_hash"],
                                        "seconds": round(time.perf_counter() - start, 1)}
             report["promotion"] = registry.promotion_decision(report, spec.promotion.metric, spec.promotion.min_improvement,
-                                                              spec.promotion.max_forgetting)
+                                                              spec.promotion.max_forgetting,
+                                                              spec.promotion.require_significant)
             if report.get("tasks"):  # one adapter serves every task: each must pass on its own metric
-                report["promotion"] = registry.all_tasks_decision(report, spec.promotion.min_improvement)
+                report["promotion"] = registry.all_tasks_decision(report, spec.promotion.min_improvement,
+                                                                  spec.promotion.require_significant)
             evaluation.write_report(report_dir, report)
             skipped = False
         # The latest report, where people look for it, with the promoted versions so far (not part of the
@@ -107,6 +114,9 @@ def build(p: PipelineDefs) -> None:
         link = {"mlflow_run_id": tracked.run_id, **({"mlflow_run": dg.MetadataValue.url(tracked.url)} if tracked.url else {})} \
             if tracked is not None else {}
         metric, decision = spec.promotion.metric, report["promotion"]
+        judged = {f"win_rate_vs_{name}": found["value"] for name, found in (report.get("win_rate") or {}).get("versus", {}).items()}
+        if report.get("win_rate"):  # the judge's verdicts with their intervals, wins, ties and losses
+            judged["win_rate"] = dg.MetadataValue.json(report["win_rate"])
         yield dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata={
             "report": dg.MetadataValue.md(evaluation.render_markdown(report)),
             "report_path": dg.MetadataValue.path(str(paths.reports_dir / "evaluation.md")),
@@ -117,16 +127,22 @@ def build(p: PipelineDefs) -> None:
             "candidate_method": report.get("candidate_method"),
             f"base_few_shot_{metric}": (report.get("base_few_shot") or {}).get(metric),
             "forgetting": ((report.get("retention") or {}).get("models", {}).get("tuned") or {}).get("forgetting"),
+            f"{metric}_gain_interval": decision.get("gain_interval"),
+            "metrics_with_intervals": dg.MetadataValue.json(evaluation.metrics_with_intervals(report)),
             "promote": decision["promote"], "decision": decision["reason"],
             "n_test": report["n_test"], "seconds": report.get("seconds"), "inputs_hash": inputs_hash,
+            # where the seconds went (per model: loading, test rows, k-shot, retention) and the rows generated
+            "seconds_by_part": dg.MetadataValue.json(report.get("seconds_by_part") or {}),
+            "generated_rows": dg.MetadataValue.json(report.get("generated_rows") or {}),
             "adapter_lineage_hash": report["adapter_lineage_hash"], "skipped_evaluation": skipped,
-            "promoted_versions": dg.MetadataValue.json(report["history"]), **link,
+            "promoted_versions": dg.MetadataValue.json(report["history"]), **judged, **link,
         })
         yield dg.AssetCheckResult(
             asset_key=K("evaluation_report"), check_name=PROMOTION_CHECK, passed=bool(decision["promote"]),
             description=decision["reason"],
             metadata={"base": report["base"].get(metric), "champion": (report.get("champion") or {}).get(metric),
-                      "candidate": report["tuned"].get(metric), "compared_with": decision.get("compared_with")})
+                      "candidate": report["tuned"].get(metric), "compared_with": decision.get("compared_with"),
+                      "gain_interval": decision.get("gain_interval")})
 
     @dg.asset(**p.asset_args("promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
                              io_manager_key=JSON_IO, ins=p.ins("evaluation_report", "fine_tuned_adapter"),

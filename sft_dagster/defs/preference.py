@@ -23,7 +23,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import atomic, evaluation, formatting, ingest, registry, training
+from .. import atomic, decoding, evaluation, formatting, ingest, metrics, registry, training
 from .. import preference as preference_pkg
 from ..preference import pairs as pair_stage
 from ..preference.columns import prompt_id_of
@@ -354,7 +354,7 @@ def build(p: PipelineDefs) -> None:
         description=f"the {candidate or 'preference-tuned'} policy loses at most {pref.promotion.max_task_metric_drop} of "
                     "the task's primary metric against the SFT adapter on the SFT test split")
 
-    @dg.asset(**p.asset_args("preference_report", kinds={"pytorch", "markdown"}, code_version=code_version(preference_pkg, evaluation),
+    @dg.asset(**p.asset_args("preference_report", kinds={"pytorch", "markdown"}, code_version=code_version(preference_pkg, evaluation, decoding, metrics),
                              io_manager_key=JSON_IO, check_specs=[promotion_check] if candidate else [],
                              ins=p.ins("preference_pairs", "preference_prompts", "base_model", "fine_tuned_adapter",
                                        "reward_model", "dataset_splits", *(policy_assets[t] for t in trained)),

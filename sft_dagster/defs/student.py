@@ -22,7 +22,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import evaluation, formatting, models, registry, training
+from .. import decoding, evaluation, formatting, metrics, models, registry, training
 from .. import student as student_stage
 from ..preference import generation
 from ..schema import frame_hash, lineage_hash_of
@@ -90,7 +90,7 @@ def build(p: PipelineDefs) -> None:
     student = spec.student
     if student is None:
         return
-    code = code_version(student_stage, evaluation, formatting, generation)  # answers are sampled by generation.py
+    code = code_version(student_stage, evaluation, decoding, metrics, formatting, generation)  # answers are sampled by generation.py
     answers_check = p.check_key("student_teacher_answers", ANSWERS_CHECK)
     guarded = [*p.blocking_checks, answers_check] if student.uses_answers else list(p.blocking_checks)
 

@@ -24,6 +24,7 @@ from .checks import CheckOutcome
 from .duplicates import near_duplicate_ids
 from .label_views import EMBEDDING_KNN_K, Timer, knn_label_probabilities, pool
 from .llm_probs import llm_label_probabilities
+from .response_issues import RESPONSE_WARNING_SEVERITY, running_precision
 
 LABEL_ISSUE_TYPES = ("label", "outlier", "near_duplicate", "class_imbalance", "non_iid")
 GENERATION_ISSUE_TYPES = ("outlier", "near_duplicate")
@@ -449,6 +450,20 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
     return LabelIssueReport(review_queue=queue, flags=flags, summary=summary)
 
 
+def with_response_issues(report: LabelIssueReport, df: pd.DataFrame, response) -> LabelIssueReport:
+    """A generation task's cleanlab report with the response findings (`response_issues.ResponseIssueReport`
+    on the same rows) added: their columns in the flags, their rows in the review queue, their summary
+    under `summary["response"]`."""
+    frame = df.reset_index(drop=True)
+    extra = response.flags.drop(columns="example_id").rename(
+        columns={"estimated_precision_at_rank": "response_estimated_precision_at_rank"})
+    if list(response.flags["example_id"]) != list(report.flags["example_id"]):
+        raise ValueError("the response findings are not for the rows of the label-issue report")
+    flags = pd.concat([report.flags.reset_index(drop=True), extra.reset_index(drop=True)], axis=1)
+    return LabelIssueReport(review_queue=build_review_queue(frame, flags), flags=flags,
+                            summary={**report.summary, "response": response.summary})
+
+
 def _narrow(graph, k: int):
     """The first k neighbours per row of a kNN graph whose rows are sorted by distance."""
     import scipy.sparse as sp
@@ -467,19 +482,32 @@ def build_review_queue(frame: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame
 
     For label issues, `error_probability` is the estimated chance the given label is wrong and
     `estimated_precision_at_rank` the estimated precision of the label issues down to this row.
+    Generation tasks with response findings (`response_issues.py`): their rows too, with the finding's
+    reason and score, severity the response issue score, `estimated_precision_at_rank` that of the
+    response issues down to this row.
     """
     joined = frame[["example_id", "prompt", "response", "source_file", "source_line"]].assign(
         example_id=frame["example_id"].astype(str)).merge(flags, on="example_id")
-    flagged = joined[joined["is_label_issue"] | joined["is_outlier"] | joined["is_near_duplicate"]].copy()
+    response = "is_response_issue" in joined
+    hit = joined["is_label_issue"] | joined["is_outlier"] | joined["is_near_duplicate"]
+    if response:
+        hit |= joined["is_response_issue"].astype(bool) | joined["is_response_warning"].astype(bool)
+    flagged = joined[hit].copy()
     types = []
     for row in flagged.itertuples():
         kinds = [k for k, hit in (("label", row.is_label_issue), ("outlier", row.is_outlier),
                                   ("near_duplicate", row.is_near_duplicate)) if hit]
+        if response and row.response_issue_types:
+            kinds += row.response_issue_types.split(",")
         types.append(",".join(kinds))
     flagged["issue_types"] = types
     label_severity = (1 - flagged["label_score"].fillna(1.0)) * flagged["is_label_issue"]
     flagged["severity"] = (label_severity + 0.5 * flagged["is_outlier"] * (1 - flagged["outlier_score"].fillna(1.0))
                            + 0.1 * flagged["is_near_duplicate"]).round(6)
+    if response:
+        flagged["severity"] = np.maximum(flagged["severity"], (
+            flagged["response_issue_score"].fillna(0.0) * flagged["is_response_issue"]
+            + RESPONSE_WARNING_SEVERITY * (flagged["is_response_warning"] & ~flagged["is_response_issue"])).round(6))
     flagged = flagged.rename(columns={"response": "given_label"})
     for col in ("suggested_confidence", "error_probability"):
         if col not in flagged:
@@ -491,6 +519,12 @@ def build_review_queue(frame: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame
     columns = ["example_id", "prompt", "given_label", "suggested_label", "suggested_confidence", "label_score",
                "error_probability", "estimated_precision_at_rank", "is_label_issue", "is_outlier", "is_near_duplicate",
                "issue_types", "severity", "source_file", "source_line"]
+    if response:
+        is_response = flagged["is_response_issue"].astype(bool).to_numpy()
+        at_rank = running_precision(is_response, flagged["response_issue_probability"].to_numpy(dtype=float))
+        flagged["estimated_precision_at_rank"] = flagged["estimated_precision_at_rank"].where(is_label, np.round(at_rank, 4))
+        columns[columns.index("is_near_duplicate") + 1:columns.index("is_near_duplicate") + 1] = [
+            "is_response_issue", "is_response_warning", "response_issue_score", "response_issue_reason"]
     return flagged[columns]
 
 

@@ -1,4 +1,4 @@
-"""Synthetic label noise with known truth, for measuring label-error detection (benchmarks, tests).
+"""Synthetic label noise and response noise with known truth, for measuring detection (benchmarks, tests).
 
 Two kinds:
 
@@ -8,11 +8,17 @@ Two kinds:
   the other folds (`probs`: out-of-fold probabilities on the clean labels) names, for each row, the
   label it most confuses the row with; rows are drawn for flipping with probability proportional to
   that confusion, and flipped to it. Ambiguous rows and confusable classes get the errors.
+
+Response noise (`plant_response_noise`) for generation data, the ways paired data goes bad: a response
+that belongs to another row (misaligned), a response in another language, a copy of the prompt (an
+untranslated target, a summary that is the dialogue's first turn) and a response cut off mid-way.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+RESPONSE_NOISE_KINDS = ("misaligned", "wrong_language", "copy", "truncated")
 
 
 def uniform_flips(labels: np.ndarray, n_classes: int, rate: float, seed: int = 0) -> np.ndarray:
@@ -76,3 +82,58 @@ def detection_quality(wrong: np.ndarray, flags, queue=None, at: tuple[int, ...] 
         out["precision_at"] = {str(n): {"measured": round(float(hit[:n].mean()), 4), "estimated": round(float(est[n - 1]), 4)}
                                for n in at if n <= len(hit)}
     return out
+
+
+def _copied_part(prompt: str) -> str:
+    """What an echoing annotator or a broken export copies: the prompt's first non-blank line when it has
+    several (a dialogue's first turn), else the whole prompt (an untranslated sentence)."""
+    lines = [line for line in prompt.split("\n") if line.strip()]
+    return lines[0] if len(lines) > 1 else prompt
+
+
+def plant_response_noise(prompts: list[str], responses: list[str], rates: dict[str, float], seed: int = 0,
+                         other_language: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Responses with round(rate * n) rows of each kind in `rates` (RESPONSE_NOISE_KINDS) made bad, on
+    disjoint rows; returns (responses, kind planted per row, "" where clean).
+
+    misaligned: another row's response (a different text); wrong_language: `other_language[i]`, the same
+    content in another language (needed for that kind); copy: `_copied_part` of the prompt; truncated:
+    the response cut at a word boundary between 30% and 70% of its words (rows of 4 words or more).
+    """
+    unknown = set(rates) - set(RESPONSE_NOISE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown response noise kinds {sorted(unknown)}; known: {RESPONSE_NOISE_KINDS}")
+    if "wrong_language" in rates and (other_language is None or len(other_language) != len(responses)):
+        raise ValueError("wrong_language noise needs other_language: one response per row in another language")
+    rng = np.random.default_rng(seed)
+    n = len(responses)
+    out, kinds = list(responses), [""] * n
+    free = np.ones(n, dtype=bool)
+    for kind in RESPONSE_NOISE_KINDS:
+        if kind not in rates:
+            continue
+        eligible = free.copy()
+        if kind == "truncated":
+            eligible &= np.array([len(r.split()) >= 4 for r in responses])
+        if kind == "copy":
+            eligible &= np.array([_copied_part(p).strip() != r.strip() for p, r in zip(prompts, responses)])
+        want = int(round(rates[kind] * n))
+        pool = np.flatnonzero(eligible)
+        if want > len(pool):
+            raise ValueError(f"{kind}: {want} rows wanted, {len(pool)} eligible")
+        for i in rng.choice(pool, want, replace=False):
+            if kind == "misaligned":
+                j = int(rng.integers(n))
+                while j == i or responses[j].strip() == responses[i].strip():
+                    j = int(rng.integers(n))
+                out[i] = responses[j]
+            elif kind == "wrong_language":
+                out[i] = other_language[i]
+            elif kind == "copy":
+                out[i] = _copied_part(prompts[i])
+            else:
+                words = responses[i].split()
+                keep = int(rng.integers(max(1, int(0.3 * len(words))), max(2, int(0.7 * len(words))) + 1))
+                out[i] = " ".join(words[:min(keep, len(words) - 1)])
+            kinds[i], free[i] = kind, False
+    return out, kinds

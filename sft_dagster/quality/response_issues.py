@@ -1,0 +1,702 @@
+"""Response-quality findings for generation data (qa, summarization, translation, style, instruction).
+
+`find_response_issues(df, task, cfg, model_dir, cache_dir)` returns one row per input row (by
+`example_id`) saying whether the response looks bad, how, how sure, and why in a sentence. Pure:
+DataFrames in and out, no Dagster. Each finding is one function registered in `FINDINGS` with the
+`finding` decorator (adding a finding = one function + its registration); `quality.response.findings`
+picks which run and `quality.response.warnings` which of them only warn.
+
+Findings (numbers MEASURED on 300 multi30k val captions en->fr with 15% each of misaligned, German and
+copied-English responses and 5% truncated ones planted by `quality.noise.plant_response_noise`,
+SmolLM2-135M-Instruct; BENCHMARKS.md "Response findings"):
+
+- `misaligned`: the base model's mean loss on the response with its prompt vs without it
+  (`response_fit.py`); their ratio is IFD. A pair whose response belongs to another prompt gains almost
+  nothing from its prompt: IFD 0.99 +- 0.06 on planted pairs against 0.81 +- 0.10 on clean ones (AUROC
+  0.96). Flagged: a row whose gain (1 - IFD) is at most `fit.max_relative_gain` (0.3) of the dataset's
+  median row's gain, a threshold relative to how much a model of this size gains on this data. On the
+  benchmark that was precision 0.88 (counting only planted misaligned pairs as right) and recall 0.82 at
+  0.3; 0.80 / 0.82 at 0.35, 0.89 / 0.65 at 0.2. A robust z-score of log IFD was tried and dropped: 45% of
+  planted rows widen the MAD until nothing is an outlier (0 flags at z >= 2). The finding abstains when
+  the median IFD is above `MAX_MEDIAN_IFD` (a model that reads no prompt, like the tests' random one).
+  With fewer misaligned pairs the same rule keeps flagging the ~8% of clean rows that gain little
+  (measured: 19 flags, precision 0.37, at 5% misaligned), and the estimate below says so.
+- `wrong_language`: py3langid over a plausible set of languages (the ~30 most used, plus the expected
+  ones): flagged when another language is detected with p >= `language.min_probability` and the
+  expected language has p <= `language.max_expected_probability`. Restricting the set keeps short
+  captions from being read as Frisian or Luxembourgish: on the first 3 words of each multi30k caption,
+  the full 140-language model and the restricted one both flagged 0.1% of French captions, but recall on
+  German rose from 0.58 to 0.91 and on English from 0.16 to 0.52. py3langid's probabilities are tempered
+  by sqrt(text bytes), so 1-2 word responses are rarely confident enough to flag (recall on 2-word
+  English 0.21): short answers are left alone, by design. Full captions: 1.00 recall, 0 false flags.
+  Expected language: `task.response_language`; else, for translation, the dataset's dominant response
+  language; else the language of the row's own prompt (a French question answered in French is fine).
+  Translation also checks the prompt against `task.prompt_language` (or the dominant prompt language).
+- `copy`: the normalised response equals or nearly equals the prompt (difflib ratio >=
+  `copied.min_similarity`: an untranslated target, an echoed input), or is one contiguous chunk of it of
+  at least `copied.min_words` words (a summary that is the dialogue's first turn). Each rule applies only
+  where copying is not the dataset's norm (median similarity / chunk share under 0.5): extractive QA
+  answers are spans of their context by design. Benchmark: precision 1.00, recall 1.00.
+- `truncated`: the response ends on a comma, colon, dash or a function word ("the", "de", "und" ...), or
+  without terminal punctuation where at least `truncation.min_terminal_share` of the dataset's responses
+  have it and the response is short for its prompt (length z <= `TRUNCATED_MAX_LENGTH_Z`). A cut that
+  ends on a content word of a response whose length still looks normal is not seen.
+- `length`: log(response / prompt characters) a robust outlier (|modified z| >= `length.max_z`).
+- `boilerplate` (a warning by default): refusals and assistant filler ("As an AI language model", "I'm
+  sorry, but I can't", "Sure! Here is"); English patterns only.
+
+Explaining away: a finding may name findings that explain its hits (`explained_by`); it runs after them
+and does not flag their rows again, so each bad row carries its most specific kind: an untranslated
+copy is a `copy`, not also `wrong_language`; a German response is not also `misaligned` (it gains as
+little from an English prompt); `length` flags only what no other finding explains.
+
+Estimated precision: each hit gets an estimated probability of being a real issue, MODEL-ESTIMATED, not
+measured on your data: `misaligned` from the share of clean rows the rule flags (`fit.clean_tail_rate`,
+0.08 measured on clean multi30k rows; estimate = 1 - that rate x the estimated clean rows / the flags,
+so it falls as the flags approach what clean rows alone would give: 0.72 estimated vs 0.88 measured at
+15% misaligned); `wrong_language` as 1 - p(expected language) (py3langid's own calibration); `length`
+from the normal tail of its robust z (1 - the Benjamini-Hochberg q-value); `copy` as the copied share
+itself; `truncated` and `boilerplate` are rules without an estimate (NaN; a rule hit ranks at
+`RULE_HIT_SCORE`). The queue's `estimated_precision_at_rank` is the running mean of the estimates over
+the flagged rows, worst first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..spec import ResponseQualitySpec, TaskSpec
+from .checks import CheckOutcome
+
+MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
+DISABLED = "not run: disabled in the spec (quality.response.enabled: false)"
+COPY_NORM_MAX = 0.5  # a copy rule is applied only where the dataset's median copied share is below this
+CONFIDENT = 0.9  # a language detection this sure counts when finding a dataset's (or a prompt's) language
+SIMILARITY_MAX_CHARS = 5000  # longer texts get difflib's quick_ratio (an upper bound) instead of ratio
+PRECISION_AT = (10, 25, 50, 100, 200, 500)
+# `misaligned` abstains when the median row's IFD is above this: the base model reads nothing from the
+# prompts (a tiny random model: ~1.00). SmolLM2-135M on multi30k en->fr: median 0.81 on clean rows.
+MAX_MEDIAN_IFD = 0.97
+# "no terminal punctuation" counts as truncated only on a response shorter than usual for its prompt
+# (robust z of the length ratio at most this): multi30k's clean captions without a final stop had z
+# -0.6 to 1.7, the planted cuts -10 to -1.3.
+TRUNCATED_MAX_LENGTH_Z = -1.0
+RULE_HIT_SCORE = 0.5  # the score of a hit by a rule without an estimate (truncated): below sure model findings
+RESPONSE_WARNING_SEVERITY = 0.05  # a row with only a warning (boilerplate) sorts below every issue
+
+# The languages most texts are in; detections are restricted to these plus the expected ones.
+PLAUSIBLE_LANGUAGES = ("en", "fr", "de", "es", "it", "pt", "nl", "ru", "zh", "ja", "ko", "ar", "pl", "tr", "sv",
+                       "da", "no", "fi", "cs", "hu", "ro", "el", "he", "hi", "uk", "vi", "id", "th", "ca", "bg")
+LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
+                  "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese", "ja": "Japanese",
+                  "ko": "Korean", "ar": "Arabic", "pl": "Polish", "tr": "Turkish", "sv": "Swedish", "da": "Danish",
+                  "no": "Norwegian", "fi": "Finnish", "cs": "Czech", "hu": "Hungarian", "ro": "Romanian",
+                  "el": "Greek", "he": "Hebrew", "hi": "Hindi", "uk": "Ukrainian", "vi": "Vietnamese",
+                  "id": "Indonesian", "th": "Thai", "ca": "Catalan", "bg": "Bulgarian"}
+
+TERMINAL = set(".!?…。！？;؟")  # ';' ends a Greek question
+CLOSERS = "\"'”’»)]}*_`"
+DANGLING_PUNCTUATION = set(",:-–—(/&+")
+# Words a finished sentence does not end on (articles, prepositions, conjunctions), in the languages above.
+DANGLING_WORDS = frozenset("""
+the a an and or of to in on with for at by from but that as into onto than his her their its my your our
+le la les un une des de du et ou à au aux en dans sur avec pour par que qui son sa ses leur
+der die das ein eine einen einem einer und oder mit von zu im auf für den dem des zum zur
+el los las y o con por para del al una unos
+il lo gli i e di da per che della nel
+o os as um uma com do da dos das no na
+""".split())
+
+BOILERPLATE = [(re.compile(p, re.IGNORECASE), what) for p, what in (
+    (r"\bas an? (?:ai|artificial intelligence)(?: language model| assistant| model)?\b", "as an AI language model"),
+    (r"\bas a (?:large )?language model\b", "as a language model"),
+    (r"\bI(?:'m| am) (?:sorry|afraid),? (?:but )?I (?:can(?:no|')t|cannot|am unable|'m unable|won't)\b", "a refusal"),
+    (r"\bI (?:cannot|can't|am unable to|won't be able to) (?:help|assist|provide|comply|fulfil)", "a refusal"),
+    (r"^\s*(?:sure|certainly|of course|absolutely)[!,.]?\s+here(?:'s| is| are)\b", "assistant filler"),
+    (r"\bI hope this helps\b", "assistant filler"),
+    (r"\bI don't have (?:personal (?:opinions|experiences|feelings)|the ability to)\b", "as an AI language model"),
+)]
+
+
+@dataclass
+class Rows:
+    """What every finding sees: the rows (index 0..n-1), the task, the config, and shared work (`memo`)."""
+
+    frame: pd.DataFrame
+    task: TaskSpec
+    cfg: ResponseQualitySpec
+    model_dir: Path | None
+    cache_dir: Path | None
+    prompts: list[str]
+    responses: list[str]
+    memo: dict
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+
+@dataclass
+class FindingResult:
+    hit: np.ndarray  # bool per row
+    probability: np.ndarray  # estimated chance each row has the issue (NaN: no estimate)
+    reasons: list  # a sentence per hit row, None elsewhere
+    columns: dict  # raw score columns, one value per row
+    info: dict  # thresholds, counts, how the estimate is made; `status`: run / abstained / not evaluated
+
+
+class NotEvaluated(Exception):
+    """A finding that cannot run on these inputs (e.g. no base model given); the gate fails on it."""
+
+
+@dataclass(frozen=True)
+class Finding:
+    kind: str
+    run: Callable[[Rows], FindingResult]
+    description: str
+    needs_model: bool = False
+    # Findings whose hits explain this one's (run first; their rows in `rows.memo["explained"]`).
+    explained_by: tuple[str, ...] = ()
+
+
+FINDINGS: dict[str, Finding] = {}
+
+
+def finding(kind: str, description: str, needs_model: bool = False, explained_by: tuple[str, ...] = ()):
+    """Register a finding: `fn(rows) -> FindingResult`."""
+    def register(fn: Callable[[Rows], FindingResult]) -> Callable[[Rows], FindingResult]:
+        FINDINGS[kind] = Finding(kind, fn, description, needs_model, explained_by)
+        return fn
+    return register
+
+
+def needs_base_model(task: TaskSpec, cfg: ResponseQualitySpec) -> bool:
+    """Whether `find_response_issues` will need the base model directory for this task and config."""
+    return (not task.is_label_task and cfg.enabled
+            and any(FINDINGS[k].needs_model for k in cfg.findings if k in FINDINGS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared statistics
+
+
+def robust_z(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """(modified z-scores, median, robust sd): (x - median) / (MAD_SCALE * MAD), NaN stays NaN."""
+    x = np.asarray(values, dtype=float)
+    finite = x[np.isfinite(x)]
+    if len(finite) == 0:
+        return np.full(len(x), np.nan), float("nan"), float("nan")
+    median = float(np.median(finite))
+    spread = MAD_SCALE * float(np.median(np.abs(finite - median)))
+    if spread <= 0:  # more than half the rows equal: fall back to the mean absolute deviation
+        spread = 1.2533 * float(np.mean(np.abs(finite - median)))
+    spread = max(spread, 1e-9)
+    return (x - median) / spread, median, spread
+
+
+def tail_precision(z: np.ndarray, two_sided: bool = False) -> np.ndarray:
+    """1 - Benjamini-Hochberg q-value of each row's z under a standard normal null (upper tail, or both):
+    the estimated share of true issues among rows at least this far out. NaN where z is NaN."""
+    from scipy.stats import norm
+
+    z = np.asarray(z, dtype=float)
+    out = np.full(len(z), np.nan)
+    ok = np.flatnonzero(np.isfinite(z))
+    if len(ok) == 0:
+        return out
+    p = 2 * norm.sf(np.abs(z[ok])) if two_sided else norm.sf(z[ok])
+    order = np.argsort(p, kind="stable")
+    q = p[order] * len(ok) / np.arange(1, len(ok) + 1)
+    q = np.minimum.accumulate(q[::-1])[::-1]
+    out[ok[order]] = 1.0 - np.clip(q, 0.0, 1.0)
+    return out
+
+
+def running_precision(flagged: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """In the given (worst-first) order: the mean estimate over the flagged rows down to each flagged row
+    (rows without an estimate are skipped); NaN on rows not flagged or before any estimate."""
+    flagged = np.asarray(flagged, dtype=bool)
+    counted = flagged & np.isfinite(estimate)
+    seen = np.cumsum(counted)
+    running = np.cumsum(np.where(counted, estimate, 0.0)) / np.maximum(seen, 1)
+    return np.where(flagged & (seen > 0), running, np.nan)
+
+
+def _none(n: int) -> list:
+    return [None] * n
+
+
+def _nan(n: int) -> np.ndarray:
+    return np.full(n, np.nan)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Findings
+
+
+@finding("misaligned", "the response does not follow from its prompt (the base model gains almost nothing from it)",
+         needs_model=True, explained_by=("wrong_language", "copy"))
+def misaligned(rows: Rows) -> FindingResult:
+    from .response_fit import response_losses
+
+    fit = rows.cfg.fit
+    if rows.model_dir is None:
+        raise NotEvaluated("needs the base model directory (model_dir)")
+    losses, cost = response_losses(rows.frame, rows.task, rows.model_dir, rows.cache_dir,
+                                   batch_size=fit.batch_size, max_tokens=fit.max_tokens)
+    with_p, without = losses["loss_with_prompt"].to_numpy(), losses["loss_without_prompt"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ifd = with_p / without
+    # Rows another finding explains (a German or a copied response also gains nothing) are left out of
+    # the reference median and are not flagged again.
+    explained = rows.memo.get("explained", np.zeros(len(rows), dtype=bool))
+    reference = ifd[np.isfinite(ifd) & ~explained]
+    median_ifd = float(np.median(reference)) if len(reference) else None
+    informative = median_ifd is not None and median_ifd <= MAX_MEDIAN_IFD
+    relative_gain = (1.0 - ifd) / (1.0 - median_ifd) if informative else _nan(len(rows))
+    hit = informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
+    # Estimated precision of the flags: of the unexplained rows, those not flagged are taken as clean,
+    # and `clean_tail_rate` of all clean rows are expected among the flags.
+    flagged, unexplained = int(hit.sum()), int((~explained).sum())
+    clean = unexplained - flagged * (1 - fit.clean_tail_rate)  # clean = unflagged + rate * clean, solved
+    clean = max(0.0, clean / (1 - fit.clean_tail_rate)) if fit.clean_tail_rate < 1 else float(unexplained)
+    precision = max(0.0, 1.0 - fit.clean_tail_rate * clean / flagged) if flagged else float("nan")
+    reasons = _none(len(rows))
+    for i in np.flatnonzero(hit):
+        reasons[i] = (f"the response barely follows from its prompt: the base model's loss on it is {with_p[i]:.2f} "
+                      f"nats/token with the prompt and {without[i]:.2f} without (IFD {ifd[i]:.2f}; the dataset's median "
+                      f"row {median_ifd:.2f}: this row gains {max(relative_gain[i], 0):.0%} of its gain)")
+    info = {"max_relative_gain": fit.max_relative_gain, "median_ifd": _r(median_ifd),
+            "ifd_threshold": _r(1 - fit.max_relative_gain * (1 - median_ifd)) if informative else None,
+            "rows_explained_by_other_findings": int(explained.sum()), "estimated_precision": _r(precision),
+            "cost": cost, "estimate": f"model-estimated: 1 - clean_tail_rate ({fit.clean_tail_rate}) x estimated clean "
+                                      "rows / flagged rows, the same for every flag"}
+    if not informative:
+        info["status"] = "abstained"
+        info["why"] = (f"the base model gains almost nothing from the prompts on the median row (median IFD "
+                       f"{median_ifd if median_ifd is None else round(median_ifd, 3)} > {MAX_MEDIAN_IFD}): it cannot "
+                       "tell a misaligned pair from an aligned one here")
+    probability = np.where(hit, precision, np.clip(1.0 - np.nan_to_num(relative_gain, nan=1.0), 0.0, 1.0) * 0.5)
+    return FindingResult(hit, probability, reasons,
+                         {"fit_loss_with_prompt": with_p, "fit_loss_without_prompt": without, "fit_ifd": ifd,
+                          "fit_relative_gain": relative_gain}, info)
+
+
+def language_ranks(rows: Rows, which: str, extra: tuple[str, ...]) -> list[dict[str, float]]:
+    """py3langid's probabilities of each row's prompt or response over the plausible languages + `extra`."""
+    from ..langid import identifier
+
+    languages = tuple(sorted(set(PLAUSIBLE_LANGUAGES) | {x for x in extra if x}))
+    key = (which, languages)
+    if key not in rows.memo:
+        ident = identifier(languages)
+        texts = rows.prompts if which == "prompt" else rows.responses
+        rows.memo[key] = [dict(ident.rank(t)) if t.strip() else {} for t in texts]
+    return rows.memo[key]
+
+
+def _top(ranks: dict[str, float]) -> tuple[str | None, float]:
+    return max(ranks.items(), key=lambda kv: kv[1]) if ranks else (None, 0.0)
+
+
+def _dominant(ranks: list[dict[str, float]], share: float) -> tuple[str | None, float]:
+    """The language of at least `share` of the confidently identified texts, and its share."""
+    confident = [lang for lang, p in map(_top, ranks) if lang is not None and p >= CONFIDENT]
+    if not confident:
+        return None, 0.0
+    lang, count = Counter(confident).most_common(1)[0]
+    return (lang if count / len(confident) >= share else None), count / len(confident)
+
+
+def _language_name(code: str | None) -> str:
+    return LANGUAGE_NAMES.get(code or "", code or "unknown")
+
+
+@finding("wrong_language", "the response (or, for translation, the prompt) is not in the expected language",
+         explained_by=("copy",))
+def wrong_language(rows: Rows) -> FindingResult:
+    task, cfg = rows.task, rows.cfg.language
+    n = len(rows)
+    extra = (task.response_language, task.prompt_language)
+    response_ranks = language_ranks(rows, "response", extra)
+    info: dict = {"min_probability": cfg.min_probability, "max_expected_probability": cfg.max_expected_probability,
+                  "estimate": "model-estimated: 1 - py3langid's probability of the expected language"}
+    expected: list[str | None]
+    if task.response_language:
+        expected, why = [task.response_language] * n, [f"task.response_language is {task.response_language}"] * n
+        info["expected"] = task.response_language
+    else:
+        dominant, share = _dominant(response_ranks, cfg.dominant_share)
+        info["dominant_response_language"], info["dominant_share"] = dominant, round(share, 4)
+        dominant_why = f"the dataset's responses are {share:.0%} {_language_name(dominant)} ({dominant})"
+        if task.type == "translation":
+            expected, why = [dominant] * n, [dominant_why] * n
+        else:  # a response is expected in its prompt's language (a French question answered in French)
+            prompt_top = [_top(r) for r in language_ranks(rows, "prompt", extra)]
+            expected = [lang if p >= CONFIDENT else dominant for lang, p in prompt_top]
+            why = [f"its prompt is in {_language_name(lang)} ({lang}, p={p:.2f})" if p >= CONFIDENT else dominant_why
+                   for lang, p in prompt_top]
+        if not any(expected):
+            info["status"] = "abstained"
+            info["why"] = "no task.response_language, and no language holds the dataset's responses " \
+                          f"({share:.0%} at most, {cfg.dominant_share:.0%} needed)"
+    explained = rows.memo["explained"]  # an untranslated copy is reported as a copy
+    detected, p_detected, p_expected, hit, reasons = [], _nan(n), _nan(n), np.zeros(n, dtype=bool), _none(n)
+    for i, (ranks, want) in enumerate(zip(response_ranks, expected)):
+        lang, p = _top(ranks)
+        detected.append(lang)
+        p_detected[i] = p
+        if want is None or lang is None or explained[i]:
+            continue
+        p_expected[i] = ranks.get(want, 0.0)
+        if lang != want and p >= cfg.min_probability and p_expected[i] <= cfg.max_expected_probability:
+            hit[i] = True
+            reasons[i] = (f"the response is in {_language_name(lang)} ({lang}, p={p:.2f}); {why[i]}, "
+                          f"p({want})={p_expected[i]:.2f}")
+    columns = {"response_language": detected, "response_language_probability": p_detected,
+               "expected_language_probability": p_expected}
+    probability = 1.0 - p_expected
+    if task.type == "translation" or task.prompt_language:
+        prompt_ranks = language_ranks(rows, "prompt", extra)
+        want = task.prompt_language
+        if want is None:
+            want, share = _dominant(prompt_ranks, cfg.dominant_share)
+            info["dominant_prompt_language"] = want
+            why_prompt = f"the dataset's prompts are {share:.0%} {_language_name(want)} ({want})"
+        else:
+            why_prompt = f"task.prompt_language is {want}"
+        prompt_detected, prompt_expected = [], _nan(n)
+        for i, ranks in enumerate(prompt_ranks):
+            lang, p = _top(ranks)
+            prompt_detected.append(lang)
+            if want is None or lang is None or explained[i]:
+                continue
+            prompt_expected[i] = ranks.get(want, 0.0)
+            if lang != want and p >= cfg.min_probability and prompt_expected[i] <= cfg.max_expected_probability:
+                sentence = (f"the prompt is in {_language_name(lang)} ({lang}, p={p:.2f}); {why_prompt}, "
+                            f"p({want})={prompt_expected[i]:.2f}")
+                reasons[i] = f"{reasons[i]}; {sentence}" if hit[i] else sentence
+                hit[i] = True
+                probability[i] = np.nanmax([probability[i], 1.0 - prompt_expected[i]])
+        columns |= {"prompt_language": prompt_detected, "prompt_expected_language_probability": prompt_expected}
+    return FindingResult(hit, probability, reasons, columns, info)
+
+
+def normalized(text: str) -> str:
+    """Lower case, compatibility-normalised, punctuation and spacing collapsed to single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w]+", " ", text).split())
+
+
+def _similarity(a: str, b: str) -> float:
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    if max(len(a), len(b)) > SIMILARITY_MAX_CHARS:
+        return matcher.quick_ratio()
+    return matcher.ratio() if matcher.real_quick_ratio() > 0.5 else matcher.real_quick_ratio()
+
+
+def _chunk_share(prompt: str, response: str) -> float:
+    """The share of the response that is one contiguous piece of the prompt (normalised texts)."""
+    if not response or not prompt:
+        return 0.0
+    matcher = difflib.SequenceMatcher(None, prompt, response, autojunk=False)
+    return matcher.find_longest_match(0, len(prompt), 0, len(response)).size / len(response)
+
+
+@finding("copy", "the response is a copy of the prompt, or of one chunk of it")
+def copy(rows: Rows) -> FindingResult:
+    cfg = rows.cfg.copied
+    n = len(rows)
+    prompts = [normalized(p) for p in rows.prompts]
+    responses = [normalized(r) for r in rows.responses]
+    similarity = np.array([_similarity(p, r) if r else 0.0 for p, r in zip(prompts, responses)])
+    chunk = np.array([_chunk_share(p, r) if len(r.split()) >= cfg.min_words and len(r) < len(p) else 0.0
+                      for p, r in zip(prompts, responses)])
+    median_similarity, median_chunk = float(np.median(similarity)) if n else 0.0, float(np.median(chunk)) if n else 0.0
+    echo_on, chunk_on = median_similarity < COPY_NORM_MAX, median_chunk < COPY_NORM_MAX
+    echo = echo_on & (similarity >= cfg.min_similarity) & np.array([bool(r) for r in responses])
+    piece = chunk_on & (chunk >= cfg.min_similarity) & ~echo
+    reasons = _none(n)
+    for i in np.flatnonzero(echo):
+        reasons[i] = (f"the response is a copy of the prompt (similarity {similarity[i]:.2f} after lower-casing and "
+                      f"removing punctuation; the dataset's median is {median_similarity:.2f})")
+    for i in np.flatnonzero(piece):
+        reasons[i] = (f"the response is one chunk copied out of the prompt ({chunk[i]:.0%} of it is one contiguous "
+                      f"piece of the prompt; the dataset's median is {median_chunk:.0%})")
+    info = {"min_similarity": cfg.min_similarity, "min_words": cfg.min_words,
+            "median_similarity": round(median_similarity, 4), "median_chunk_share": round(median_chunk, 4),
+            "echo_rule": "on" if echo_on else "off: responses resemble their prompts by design",
+            "chunk_rule": "on" if chunk_on else "off: responses are spans of their prompts by design",
+            "estimate": "the copied share itself (a rule, not calibrated)"}
+    if not (echo_on or chunk_on):
+        info["status"] = "abstained"
+        info["why"] = "copying the prompt is this dataset's norm"
+    probability = np.where(echo, similarity, np.where(piece, chunk, np.maximum(similarity * echo_on, chunk * chunk_on)))
+    return FindingResult(echo | piece, probability, reasons, {"copy_similarity": similarity, "copy_chunk_share": chunk},
+                         info)
+
+
+def length_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """(response chars, prompt chars, log ratio, its robust z, median log ratio), computed once."""
+    if "length" not in rows.memo:
+        r_len = np.array([len(r.strip()) for r in rows.responses], dtype=float)
+        p_len = np.array([len(p.strip()) for p in rows.prompts], dtype=float)
+        ratio = np.log((r_len + 1) / (p_len + 1))
+        z, median, _ = robust_z(ratio)
+        rows.memo["length"] = (r_len, p_len, ratio, z, median)
+    return rows.memo["length"]
+
+
+@finding("length", "the response's length is far out of line with its prompt's, for this dataset",
+         explained_by=("copy", "truncated", "wrong_language", "misaligned"))
+def length(rows: Rows) -> FindingResult:
+    cfg = rows.cfg.length
+    r_len, p_len, ratio, z, median = length_stats(rows)
+    hit = (np.abs(z) >= cfg.max_z) & ~rows.memo["explained"]
+    reasons = _none(len(rows))
+    for i in np.flatnonzero(hit):
+        side = "long" if z[i] > 0 else "short"
+        reasons[i] = (f"the response is {side} for its prompt: {int(r_len[i])} characters for {int(p_len[i])} "
+                      f"(ratio {np.exp(ratio[i]):.2f}; the dataset's median ratio is {np.exp(median):.2f}, robust z "
+                      f"{z[i]:.1f})")
+    info = {"max_z": cfg.max_z, "median_ratio": _r(float(np.exp(median))) if np.isfinite(median) else None,
+            "estimate": "model-estimated: 1 - Benjamini-Hochberg q-value of the robust z (normal null, two-sided)"}
+    return FindingResult(hit, tail_precision(z, two_sided=True), reasons, {"length_log_ratio": ratio, "length_z": z},
+                         info)
+
+
+def _ending(text: str) -> str:
+    return text.rstrip().rstrip(CLOSERS).rstrip()
+
+
+@finding("truncated", "the response ends mid-sentence", explained_by=("copy",))
+def truncated(rows: Rows) -> FindingResult:
+    cfg = rows.cfg.truncation
+    n = len(rows)
+    short = length_stats(rows)[3] <= TRUNCATED_MAX_LENGTH_Z
+    ends = [_ending(r) if not rows.memo["explained"][i] else "" for i, r in enumerate(rows.responses)]
+    terminal = np.array([bool(e) and e[-1] in TERMINAL for e in ends])
+    share = float(terminal[[bool(e) for e in ends]].mean()) if any(ends) else 0.0
+    punctuation_rule = share >= cfg.min_terminal_share
+    hit, kinds, reasons = np.zeros(n, dtype=bool), [""] * n, _none(n)
+    for i, e in enumerate(ends):
+        if not e:
+            continue
+        last_word = e.split()[-1].lower() if e.split() else ""
+        if e[-1] in DANGLING_PUNCTUATION:
+            kinds[i], reasons[i] = "dangling_punctuation", f"the response ends on {e[-1]!r}: it stops mid-sentence"
+        elif last_word in DANGLING_WORDS and not terminal[i]:
+            kinds[i], reasons[i] = "dangling_word", f"the response ends on {last_word!r}: it stops mid-sentence"
+        elif punctuation_rule and not terminal[i] and short[i]:
+            kinds[i] = "no_terminal_punctuation"
+            reasons[i] = (f"the response ends without terminal punctuation (…{e[-20:]!r}) where {share:.0%} of the "
+                          "dataset's responses have it, and is short for its prompt")
+        hit[i] = bool(kinds[i])
+    info = {"terminal_share": round(share, 4), "min_terminal_share": cfg.min_terminal_share,
+            "punctuation_rule": "on" if punctuation_rule else "off: the dataset's responses often end without it",
+            "estimate": "none (a rule)"}
+    return FindingResult(hit, _nan(n), reasons, {"truncated_end": kinds}, info)
+
+
+@finding("boilerplate", "a refusal or assistant filler (\"As an AI language model\", \"Sure! Here is\")")
+def boilerplate(rows: Rows) -> FindingResult:
+    n = len(rows)
+    matched, reasons = [""] * n, _none(n)
+    for i, r in enumerate(rows.responses):
+        for pattern, what in BOILERPLATE:
+            m = pattern.search(r)
+            if m:
+                matched[i], reasons[i] = what, f"the response contains {what}: {m.group(0).strip()!r}"
+                break
+    hit = np.array([bool(m) for m in matched])
+    return FindingResult(hit, _nan(n), reasons, {"boilerplate_match": matched}, {"estimate": "none (a rule)"})
+
+
+def _r(value, digits: int = 4):
+    return None if value is None or not np.isfinite(value) else round(float(value), digits)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class ResponseIssueReport:
+    flags: pd.DataFrame
+    summary: dict
+
+    def gate_outcomes(self, cfg: ResponseQualitySpec) -> list[CheckOutcome]:
+        return response_gate_outcomes(self.flags, self.summary, cfg)
+
+
+def find_response_issues(df: pd.DataFrame, task: TaskSpec, cfg: ResponseQualitySpec, model_dir: Path | None = None,
+                         cache_dir: Path | None = None) -> pd.DataFrame:
+    """One row per row of `df` (same order), keyed by `example_id`: `is_response_issue` (a blocking finding
+    hit, the row not reviewed), `is_response_warning`, `response_issue_types` (comma-joined kinds hit),
+    `response_issue_score` (every row; higher = worse: the largest estimated probability, RULE_HIT_SCORE for a hit
+    without an estimate), `response_issue_probability` (hit rows' estimate), `response_issue_reason`,
+    `estimated_precision_at_rank` (model-estimated; see the module docstring) and each finding's raw score
+    columns. The summary is in `.attrs["summary"]` (and `response_issue_report`).
+
+    df: prompt, response (and optional system, history, reviewed); model_dir: the base model's directory
+    (needed by `misaligned`); cache_dir: where that finding caches its per-row losses.
+    """
+    return response_issue_report(df, task, cfg, model_dir=model_dir, cache_dir=cache_dir).flags
+
+
+def response_issue_report(df: pd.DataFrame, task: TaskSpec, cfg: ResponseQualitySpec, model_dir: Path | None = None,
+                          cache_dir: Path | None = None) -> ResponseIssueReport:
+    frame = df.reset_index(drop=True)
+    n = len(frame)
+    flags = pd.DataFrame({"example_id": frame["example_id"].astype(str)})
+    if task.is_label_task:
+        raise ValueError(f"response findings are for generation tasks, not {task.type}")
+    if not cfg.enabled:
+        summary = {"enabled": False, "status": DISABLED, "n_rows": n, "findings": {}, "issue_count": 0,
+                   "issue_rate": None, "warning_count": 0}
+        return ResponseIssueReport(_assemble(flags, frame, {}, cfg), summary)
+    rows = Rows(frame, task, cfg, Path(model_dir) if model_dir is not None else None,
+                Path(cache_dir) if cache_dir is not None else None,
+                frame["prompt"].fillna("").astype(str).tolist(), frame["response"].fillna("").astype(str).tolist(), {})
+    results: dict[str, FindingResult] = {}
+    summary_findings: dict[str, dict] = {}
+    reviewed = _reviewed(frame).to_numpy()
+    for kind in run_order(cfg.findings):
+        start = time.perf_counter()
+        explainers = [results[k].hit & ~reviewed for k in FINDINGS[kind].explained_by if k in results]
+        rows.memo["explained"] = np.any(explainers, axis=0) if explainers else np.zeros(n, dtype=bool)
+        try:
+            result = FINDINGS[kind].run(rows)
+        except NotEvaluated as exc:
+            summary_findings[kind] = {"status": "not evaluated", "why": str(exc)}
+            continue
+        results[kind] = result
+        summary_findings[kind] = {"status": "run", **result.info, "flagged": int(result.hit.sum()),
+                                  "blocking": kind not in cfg.warnings,
+                                  "seconds": round(time.perf_counter() - start, 3)}
+    results = {k: results[k] for k in cfg.findings if k in results}  # the spec's order
+    summary_findings = {k: summary_findings[k] for k in cfg.findings}
+    flags = _assemble(flags, frame, results, cfg)
+    issue = flags["is_response_issue"]
+    summary = {"enabled": True, "n_rows": n, "findings": summary_findings,
+               "findings_expected": list(cfg.findings),
+               "not_evaluated": [k for k, v in summary_findings.items() if v["status"] == "not evaluated"],
+               "abstained": [k for k, v in summary_findings.items() if v["status"] == "abstained"],
+               "issue_count": int(issue.sum()), "issue_rate": round(float(issue.mean()), 6) if n else 0.0,
+               "warning_count": int(flags["is_response_warning"].sum()),
+               "by_kind": {k: int(r.hit.sum()) for k, r in results.items()},
+               "reviewed_rows_not_flagged": int(_reviewed(frame).sum())}
+    running = flags.sort_values("response_issue_score", ascending=False, kind="stable")
+    running = running.loc[running["is_response_issue"], "estimated_precision_at_rank"].to_numpy()
+    summary["estimated_precision_top"] = {str(k): _r(running[k - 1]) for k in PRECISION_AT if k <= len(running)}
+    if len(running):
+        summary["estimated_precision_top"][f"all_{len(running)}"] = _r(running[-1])
+    flags.attrs["summary"] = summary
+    return ResponseIssueReport(flags, summary)
+
+
+def run_order(kinds: list[str]) -> list[str]:
+    """The findings in an order where each runs after the findings that explain it."""
+    done: list[str] = []
+    pending = list(kinds)
+    while pending:
+        ready = [k for k in pending if all(e in done or e not in kinds for e in FINDINGS[k].explained_by)]
+        if not ready:
+            raise ValueError(f"response findings explain each other in a cycle: {pending}")
+        done += ready
+        pending = [k for k in pending if k not in ready]
+    return done
+
+
+def _reviewed(frame: pd.DataFrame) -> pd.Series:
+    return frame["reviewed"].fillna(False).astype(bool) if "reviewed" in frame else pd.Series(False, index=frame.index)
+
+
+def _assemble(flags: pd.DataFrame, frame: pd.DataFrame, results: dict[str, FindingResult],
+              cfg: ResponseQualitySpec) -> pd.DataFrame:
+    n = len(frame)
+    reviewed = _reviewed(frame).to_numpy()
+    kinds = list(results)
+    hits = {k: results[k].hit.astype(bool) & ~reviewed for k in kinds}
+    blocking = [k for k in kinds if k not in cfg.warnings]
+    warning = [k for k in kinds if k in cfg.warnings]
+    flags["is_response_issue"] = np.any([hits[k] for k in blocking], axis=0) if blocking else np.zeros(n, dtype=bool)
+    flags["is_response_warning"] = np.any([hits[k] for k in warning], axis=0) if warning else np.zeros(n, dtype=bool)
+    flags["response_issue_types"] = [",".join(k for k in kinds if hits[k][i]) for i in range(n)]
+    # A hit without an estimate (a rule) scores RULE_HIT_SCORE; other rows rank by their largest estimate.
+    blocking_scores = [np.where(hits[k], np.nan_to_num(results[k].probability, nan=RULE_HIT_SCORE),
+                                np.nan_to_num(results[k].probability, nan=0.0)) for k in blocking]
+    score = np.max(blocking_scores, axis=0) if blocking_scores else np.zeros(n)
+    flags["response_issue_score"] = np.round(score, 6)
+    hit_probability = [np.where(hits[k], results[k].probability, np.nan) for k in blocking]
+    with np.errstate(all="ignore"):
+        probability = np.fmax.reduce(hit_probability, axis=0) if hit_probability else _nan(n)
+    flags["response_issue_probability"] = np.round(probability, 6)
+    flags["response_issue_reason"] = pd.Series(
+        ["; ".join(results[k].reasons[i] for k in kinds if hits[k][i]) or None for i in range(n)], dtype="string")
+    order = np.argsort(-score, kind="stable")
+    at_rank = np.full(n, np.nan)
+    at_rank[order] = running_precision(flags["is_response_issue"].to_numpy()[order], probability[order])
+    flags["estimated_precision_at_rank"] = np.round(at_rank, 4)
+    for k in kinds:
+        for name, values in results[k].columns.items():
+            flags[name] = values
+    return flags
+
+
+def response_gate_outcomes(flags: pd.DataFrame, summary: dict, cfg: ResponseQualitySpec) -> list[CheckOutcome]:
+    """Blocking: the share of rows with a blocking finding within `max_issue_rate`; every enabled finding
+    evaluated. Warning: warning findings (boilerplate) hit, or findings that abstained."""
+    if summary.get("enabled") is False:
+        return [CheckOutcome(name, True, blocking, DISABLED, {"enabled": False})
+                for name, blocking, _ in RESPONSE_GATE_CHECKS]
+    rate = summary.get("issue_rate")
+    issue = flags["is_response_issue"].astype(bool) if "is_response_issue" in flags else pd.Series(dtype=bool)
+    ranked = flags[issue].sort_values("response_issue_score", ascending=False) if len(issue) else flags.head(0)
+    shown = ranked[["example_id", "response_issue_types", "response_issue_score", "response_issue_reason"]].head(20) \
+        if len(ranked) else None
+    missing = list(summary.get("not_evaluated", [])) if "findings" in summary else ["<unknown>"]
+    expected = summary.get("findings_expected", [])
+    evaluated = rate is not None and not missing
+    by_kind = summary.get("by_kind", {})
+    warnings_hit = {k: by_kind.get(k, 0) for k in cfg.warnings if by_kind.get(k)}
+    abstained = {k: summary["findings"][k].get("why", "") for k in summary.get("abstained", [])}
+    return [
+        CheckOutcome(
+            "response_issue_rate", evaluated and rate <= cfg.max_issue_rate, True,
+            f"response issue rate {rate:.4f} vs the allowed {cfg.max_issue_rate} ("
+            + ", ".join(f"{k} {v}" for k, v in by_kind.items() if k not in cfg.warnings) + ")" if evaluated
+            else f"response findings {missing} were not evaluated: a skipped check is a failed gate",
+            {"response_issue_rate": rate, "response_issue_count": summary.get("issue_count"),
+             "max_issue_rate": cfg.max_issue_rate, "by_kind": by_kind},
+            failing_ids=ranked["example_id"].astype(str).tolist(), failing_rows=shown),
+        CheckOutcome(
+            "response_findings_evaluated", not missing, True,
+            "every enabled response finding was evaluated" if not missing
+            else "not evaluated: " + "; ".join(f"{k} ({summary['findings'].get(k, {}).get('why', 'missing')})"
+                                              for k in missing) + ": a skipped check is a failed gate",
+            {"expected": expected, "not_evaluated": missing, "abstained": list(abstained)}),
+        CheckOutcome(
+            "response_warnings", not warnings_hit and not abstained, False,
+            "no warning finding hit and every finding could decide" if not warnings_hit and not abstained
+            else "; ".join([f"{v} rows with {k}" for k, v in warnings_hit.items()]
+                           + [f"{k} abstained: {why}" for k, why in abstained.items()]),
+            {"warnings": warnings_hit, "abstained": abstained}),
+    ]
+
+
+RESPONSE_GATE_CHECKS = [
+    ("response_issue_rate", True, "Share of rows with a blocking response finding (misaligned, wrong language, copy, "
+                                  "length, truncated) is within quality.response.max_issue_rate"),
+    ("response_findings_evaluated", True, "Every enabled response finding was evaluated (a skipped one is a failure)"),
+    ("response_warnings", False, "Warning findings (boilerplate) and findings that could not decide on this data"),
+]
