@@ -8,6 +8,13 @@ prompts, generation only) and `retention` (`score_retention`: 12 new tokens and 
 `zero_shot_loss`, `retention_generate`, `retention_nll`: where a checkout computes the loss in the
 generation's pass, these run it separately, so they are not parts of `total`).
 
+`--new-rows N` times a nightly run instead: the last N test rows are new. The base model's retention
+part is then read from the cache under every checkout (its key holds no test rows), and where a
+checkout keeps generations row by row (`evaluation.RowStore`) its store first holds the base model's
+zero- and few-shot generations of the other rows (untimed), so the timed parts generate the new rows
+only; a checkout without it scores every row again, as its evaluation did. The candidate is new each
+night: every part of it is timed in full.
+
 Models: `base` (the spec's base model) and, with --adapter, `candidate` (the adapter merged into the
 base, as `load_tuned_model` serves it). Each (source, model) runs in its own subprocess with
 PYTHONPATH=source, so `--src A B` times two checkouts of the code (e.g. main and a branch) on the same
@@ -28,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -68,6 +76,8 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     spec = load_spec(args.spec)
+    if args.batch_size:
+        spec = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"batch_size": args.batch_size})})
     cfg = spec.evaluation
     splits = pd.read_parquet(args.splits)
     rows = ev.test_rows(splits[splits["split"] == "test"].reset_index(drop=True), spec)
@@ -87,14 +97,26 @@ def worker(args) -> dict:
         model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
     task, plain = spec.task, TaskSpec(type="instruction")
     clock, outputs = Clock(), {}
+    store, nightly = {}, bool(args.new_rows) and args.model == "base"
+    if nightly and hasattr(ev, "RowStore"):  # last night's rows, generated (untimed) into a fresh store
+        import tempfile
+
+        store = {"store": ev.RowStore(Path(tempfile.mkdtemp()), {"model": "base"})}
+        old = rows.head(len(rows) - args.new_rows)
+        ev.score_model(model, tokenizer, old, spec, device, **store)
+        if len(shots):
+            ev.score_model(model, tokenizer, ev.with_few_shot(old, shots, task), spec, device, with_loss=False, **store)
+        store["store"].computed = 0  # from here: the rows the timed parts generate
     # what `evaluate` runs, call by call
-    scores = clock("zero_shot", lambda: ev.score_model(model, tokenizer, rows, spec, device))
+    scores = clock("zero_shot", lambda: ev.score_model(model, tokenizer, rows, spec, device, **store))
     outputs["zero_shot"] = {"raw": scores.raw_outputs, "loss": scores.loss}
     if args.model == "base" and len(shots):
         prompted = ev.with_few_shot(rows, shots, task)
-        few = clock("few_shot", lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False))
+        few = clock("few_shot", lambda: ev.score_model(model, tokenizer, prompted, spec, device, with_loss=False, **store))
         outputs["few_shot"] = {"raw": few.raw_outputs}
-    if len(items):
+    if len(items) and nightly:  # the base model's retention scores come from the whole-part cache
+        clock.seconds["retention"] = clock.cpu_seconds["retention"] = 0.0
+    elif len(items):
         kept = clock("retention", lambda: ev.score_retention(model, tokenizer, items, cfg.batch_size, device,
                                                                        precision))
         outputs["retention"] = {"raw": kept["outputs"], "loss": kept["nll"]}
@@ -111,8 +133,10 @@ def worker(args) -> dict:
                                                                          device, precision))
             clock("retention_nll", lambda: ev.response_loss(model, tokenizer, items, plain, 10**6,
                                                                          cfg.batch_size, device, precision))
-    return {"source": ev.__file__, "model": args.model, "load": [load_start[0], os.getloadavg()[0]], "n_test": len(rows), "n_retention": len(items), "k": len(shots),
+    return {"source": ev.__file__, "model": args.model, "new_rows": args.new_rows,
+            "generated_rows": store["store"].computed if store else None, "load": [load_start[0], os.getloadavg()[0]], "n_test": len(rows), "n_retention": len(items), "k": len(shots),
             "batch_size": cfg.batch_size, "threads": torch.get_num_threads(), "seconds": clock.seconds,
+            "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # KiB on Linux
             "cpu_seconds": clock.cpu_seconds, "outputs": outputs}
 
 
@@ -143,6 +167,9 @@ def main() -> int:
     parser.add_argument("--test-rows", type=int, default=None, help="only the first N test rows (default: all)")
     parser.add_argument("--retention-rows", type=int, default=None, help="retention prompts (default: the spec's)")
     parser.add_argument("--halves", action="store_true", help="also time generation and loss each on its own")
+    parser.add_argument("--batch-size", type=int, default=None, help="evaluation.batch_size (default: the spec's)")
+    parser.add_argument("--new-rows", type=int, default=0,
+                        help="a nightly run: the last N test rows are new (see above; default 0: every part cold)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per worker (default: torch's). 1 on a machine others load: two threads that "
                              "wait on each other at every operator measure the scheduler, not the work")
@@ -170,7 +197,7 @@ def main() -> int:
             if args.out:
                 Path(args.out).with_suffix(f".worker{i}_{model}.json").write_text(json.dumps(result) + "\n")
             print(json.dumps({"source": src, "model": model, "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
-                              "load": result["load"]}),
+                              "load": result["load"], "max_rss_mib": result.get("max_rss_mib")}),
                   file=sys.stderr)
             runs[src][model].append(result)
     report = {
@@ -184,6 +211,8 @@ def main() -> int:
         "cpu_seconds": {src: {m: {part: [r["cpu_seconds"][part] for r in rs] for part in rs[0]["cpu_seconds"]}
                             for m, rs in by.items()} for src, by in runs.items()},
         "load_average_per_worker": {src: {m: [r["load"] for r in rs] for m, rs in by.items()} for src, by in runs.items()},
+        "max_rss_mib": {src: {m: [r.get("max_rss_mib") for r in rs] for m, rs in by.items()} for src, by in runs.items()},
+        "generated_rows": {src: {m: [r.get("generated_rows") for r in rs] for m, rs in by.items()} for src, by in runs.items()},
     }
     if len(args.src) == 2:
         a, b = args.src

@@ -4,7 +4,9 @@ On the first ROWS English->French captions of multi30k (../shared/datasets/multi
 request "Translate to French: <caption>" and two answers: the reference translation and a bad one (the
 caption untranslated, or the reference of another row). For each, judged in both orders:
 - position bias: the share of pairs where the judge answers "A" in both orders (and "B" in both);
-- the win rate of the reference over the bad answer (a judge that reads the answers puts it above 0.5);
+- the win rate of the reference over the bad answer (a judge that reads the answers puts it above 0.5),
+  and the judge's mean probability of the reference over both orders (P(letter) normalised over A and B):
+  whether a judge too position-biased to win any pair still leans the right way;
 - the seconds per row of judging the candidate against base and champion (two pairs, both orders: four
   forward passes), against the seconds per row of one greedy generation of the same prompts
   (`evaluation.generate`, max_new_tokens 48): what a judge adds to an evaluation stage that generates
@@ -16,6 +18,7 @@ caption untranslated, or the reference of another row). For each, judged in both
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -46,9 +49,10 @@ def main() -> None:
         second = j.margins(requests, bad, fr)
         seconds = time.perf_counter() - start
         wins = judge.pairwise_wins(first, second)
+        leaning = sum(1 / (1 + math.exp(-a)) + 1 / (1 + math.exp(b)) for a, b in zip(first, second)) / (2 * ROWS)
         out[name] = {"both_orders_A": sum(a > 0 and b > 0 for a, b in zip(first, second)) / ROWS,
                      "both_orders_B": sum(a < 0 and b < 0 for a, b in zip(first, second)) / ROWS,
-                     "reference_win_rate": sum(wins) / ROWS,
+                     "reference_win_rate": sum(wins) / ROWS, "reference_mean_probability": round(leaning, 4),
                      "wins_ties_losses": [wins.count(1.0), wins.count(0.5), wins.count(0.0)],
                      "seconds_per_pair_both_orders": round(seconds / ROWS, 3)}
     judged = sum(out[n]["seconds_per_pair_both_orders"] for n in ("untranslated", "another_row"))  # two pairs a row

@@ -112,10 +112,7 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     report_path = meta["evaluation_report"].get("report_path")
     evaluation = {}
     if report_path and Path(report_path).with_suffix(".json").exists():
-        report = json.loads(Path(report_path).with_suffix(".json").read_text())
-        evaluation = {"primary_metric": report["primary_metric"], "base": report["base"], "tuned": report["tuned"],
-                      "champion": report.get("champion"), "champion_version": report.get("champion_version"),
-                      "promotion": report.get("promotion"), "corrected_view": report.get("corrected_view")}
+        evaluation = evaluation_summary(json.loads(Path(report_path).with_suffix(".json").read_text()))
     preference = {}
     if spec.preference is not None:
         pref = {n: _latest_metadata(instance, key(n)) if n in materialized else {}
@@ -160,7 +157,10 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
         },
         "label_issues": {k: label_summary.get(k) for k in ("label_issue_count", "label_issue_rate", "outlier_count",
                                                            "near_duplicate_count", "status", "estimated_precision_top")}
-                        | {"label_conflict_rows": meta["label_issues"].get("label_conflict_rows")},
+                        | {"label_conflict_rows": meta["label_issues"].get("label_conflict_rows")}
+                        # generation tasks: the response findings (misaligned, wrong language, copies ...)
+                        | ({"response_issues": {k: label_summary["response"].get(k) for k in (
+                            "issue_count", "issue_rate", "warning_count", "by_kind")}} if "response" in label_summary else {}),
         "label_issue_audit": meta["label_issues"].get("audit"),
         "checks": checks,
         "failed_blocking_checks": [f"{c['asset']}:{c['check']}" for c in failed_blocking],
@@ -177,8 +177,65 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
     }
 
 
+def evaluation_summary(report: dict) -> dict:
+    """What the run summary shows of an evaluation report: each model's metrics and the promotion decision;
+    for generation tasks also the primary metric's 95% interval per model, the candidate's difference from
+    the model it was compared with (the champion, else the base model) with its interval, and the judged
+    win rates (reports without them: none)."""
+    from .task_types import LABEL_TASKS
+
+    summary = {"primary_metric": report["primary_metric"], "base": report["base"], "tuned": report["tuned"],
+               "champion": report.get("champion"), "champion_version": report.get("champion_version"),
+               "promotion": report.get("promotion"), "corrected_view": report.get("corrected_view")}
+    intervals = report.get("intervals") or {}
+    if report.get("task") in LABEL_TASKS or not intervals.get("models"):
+        return summary
+    metric, compared = report["primary_metric"], intervals.get("compared_with")
+    difference = ((intervals.get("differences") or {}).get(compared) or {}).get(metric)
+    summary |= {"confidence": intervals.get("confidence", 0.95),
+                "intervals": {model: found.get(metric) for model, found in intervals["models"].items()
+                              if model in ("base", "champion", "tuned")},
+                "difference": difference and {"versus": "champion" if compared == "tuned_minus_champion" else "base",
+                                              **difference}}
+    if win_rate := report.get("win_rate"):
+        summary["win_rate"] = {"judge": win_rate["judge"], "n": win_rate["n"],
+                               "versus": {name: {k: found.get(k) for k in ("label", "value", "interval")}
+                                          for name, found in win_rate["versus"].items()}}
+    return summary
+
+
 def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _with_interval(value, interval, sign: str = "") -> str:
+    text = "n/a" if value is None else f"{value:{sign}.3f}"
+    return text + (f" [{interval[0]:{sign}.3f}, {interval[1]:{sign}.3f}]" if interval else "")
+
+
+def evaluation_lines(ev: dict) -> list[str]:
+    """The run summary's evaluation lines: the primary metric of base, champion and candidate (generation
+    tasks: each with its 95% interval, then the candidate's difference with its interval, and the judged win
+    rates), and the promotion decision."""
+    m = ev["primary_metric"]
+    if "intervals" not in ev:  # label tasks (and reports without intervals): one line, as it always was
+        champion = (f"champion {ev['champion_version']} {ev['champion'][m]:.3f}" if ev.get("champion")
+                    else "no champion yet")
+        lines = [f"{m}: base {ev['base'][m]:.3f}  |  {champion}  |  candidate {ev['tuned'][m]:.3f}"]
+    else:
+        cell = lambda model: _with_interval(ev[model].get(m), ev["intervals"].get(model))  # noqa: E731
+        champion = f"champion {ev['champion_version']} {cell('champion')}" if ev.get("champion") else "no champion yet"
+        lines = [f"{m} ({ev['confidence']:.0%} intervals): base {cell('base')}  |  {champion}  |  candidate {cell('tuned')}"]
+        if d := ev.get("difference"):
+            versus = f"champion {ev['champion_version']}" if d["versus"] == "champion" else "base"
+            lines.append(f"  candidate - {versus}: {_with_interval(d.get('value'), d.get('interval'), '+')}")
+        if wr := ev.get("win_rate"):
+            lines.append(f"win rate over {wr['n']} test rows (judge {wr['judge']}): " + ", ".join(
+                f"vs {found['label']} {_with_interval(found['value'], found['interval'])}"
+                for found in wr["versus"].values()))
+    if ev.get("promotion"):
+        lines.append(f"promotion: {'promote' if ev['promotion']['promote'] else 'not promoted'}: {ev['promotion']['reason']}")
+    return lines
 
 
 def _print_summary(s: dict) -> None:
@@ -206,20 +263,17 @@ def _print_summary(s: dict) -> None:
         print(f"label issues found: {li['label_issue_count']} (rate {li['label_issue_rate']:.3f}), outliers {li['outlier_count']}, near duplicates {li['near_duplicate_count']}")
     if li.get("label_conflict_rows"):
         print(f"label conflicts (duplicates with different labels) in the review queue: {li['label_conflict_rows']} rows")
+    if (ri := li.get("response_issues")) and ri.get("issue_rate") is not None:
+        kinds = ", ".join(f"{k} {v}" for k, v in (ri.get("by_kind") or {}).items() if v)
+        print(f"response issues found: {ri['issue_count']} (rate {ri['issue_rate']:.3f})" + (f": {kinds}" if kinds else ""))
     if s.get("label_issue_audit"):
         a = s["label_issue_audit"]
         print(f"label-issue detection vs known errors: precision {a['precision']:.2f}, recall {a['recall']:.2f}")
     failed = [c for c in s["checks"] if not c["passed"]]
     print(f"checks: {len(s['checks']) - len(failed)} passed, {len(failed)} failed"
           + "".join(f"\n  - {c['asset']}:{c['check']} ({'blocking' if c['blocking'] else 'warning'})" for c in failed))
-    ev = s["evaluation"]
-    if ev:
-        m = ev["primary_metric"]
-        champion = (f"champion {ev['champion_version']} {ev['champion'][m]:.3f}" if ev.get("champion")
-                    else "no champion yet")
-        print(f"{m}: base {ev['base'][m]:.3f}  |  {champion}  |  candidate {ev['tuned'][m]:.3f}")
-        if ev.get("promotion"):
-            print(f"promotion: {'promote' if ev['promotion']['promote'] else 'not promoted'}: {ev['promotion']['reason']}")
+    if s["evaluation"]:
+        print("\n".join(evaluation_lines(s["evaluation"])))
     for name, path in s["artefacts"].items():
         if path:
             print(f"{name}: {path}")

@@ -11,14 +11,22 @@ prefers the candidate in both orders, a loss (0) when it prefers the other answe
 when the orders disagree (`pairwise_wins`). Identical answers are a tie without asking: the two orders are
 then the same prompt, so their margins are equal and the orders disagree.
 
-Position bias is why both orders are needed: the embedded SmolLM2-135M-Instruct as judge preferred "A" in
-both orders on 75 of 80 pairs of benchmarks/judge_cost.py (translation outputs vs references), which one
-order alone would have counted as 75 wins or 75 losses; with both orders they are ties.
+Position bias is why both orders are needed, and it is large in a small judge: on benchmarks/judge_cost.py
+(40 multi30k captions, the reference translation against the caption untranslated or against another
+row's translation) the embedded SmolLM2-135M-Instruct answered "A" in both orders on 37 and 39 of the 40
+pairs: one order alone would have scored them all as wins (or all as losses). Both orders make them ties:
+0 wins, 38 ties and 2 losses, and 40 ties. Nor does it lean: its probability of the reference averaged over
+both orders was 0.49 and 0.50. A judge that small cannot tell a translation from the untranslated caption;
+name a larger instruct model in `evaluation.judge.model`, and read the ties column.
 
-Margins are cached per (judge weights and tokenizer hashes, judging prompt, request, answer A, answer B),
-in one JSON file per judge (`MarginStore`): a nightly run judges only pairs it has not seen. The judge runs
-in fp32, batched in length order, left-padded, one forward pass per pair and order (only the last position's
-logits are computed).
+Cost: one forward pass per pair and order, no generation. Same benchmark, 2 CPU cores shared with other
+work, two runs: judging the candidate against base and champion took 5.1-7.0 s per row against 4.1-7.2 s
+per row of one model's greedy generation (max_new_tokens 48), 24-31% of an evaluation that generates
+for four models (base, 5-shot base, champion, candidate); `evaluation.judge.max_examples`
+bounds it, and a nightly run pays only for pairs it has not judged: margins are cached per (judge weights
+and tokenizer hashes, judging prompt, request, answer A, answer B) in one JSON file per judge
+(`MarginStore`). fp32, batched in length order, left-padded, after the prompts' shared prefix (the chat
+template's start and the instructions: 82 of 174 tokens of those pairs), the last position's logits only.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -117,7 +124,7 @@ class Judge:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.store = MarginStore(cache_dir, {**identity, "prompt": JUDGE_PROMPT, "plain_suffix": PLAIN_SUFFIX,
                                              "max_tokens": [MAX_REQUEST_TOKENS, MAX_ANSWER_TOKENS]})
-        self.computed, self.seconds, self._model = 0, 0.0, None
+        self.computed, self._model = 0, None
 
     def _cut(self, text: str, limit: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -152,25 +159,21 @@ class Judge:
                 pending.setdefault(k, i)
         todo = list(pending.values())
         if todo:
-            start = time.perf_counter()
             found = self._forward([self.prompt_ids(requests[i], first[i], second[i]) for i in todo])
             for i, margin in zip(todo, found):
                 self.store.put(keys[i], margin)
             self.store.save()
             self.computed += len(todo)
-            self.seconds += time.perf_counter() - start
         return [self.store.margins[k] for k in keys]
 
     def wins(self, requests: Sequence[str], candidate: Sequence[str], other: Sequence[str]) -> list[float]:
         """Per row, the candidate's win value against the other answer (`pairwise_wins`), judged in both orders;
         identical answers (after stripping whitespace) are a tie without running the judge."""
         rows = [i for i, (c, o) in enumerate(zip(candidate, other, strict=True)) if c.strip() != o.strip()]
-        asked = lambda values: [values[i].strip() for i in rows]  # noqa: E731
-        request = [requests[i] for i in rows]
-        first = self.margins(request, asked(candidate), asked(other))
-        second = self.margins(request, asked(other), asked(candidate))
+        mine, theirs = [candidate[i].strip() for i in rows], [other[i].strip() for i in rows]
+        both = self.margins([requests[i] for i in rows] * 2, mine + theirs, theirs + mine)  # one pass, both orders
         out = [0.5] * len(candidate)
-        for i, value in zip(rows, pairwise_wins(first, second)):
+        for i, value in zip(rows, pairwise_wins(both[:len(rows)], both[len(rows):])):
             out[i] = value
         return out
 
@@ -183,24 +186,33 @@ class Judge:
         return self._model
 
     def _forward(self, prompts: list[list[int]]) -> list[float]:
-        """The margins of token-id prompts: longest first, left-padded batches, last position only."""
+        """The margins of token-id prompts: after their shared prefix (`decoding.SharedPrefix`, computed
+        once; a batch of 8 of the benchmark's pairs ran in 5.7-7.1 s after it against 10.5-11.5 s whole), the
+        rest longest first in left-padded batches, the last position's logits only."""
         import torch
+
+        from .decoding import SharedPrefix, cache_argument
 
         model, (a_ids, b_ids), pad = self.model(), self._letter_ids(), pad_id(self.tokenizer)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out = [0.0] * len(prompts)
         with torch.no_grad():
+            prefix = SharedPrefix(model, prompts, self.device, "fp32")
+            n = len(prefix)
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                width = max(len(prompts[i]) for i in rows)
+                tails = [prompts[i][n:] for i in rows]
+                width = max(len(t) for t in tails)
                 ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    ids[j, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                    mask[j, width - len(prompts[i]):] = 1
+                mask = torch.zeros((len(rows), n + width), dtype=torch.long)
+                mask[:, :n] = 1
+                for j, tail in enumerate(tails):
+                    ids[j, width - len(tail):] = torch.tensor(tail)
+                    mask[j, n + width - len(tail):] = 1
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                               logits_to_keep=1).logits[:, -1].float()
+                cache = {cache_argument(model): prefix.cache_for(len(rows))} if n else {}
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)[:, n:],
+                               use_cache=bool(n), logits_to_keep=1, **cache).logits[:, -1].float()
                 logp = torch.log_softmax(logits, dim=-1)
                 margin = torch.logsumexp(logp[:, a_ids], dim=-1) - torch.logsumexp(logp[:, b_ids], dim=-1)
                 for j, i in enumerate(rows):

@@ -66,7 +66,9 @@ def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | Non
         new_value = ""
         if action == "relabel":
             if pd.isna(row["suggested_label"]):
-                raise ValueError(f"{example_id}: cleanlab has no suggested label to accept; use drop or keep")
+                raise ValueError(f"{example_id}: cleanlab has no suggested label to accept; use drop or keep, or (a "
+                                 "generation row) append a relabel row with the rewritten response as new_value to "
+                                 "the corrections file")
             new_value = str(row["suggested_label"])
         rows.append({"example_id": example_id, "action": action, "new_value": new_value, "note": note or "",
                      "author": _author(), "timestamp": now, "old_value": str(row["given_label"])})
@@ -81,8 +83,11 @@ def cmd_review(args: argparse.Namespace) -> int:
     spec = _spec(args)
     queue = review_queue(spec, _storage(args))
     columns = ["example_id", "severity", "issue_types", "given_label", "suggested_label", "prompt"]
+    columns += ["response_issue_reason"] if "response_issue_reason" in queue else []  # generation tasks
     shown = queue.head(args.limit)[columns + (["conflict_detail"] if "conflict_detail" in queue else [])]
     shown = shown.assign(prompt=shown["prompt"].astype(str).str.slice(0, 70))
+    if "response_issue_reason" in shown:
+        shown = shown.assign(response_issue_reason=shown["response_issue_reason"].fillna("").astype(str).str.slice(0, 120))
     if "conflict_detail" in shown:  # a label conflict: every label of the duplicates, with their ids
         shown = shown.assign(conflict_detail=shown["conflict_detail"].fillna(""))
     print(f"{len(queue)} rows in the review queue of {spec.name} (worst first); corrections go to "

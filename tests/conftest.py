@@ -32,3 +32,20 @@ def precision_probe_cache(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SFT_DAGSTER_PROBE_CACHE", str(path))
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def absl_handler_on_the_real_stderr():
+    """rouge-score (ROUGE metrics) imports absl, whose log handler keeps the sys.stderr it was created
+    with; a Dagster run (`logging.config.dictConfig` closes every handler) then closed it, and where that
+    was pytest's capture (a `capsys` test after a ROUGE-scoring one) pytest itself failed with "I/O
+    operation on closed file". On the real stderr absl never closes it."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        yield
+        return
+    handler = absl_logging.get_absl_handler().python_handler
+    kept, handler.stream = handler.stream, sys.__stderr__
+    yield
+    handler.stream = kept

@@ -205,3 +205,39 @@ def test_quiet_libraries_keeps_a_users_own_setting(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     quiet_libraries()
     assert os.environ["MLFLOW_LOGGING_LEVEL"] == "DEBUG" and os.environ["TQDM_DISABLE"] == "1"
+
+
+def test_run_summary_shows_a_label_tasks_evaluation_as_before():
+    from sft_dagster.cli import evaluation_lines, evaluation_summary
+
+    report = {"task": "sentiment", "primary_metric": "accuracy", "base": {"accuracy": 0.4}, "tuned": {"accuracy": 0.8},
+              "champion": None, "champion_version": None,
+              "intervals": {"models": {"base": {"accuracy": [0.2, 0.6]}, "tuned": {"accuracy": [0.6, 1.0]}}},
+              "promotion": {"promote": True, "reason": "candidate accuracy 0.8000 beats base model 0.4000"}}
+    assert evaluation_lines(evaluation_summary(report)) == [
+        "accuracy: base 0.400  |  no champion yet  |  candidate 0.800",
+        "promotion: promote: candidate accuracy 0.8000 beats base model 0.4000"]
+
+
+def test_run_summary_shows_a_generation_tasks_intervals_difference_win_rate_and_decision():
+    from test_promotion import translation_report
+
+    from sft_dagster.cli import evaluation_lines, evaluation_summary
+    from sft_dagster.registry import promotion_decision
+
+    report = translation_report(range(32), champion=True)
+    report["promotion"] = promotion_decision(report, "chrf", 0.0)
+    report["win_rate"] = {"judge": "embedded:smollm2-135m-instruct", "n": 40, "versus": {
+        "base": {"label": "base", "value": 0.6, "interval": [0.5, 0.7], "wins": 10, "ties": 28, "losses": 2},
+        "champion": {"label": "champion v1", "value": 0.55, "interval": [0.45, 0.65], "wins": 6, "ties": 32, "losses": 2}}}
+    lines = evaluation_lines(evaluation_summary(report))
+    iv, d = report["intervals"]["models"], report["intervals"]["differences"]["tuned_minus_champion"]["chrf"]
+    cell = lambda model: f"{report[model]['chrf']:.3f} [{iv[model]['chrf'][0]:.3f}, {iv[model]['chrf'][1]:.3f}]"  # noqa: E731
+    assert lines[0] == f"chrf (95% intervals): base {cell('base')}  |  champion v1 {cell('champion')}  |  candidate {cell('tuned')}"
+    assert d["value"] > 0 and lines[1] == (f"  candidate - champion v1: {d['value']:+.3f} "
+                                           f"[{d['interval'][0]:+.3f}, {d['interval'][1]:+.3f}]")
+    assert lines[2] == ("win rate over 40 test rows (judge embedded:smollm2-135m-instruct): vs base 0.600 [0.500, 0.700], "
+                        "vs champion v1 0.550 [0.450, 0.650]")
+    assert lines[3] == f"promotion: promote: {report['promotion']['reason']}"
+    first = translation_report(range(32))  # before the first promotion: compared with the base model
+    assert evaluation_lines(evaluation_summary(first))[1].startswith("  candidate - base: +")

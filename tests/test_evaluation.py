@@ -289,7 +289,8 @@ def test_generation_and_loss_in_one_pass_equal_the_two_passes(varied_tiny_model,
 
 
 def test_base_model_scores_are_reused_by_the_next_run(tiny_model_dir, tmp_path, monkeypatch):
-    """A new candidate reuses the base model's scores; new test rows reuse its retention scores."""
+    """A new candidate reuses the base model's scores; new test rows reuse its retention scores, and only
+    the new rows are generated (the scores are those of a run without any cache)."""
     from sft_dagster import evaluation
 
     calls = {"score_model": 0, "score_retention": 0}
@@ -304,12 +305,28 @@ def test_base_model_scores_are_reused_by_the_next_run(tiny_model_dir, tmp_path, 
     run = lambda test, adapter_id: evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, test, device="cpu",  # noqa: E731
                                                        method="full", adapter_id=adapter_id, cache_dir=tmp_path,
                                                        train=rows(10, 100))
-    run(rows(4, 0), "a1")
+    first = run(rows(4, 0), "a1")
     assert calls == {"score_model": 3, "score_retention": 2}  # base zero-shot, base 2-shot, candidate; retention x2
     run(rows(4, 0), "a2")  # a new candidate, the same test rows
     assert calls == {"score_model": 4, "score_retention": 3}
-    run(rows(5, 0), "a3")  # new test rows: the base is scored on them again, its retention is not
+    nightly = run(rows(5, 0), "a3")  # new test rows: the base is scored on them again, its retention is not
     assert calls == {"score_model": 7, "score_retention": 4}
+    # ... and generates only the new row (issue #21); per model, the seconds of loading and of each part
+    assert first["generated_rows"] == {"base": {"zero_shot": 4, "few_shot": 4, "retention": 9},
+                                       "tuned": {"zero_shot": 4, "retention": 9}}
+    assert nightly["generated_rows"] == {"base": {"zero_shot": 1, "few_shot": 1, "retention": 0},
+                                         "tuned": {"zero_shot": 5, "retention": 9}}
+    seconds = first["seconds_by_part"]
+    assert set(seconds["base"]) == {"load", "zero_shot", "few_shot", "retention"} and seconds["report"] >= 0
+    assert set(seconds["tuned"]) == {"load", "zero_shot", "retention"}
+    assert all(v >= 0 for part in ("base", "tuned") for v in seconds[part].values())
+    md = evaluation.render_markdown(first)
+    assert "## Evaluation cost" in md and "| test rows (generation and loss) |" in md
+    fresh = evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, rows(5, 0), device="cpu", method="full",
+                                adapter_id="a4", train=rows(10, 100))  # nothing cached
+    for model in ("base", "base_few_shot", "tuned"):
+        assert nightly[model] == pytest.approx(fresh[model], rel=1e-6), model
+    assert nightly["samples"] == fresh["samples"]
 
 
 def test_generation_task_scores_its_metrics_and_finds_cut_off_outputs(varied_tiny_model):
@@ -353,24 +370,31 @@ def test_greedy_loop_with_rows_leaving_and_joining_equals_model_generate(varied_
     model, tokenizer = varied_tiny_model
     task = spec().task
     monkeypatch.setattr(decoding._Batch, "DROP", 1)
+    monkeypatch.setattr(decoding, "PROMPT_ROWS", 2)  # joining rows start two at a time
+    calls = {"join": 0, "drop": 0}
+    for cls, name in ((decoding._Batch, "join"), (decoding._Buffer, "drop")):
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1)
+                            or _real(*a, **k))
     for df in (SHOTS_AND_ROWS, with_few_shot(SHOTS_AND_ROWS.iloc[3:], SHOTS_AND_ROWS.head(3), task)):
         prompts = _prompt_ids(tokenizer, df, task)
 
-        def alone(ids, eos):
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=10, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)[0, len(ids):].tolist()
+        def alone(ids, eos):  # the mask given: generate would otherwise mask the prompt's pad tokens (<|im_end|>)
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=eos)[0, len(ids):].tolist()
             return out[: out.index(eos) + 1] if eos in out else out
 
         free = [alone(p, tokenizer.eos_token_id) for p in prompts]
         ends = lambda t: {g.index(t) + 1 if t in g else 10 for g in free}  # noqa: E731
         common = max({t for g in free for t in g}, key=lambda t: len(ends(t)))  # the end token ending rows most variously
         expected = [alone(p, common) for p in prompts]
-        print(common, ends(common), free, expected)
         assert len({len(e) for e in expected}) >= 3  # rows end at different steps (or run to the 10-token cap)
         for batch_size, refill in ((3, 1), (4, 2), (len(prompts), None)):
             got, _ = decoding.greedy(model, prompts, 10, batch_size, "cpu", "fp32", tokenizer.pad_token_id, common,
                                      refill=refill)
             assert got == expected, (batch_size, refill)
+    assert calls["join"] > 0 and calls["drop"] > 0  # rows joined a running batch; unused padding was dropped
 
 
 def test_greedy_loss_per_row_equals_the_separate_loss_pass(varied_tiny_model):
@@ -432,34 +456,30 @@ def test_row_store_generates_only_rows_it_does_not_hold(varied_tiny_model, tmp_p
     assert RowStore(tmp_path, {"model": "another"}).rows == {}  # another model has its own rows
 
 
-def test_evaluate_reports_seconds_per_part_and_generates_only_new_rows(tiny_model_dir, tmp_path, monkeypatch):
-    """Per model, the seconds of loading and of each part, and the rows generated: a nightly run with one
-    new test row generates that row for the base model (zero- and few-shot), nothing on the retention
-    prompts, and every row for the new candidate."""
-    from sft_dagster import evaluation
+def test_the_reports_intervals_reuse_the_per_row_statistics_score_model_computed(varied_tiny_model, monkeypatch):
+    """score_model's statistics ride on its metrics (not in their JSON): the report computes none again for
+    fresh scores, and computes them once for scores read back from the cache, with the same intervals."""
+    from sft_dagster import metrics
 
-    rows = lambda n, o: pd.DataFrame({"example_id": [f"e{i}" for i in range(o, o + n)],  # noqa: E731
-                                      "prompt": [f"good item {i}" for i in range(o, o + n)],
-                                      "response": [LABELS[i % 3] for i in range(o, o + n)], "system": [None] * n})
-    s = spec(max_new_tokens=2, few_shot_k=2, retention_examples=9)
-    run = lambda test, adapter_id: evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, test, device="cpu",  # noqa: E731
-                                                       method="full", adapter_id=adapter_id, cache_dir=tmp_path,
-                                                       train=rows(10, 100))
-    first = run(rows(4, 0), "a1")
-    seconds = first["seconds_by_part"]
-    assert set(seconds["base"]) == {"load", "zero_shot", "few_shot", "retention"}
-    assert set(seconds["tuned"]) == {"load", "zero_shot", "retention"} and seconds["report"] >= 0
-    assert all(v >= 0 for part in ("base", "tuned") for v in seconds[part].values())
-    assert first["generated_rows"] == {"base": {"zero_shot": 4, "few_shot": 4, "retention": 9},
-                                       "tuned": {"zero_shot": 4, "retention": 9}}
-    md = evaluation.render_markdown(first)
-    assert "## Evaluation cost" in md and "| test rows (generation and loss) |" in md
-    nightly = run(rows(5, 0), "a2")
-    assert nightly["generated_rows"] == {"base": {"zero_shot": 1, "few_shot": 1, "retention": 0},
-                                         "tuned": {"zero_shot": 5, "retention": 9}}
-    assert "load" in nightly["seconds_by_part"]["base"]  # loaded for the new row only
-    fresh = evaluation.evaluate(s, tiny_model_dir, tiny_model_dir, rows(5, 0), device="cpu", method="full",
-                                adapter_id="a3", train=rows(10, 100))  # nothing cached
-    for model in ("base", "base_few_shot", "tuned"):
-        assert nightly[model] == pytest.approx(fresh[model], rel=1e-6), model
-    assert nightly["samples"] == fresh["samples"]
+    model, tokenizer = varied_tiny_model
+    s = PipelineSpec.model_validate({"name": "g", "task": {"type": "translation"}, "sources": [{"path": "x"}],
+                                     "evaluation": {"max_new_tokens": 4}})
+    test = pd.DataFrame({"example_id": list("abcdef"), "system": [None] * 6, "response": ["le chat", "un chien"] * 3,
+                         "prompt": ["good", "bad one", "so so", "the product arrived", "battery lasts long", "It is okay"]})
+    base = score_model(model, tokenizer, test, s, "cpu", with_loss=False)
+    tuned = score_model(model, tokenizer, test.assign(prompt=test["prompt"] + " now"), s, "cpu", with_loss=False)
+    calls = []
+    original = metrics.statistics
+    monkeypatch.setattr(metrics, "statistics", lambda rows: calls.append(rows) or original(rows))
+    fresh = build_report(test, base, tuned, s)
+    assert calls == []
+    assert json.loads(json.dumps(fresh["tuned"])) == fresh["tuned"] and type(fresh["tuned"]) is dict
+    read_back = {name: ModelScores(**json.loads(json.dumps(vars(scores)))) for name, scores in (("base", base), ("tuned", tuned))}
+    assert type(read_back["base"].metrics) is dict  # the statistics are not in the cached JSON
+    again = build_report(test, read_back["base"], read_back["tuned"], s)
+    assert len(calls) == 2 and again["intervals"]["models"] == fresh["intervals"]["models"]
+    assert again["intervals"]["differences"] == fresh["intervals"]["differences"]
+    other = test.assign(response=["une souris"] * 6)  # other references: the kept statistics are not theirs
+    calls.clear()
+    build_report(other, base, tuned, s)
+    assert len(calls) == 2

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from sft_dagster import curation
-from sft_dagster.formatting import build_messages, encode_example
+from sft_dagster.formatting import IGNORE_INDEX, build_messages, encode_example
 from sft_dagster.labels import apply_corrections
 from sft_dagster.quality import find_label_issues
 from sft_dagster.quality import response_fit
@@ -156,8 +156,9 @@ def test_truncated_length_and_boilerplate():
 def test_fit_losses_are_the_mean_reply_loss_of_a_direct_forward_pass_and_are_cached(tiny_model_dir, tmp_path):
     """The tiny random model cannot tell aligned from misaligned pairs (its losses are near log(vocab)
     everywhere), so this checks what the `misaligned` finding computes: each loss equals the mean token
-    loss a plain forward pass gives on the training-formatted conversation (the reply and its end-of-turn
-    token), with the prompt and with an empty prompt; the flagging rule is tested below on given losses."""
+    loss a plain forward pass gives on the training-formatted conversation (the reply's tokens without its
+    end-of-turn token), with the prompt and with an empty prompt; the flagging rule is tested below on
+    given losses."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -171,8 +172,12 @@ def test_fit_losses_are_the_mean_reply_loss_of_a_direct_forward_pass_and_are_cac
 
     def direct(messages):
         enc = encode_example(tokenizer, messages, max_length=10**6)
+        labels = list(enc.labels)
+        last = max(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+        assert enc.input_ids[last] == tokenizer.eos_token_id  # the end-of-turn token is not scored
+        labels[last] = IGNORE_INDEX
         with torch.no_grad():
-            return model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([enc.labels])).loss.item()
+            return model(input_ids=torch.tensor([enc.input_ids]), labels=torch.tensor([labels])).loss.item()
 
     for i, row in df.iterrows():
         system = row["system"] if isinstance(row["system"], str) else None
@@ -190,12 +195,12 @@ def test_fit_losses_are_the_mean_reply_loss_of_a_direct_forward_pass_and_are_cac
     assert np.allclose(flags["fit_ifd"], again["loss_with_prompt"] / again["loss_without_prompt"])
 
 
-def fake_losses(ifd: dict[int, float], n: int, seed: int = 0):
+def fake_losses(ifd: dict[int, float], n: int, seed: int = 0, spread: float = 0.05):
     """A stand-in for the base model: loss without the prompt 4.0, with it 4.0 * IFD (clean rows ~0.8)."""
     rng = np.random.default_rng(seed)
 
     def losses(frame, task, model_dir, cache_dir=None, **kw):
-        ratio = rng.normal(0.8, 0.05, n)
+        ratio = rng.normal(0.8, spread, n)
         for i, v in ifd.items():
             ratio[i] = v
         return (pd.DataFrame({"loss_with_prompt": 4.0 * ratio, "loss_without_prompt": 4.0}, index=frame.index),
@@ -203,14 +208,39 @@ def fake_losses(ifd: dict[int, float], n: int, seed: int = 0):
     return losses
 
 
-def test_a_misaligned_pair_is_flagged_from_its_losses(monkeypatch, tmp_path):
+def test_misaligned_pairs_are_flagged_from_their_losses(monkeypatch, tmp_path):
     df, planted = translation_rows()
-    monkeypatch.setattr(response_fit, "response_losses", fake_losses({3: 1.02}, len(df)))
+    misaligned = {3: 1.02, 13: 0.99, 17: 0.97, 21: 1.05, 25: 0.98}  # 5 of 30 rows gain (almost) nothing
+    monkeypatch.setattr(response_fit, "response_losses", fake_losses(misaligned, len(df)))
     report = response_issue_report(df, TASK, ResponseQualitySpec(findings=["misaligned"]), model_dir=tmp_path)
-    assert flagged(report.flags, "misaligned") == {"id3"}
+    assert flagged(report.flags, "misaligned") == {f"id{i}" for i in misaligned}
     reason = report.flags.set_index("example_id").loc["id3", "response_issue_reason"]
     assert "barely follows from its prompt" in reason and "IFD 1.02" in reason
-    assert report.summary["findings"]["misaligned"]["status"] == "run"
+    info = report.summary["findings"]["misaligned"]  # clean rows 0.80 +- 0.05: none expected near 0.94
+    assert info["status"] == "run" and info["estimated_precision"] > 0.95 and info["ifd_threshold"] < 0.97
+    assert report.flags.loc[report.flags["is_response_issue"], "estimated_precision_at_rank"].between(0.95, 1).all()
+    # the row German explains is neither flagged nor in the reference median
+    both = response_issue_report(df, TASK, ResponseQualitySpec(findings=["wrong_language", "misaligned"]),
+                                 model_dir=tmp_path)
+    assert "id7" not in flagged(both.flags, "misaligned") and "id7" in flagged(both.flags, "wrong_language")
+
+
+def test_candidates_no_more_than_the_clean_tail_are_warnings_with_a_precision_floor(monkeypatch, tmp_path):
+    """Clean rows only, widely spread (IFD 0.80 +- 0.12): the few that gain little from their prompt are
+    about as many as a clean distribution that wide puts there. With `fit.min_estimated_precision: 0.5`
+    none is flagged; they are warnings, ranked first."""
+    df, _ = translation_rows()
+    monkeypatch.setattr(response_fit, "response_losses", fake_losses({}, len(df), seed=6, spread=0.12))
+    cfg = ResponseQualitySpec(findings=["misaligned"], fit={"min_estimated_precision": 0.5})
+    report = response_issue_report(df, TASK, cfg, model_dir=tmp_path)
+    assert not report.flags["is_response_issue"].any()
+    info = report.summary["findings"]["misaligned"]
+    assert info["status"] == "abstained" and info["candidates"] >= 1 and info["estimated_precision"] < 0.5
+    warned = report.flags[report.flags["is_response_warning"]]
+    assert len(warned) == info["candidates"]
+    assert warned["response_issue_reason"].str.startswith("possibly misaligned, not flagged").all()
+    assert report.flags["response_issue_score"].idxmax() in set(warned.index)
+    assert report.flags["response_issue_score"].max() < 0.5  # below every flagged row's score
 
 
 def test_a_model_that_gains_nothing_from_any_prompt_abstains(monkeypatch, tmp_path):

@@ -154,3 +154,19 @@ def test_multi_task_and_preference_specs_resolve_the_main_tasks_metric():
     mixed = load_spec(ROOT / "examples" / "multitask.yaml")
     assert mixed.tasks and mixed.promotion.metric == "accuracy"
     assert mixed.task_pipeline(mixed.tasks[0].name).promotion.metric == "accuracy"
+
+
+def test_a_judge_is_for_generation_tasks_and_leaves_the_lineage_alone(tmp_path):
+    path = write(tmp_path, VALID + "evaluation:\n  max_new_tokens: 4\n  judge:\n    model: embedded:smollm2-135m-instruct\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"{path}:10: evaluation.judge:" in str(err.value)  # line 10: `judge:`
+    assert "a sentiment task's answers are labels" in str(err.value)
+    judged = load_spec(write(tmp_path, GENERATION.format(kind="instruction")
+                             + "evaluation:\n  judge: {model: embedded:smollm2-135m-instruct, max_examples: 50}\n", "j.yaml"))
+    assert judged.evaluation.judge.model == "embedded:smollm2-135m-instruct" and judged.evaluation.judge.max_examples == 50
+    plain = load_spec(write(tmp_path, GENERATION.format(kind="instruction"), "plain.yaml"))
+    assert "judge" not in plain.evaluation.model_dump(mode="json")  # unset: in no dump, no cache key changes
+    assert judged.fingerprint() == plain.fingerprint()  # the judge does not shape the adapter
+    with pytest.raises(SpecError, match=r"evaluation\.judge\.max_examples"):
+        load_spec(write(tmp_path, GENERATION.format(kind="qa") + "evaluation:\n  judge: {model: x, max_examples: 0}\n", "z.yaml"))

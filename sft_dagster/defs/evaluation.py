@@ -114,7 +114,8 @@ def build(p: PipelineDefs) -> None:
         link = {"mlflow_run_id": tracked.run_id, **({"mlflow_run": dg.MetadataValue.url(tracked.url)} if tracked.url else {})} \
             if tracked is not None else {}
         metric, decision = spec.promotion.metric, report["promotion"]
-        judged = {f"win_rate_vs_{name}": found["value"] for name, found in (report.get("win_rate") or {}).get("versus", {}).items()}
+        judged = {f"win_rate_vs_{name}": found["value"]
+                  for name, found in (report.get("win_rate") or {}).get("versus", {}).items()}
         if report.get("win_rate"):  # the judge's verdicts with their intervals, wins, ties and losses
             judged["win_rate"] = dg.MetadataValue.json(report["win_rate"])
         yield dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata={

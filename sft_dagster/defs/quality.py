@@ -1,4 +1,5 @@
-"""cleanlab: label issues, outliers and near duplicates, with the review queue and its blocking gates."""
+"""cleanlab: label issues, outliers and near duplicates, with the review queue and its blocking gates;
+for generation tasks also the response findings (quality/response_issues.py) and their gates."""
 
 
 import json

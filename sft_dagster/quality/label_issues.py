@@ -505,9 +505,10 @@ def build_review_queue(frame: pd.DataFrame, flags: pd.DataFrame) -> pd.DataFrame
     flagged["severity"] = (label_severity + 0.5 * flagged["is_outlier"] * (1 - flagged["outlier_score"].fillna(1.0))
                            + 0.1 * flagged["is_near_duplicate"]).round(6)
     if response:
+        warning_only = flagged["is_response_warning"] & ~flagged["is_response_issue"]
         flagged["severity"] = np.maximum(flagged["severity"], (
             flagged["response_issue_score"].fillna(0.0) * flagged["is_response_issue"]
-            + RESPONSE_WARNING_SEVERITY * (flagged["is_response_warning"] & ~flagged["is_response_issue"])).round(6))
+            + np.maximum(flagged["response_issue_score"].fillna(0.0), RESPONSE_WARNING_SEVERITY) * warning_only).round(6))
     flagged = flagged.rename(columns={"response": "given_label"})
     for col in ("suggested_confidence", "error_probability"):
         if col not in flagged:

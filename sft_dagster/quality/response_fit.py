@@ -1,8 +1,8 @@
 """The base model's loss on each response with its prompt and without it: the `misaligned` finding's input.
 
 Per row, two conversations are rendered through the tokenizer's chat template exactly as training
-renders them (`formatting.build_messages` / `encode_example`: the assistant reply and its end-of-turn
-token carry loss, nothing else):
+renders them (`formatting.build_messages` / `encode_example`: the assistant reply carries loss, nothing
+else; its end-of-turn token is left out, see below):
 
 - *with the prompt*: system, earlier turns, the user turn (the task's template around the row's prompt),
   the response;
@@ -10,7 +10,8 @@ token carry loss, nothing else):
   then the same response. The template's own instruction ("Translate to French: ...") is in both, so
   the ratio measures what the row's own prompt content adds, not the instruction.
 
-`loss_with` / `loss_without` are the mean negative log-likelihoods (nats per reply token) and their ratio
+`loss_with` / `loss_without` are the mean negative log-likelihoods (nats per reply token, the reply's
+end-of-turn token left out: `_without_end`) and their ratio
 is the instruction-following-difficulty score (IFD, Li et al. 2023): near 1 when the prompt does not
 help predict the response. Rows are scored in batches sorted by length (fp32), and only the reply
 positions go through the output layer. Scores are cached per row content (system, prompt, response,
@@ -34,7 +35,7 @@ from ..schema import column_or_none
 from ..spec import TaskSpec
 
 CACHE_FILE = "response_fit.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the end-of-turn token is not scored
 HEAD_CHUNK = 1024  # reply positions per pass through the output layer (bounded logits memory)
 
 
@@ -62,17 +63,29 @@ def model_identity(model_dir: Path) -> str:
 
 
 def _sequences(tokenizer, frame: pd.DataFrame, task: TaskSpec, max_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) with and without the prompt, alternating, for every row."""
+    """(input_ids, labels) with and without the prompt, alternating, for every row; the reply's tokens are
+    labelled as training labels them, except its end-of-turn token (`_without_end`)."""
     systems = column_or_none(frame, "system")
     histories = column_or_none(frame, "history")
+    end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
     out = []
     for prompt, response, system, history in zip(frame["prompt"], frame["response"], systems, histories):
         response = str(response)
         for messages in (build_messages(str(prompt), response, _text(system), task, history),
                          build_messages("", response, _text(system), task)):
             enc = encode_example(tokenizer, messages, max_length=10**9)
-            out.append(_fit(enc.input_ids, enc.labels, max_tokens))
+            out.append(_fit(enc.input_ids, _without_end(enc.input_ids, enc.labels, end), max_tokens))
     return out
+
+
+def _without_end(ids: list[int], labels: list[int], end: int | None) -> list[int]:
+    """The labels with the reply's end-of-turn token unlabelled. Whether a response ends on a full stop
+    moves that one token's loss by up to 27 nats under SmolLM2-135M (multi30k captions without a final
+    stop: 2.5-27 nats, with one: 0.4) and says nothing about whether it answers its prompt."""
+    last = max((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), default=None)
+    if last is None or ids[last] != end:
+        return labels
+    return labels[:last] + [IGNORE_INDEX] + labels[last + 1:]
 
 
 def _fit(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int], list[int]]:

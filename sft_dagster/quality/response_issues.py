@@ -6,21 +6,26 @@ DataFrames in and out, no Dagster. Each finding is one function registered in `F
 `finding` decorator (adding a finding = one function + its registration); `quality.response.findings`
 picks which run and `quality.response.warnings` which of them only warn.
 
-Findings (numbers MEASURED on 300 multi30k val captions en->fr with 15% each of misaligned, German and
-copied-English responses and 5% truncated ones planted by `quality.noise.plant_response_noise`,
-SmolLM2-135M-Instruct; BENCHMARKS.md "Response findings"):
+Findings. Numbers MEASURED with SmolLM2-135M-Instruct as the base model on 300 rows each of multi30k val
+(en->fr captions; seeds 0 and 1) and DialogSum dev, with `quality.noise.plant_response_noise` planting
+15% (or 5%) of the rows each misaligned / German (multi30k) / copied, and 5% truncated; precision counts
+a flag right only when the planted kind is the finding's own (development measurements of 2026-12-08;
+benchmarks/response_findings.py measures the same way on the full data sets, for BENCHMARKS.md):
 
 - `misaligned`: the base model's mean loss on the response with its prompt vs without it
-  (`response_fit.py`); their ratio is IFD. A pair whose response belongs to another prompt gains almost
-  nothing from its prompt: IFD 0.99 +- 0.06 on planted pairs against 0.81 +- 0.10 on clean ones (AUROC
-  0.96). Flagged: a row whose gain (1 - IFD) is at most `fit.max_relative_gain` (0.3) of the dataset's
-  median row's gain, a threshold relative to how much a model of this size gains on this data. On the
-  benchmark that was precision 0.88 (counting only planted misaligned pairs as right) and recall 0.82 at
-  0.3; 0.80 / 0.82 at 0.35, 0.89 / 0.65 at 0.2. A robust z-score of log IFD was tried and dropped: 45% of
-  planted rows widen the MAD until nothing is an outlier (0 flags at z >= 2). The finding abstains when
-  the median IFD is above `MAX_MEDIAN_IFD` (a model that reads no prompt, like the tests' random one).
-  With fewer misaligned pairs the same rule keeps flagging the ~8% of clean rows that gain little
-  (measured: 19 flags, precision 0.37, at 5% misaligned), and the estimate below says so.
+  (`response_fit.py`, the end-of-turn token left out); their ratio is IFD. A pair whose response belongs
+  to another prompt gains almost nothing from its prompt: multi30k IFD 0.99 +- 0.06 planted vs 0.81 +-
+  0.10 clean, DialogSum 0.94 +- 0.08 vs 0.60 +- 0.10. Flagged: a row whose gain (1 - IFD) is at most
+  `fit.max_relative_gain` (0.3) of the dataset's median row's gain (rows other findings explain left out
+  of the median), a threshold relative to how much this model gains on this data. Measured at 0.3:
+  multi30k 15%: precision 0.84 / 0.88, recall 0.84 / 0.80 (seeds 0 / 1); multi30k 5%: 0.47 / 0.93 (the
+  clean tail, 16 of 240 clean rows, is as large as the planted set); DialogSum 15%: 0.97 / 0.71, 5%: 0.93
+  / 0.87. 0.35 or 0.4 would raise DialogSum's recall to 0.80 / 0.82 and drop multi30k seed 0's
+  precision to 0.72 / 0.68, so 0.3 stays. Tried and dropped: a robust z-score of log IFD (45% planted
+  rows widen the MAD until nothing is an outlier: 0 flags at z >= 2); few-shot demonstrations in the
+  context (AUROC 0.972 vs 0.958, three times the tokens); the reverse direction, prompt given response
+  (0.965 combined); a mixture model of the IFD (unstable at 5%). The finding abstains when the median IFD
+  is above `MAX_MEDIAN_IFD` (a model that reads no prompt, like the tests' random one).
 - `wrong_language`: py3langid over a plausible set of languages (the ~30 most used, plus the expected
   ones): flagged when another language is detected with p >= `language.min_probability` and the
   expected language has p <= `language.max_expected_probability`. Restricting the set keeps short
@@ -28,7 +33,8 @@ SmolLM2-135M-Instruct; BENCHMARKS.md "Response findings"):
   the full 140-language model and the restricted one both flagged 0.1% of French captions, but recall on
   German rose from 0.58 to 0.91 and on English from 0.16 to 0.52. py3langid's probabilities are tempered
   by sqrt(text bytes), so 1-2 word responses are rarely confident enough to flag (recall on 2-word
-  English 0.21): short answers are left alone, by design. Full captions: 1.00 recall, 0 false flags.
+  English 0.21): short answers are left alone, by design. Full captions (all 1,014): 0 French captions
+  flagged, German and English 1.00 recall; on the benchmark precision and recall 1.00.
   Expected language: `task.response_language`; else, for translation, the dataset's dominant response
   language; else the language of the row's own prompt (a French question answered in French is fine).
   Translation also checks the prompt against `task.prompt_language` (or the dominant prompt language).
@@ -36,11 +42,15 @@ SmolLM2-135M-Instruct; BENCHMARKS.md "Response findings"):
   `copied.min_similarity`: an untranslated target, an echoed input), or is one contiguous chunk of it of
   at least `copied.min_words` words (a summary that is the dialogue's first turn). Each rule applies only
   where copying is not the dataset's norm (median similarity / chunk share under 0.5): extractive QA
-  answers are spans of their context by design. Benchmark: precision 1.00, recall 1.00.
+  answers are spans of their context by design. Benchmark: precision 1.00, recall 1.00 (multi30k) and
+  0.98 (DialogSum first-turn copies).
 - `truncated`: the response ends on a comma, colon, dash or a function word ("the", "de", "und" ...), or
   without terminal punctuation where at least `truncation.min_terminal_share` of the dataset's responses
   have it and the response is short for its prompt (length z <= `TRUNCATED_MAX_LENGTH_Z`). A cut that
-  ends on a content word of a response whose length still looks normal is not seen.
+  ends on a content word of a response whose length still looks normal is not seen. Measured (cuts at
+  30-70% of the words): multi30k precision 0.79 / 0.94, recall 1.00; DialogSum 1.00 / 0.73 (15%) and
+  0.93 / 0.87 (5%). The base model's loss on the end-of-turn token was tried: it mostly says whether a
+  response ends on a full stop (2.5-27 nats on complete captions without one), no more than the rule.
 - `length`: log(response / prompt characters) a robust outlier (|modified z| >= `length.max_z`).
 - `boilerplate` (a warning by default): refusals and assistant filler ("As an AI language model", "I'm
   sorry, but I can't", "Sure! Here is"); English patterns only.
@@ -51,14 +61,24 @@ copy is a `copy`, not also `wrong_language`; a German response is not also `misa
 little from an English prompt); `length` flags only what no other finding explains.
 
 Estimated precision: each hit gets an estimated probability of being a real issue, MODEL-ESTIMATED, not
-measured on your data: `misaligned` from the share of clean rows the rule flags (`fit.clean_tail_rate`,
-0.08 measured on clean multi30k rows; estimate = 1 - that rate x the estimated clean rows / the flags,
-so it falls as the flags approach what clean rows alone would give: 0.72 estimated vs 0.88 measured at
-15% misaligned); `wrong_language` as 1 - p(expected language) (py3langid's own calibration); `length`
-from the normal tail of its robust z (1 - the Benjamini-Hochberg q-value); `copy` as the copied share
-itself; `truncated` and `boilerplate` are rules without an estimate (NaN; a rule hit ranks at
-`RULE_HIT_SCORE`). The queue's `estimated_precision_at_rank` is the running mean of the estimates over
-the flagged rows, worst first.
+measured on your data: `misaligned` as 1 - the clean rows expected above its threshold / the flags, the
+clean rows' IFD taken as normal with the median and lower-quartile spread of the rows below the
+threshold (`clean_rows_above`), the same for every flag: estimated 0.64 / 0.55 where 0.84 / 0.88 was
+measured (multi30k 15%), 0.53 vs 0.47 (multi30k 5%), 0.97 vs 0.97 and 0.92 vs 0.93 (DialogSum); rough,
+so `fit.min_estimated_precision` (flag only above it) is off by default. `wrong_language`: 1 -
+p(expected language) (py3langid's own calibration); `length`: the normal tail of its robust z (1 - the
+Benjamini-Hochberg q-value); `copy`: the copied share itself; `truncated` and `boilerplate` are rules
+without an estimate (NaN; a rule hit ranks at `RULE_HIT_SCORE`). The queue's
+`estimated_precision_at_rank` is the running mean of the estimates over the flagged rows, worst first.
+Measured overall on the kinds the issue targets (misaligned, wrong language, copy): precision 0.96 /
+0.98, recall 0.98 / 0.94 (multi30k 15%); 0.73 / 0.98 (multi30k 5%); 1.00 / 0.84 and 0.97 / 0.97
+(DialogSum 15% / 5%); ranking by `response_issue_score`, recall at precision >= 0.80 is 0.84-0.99.
+
+Cost: the text findings take about 7 s per 1,000 rows; `misaligned` scores the base model on every row
+twice (with and without its prompt; the shared system turn and template head run once): about 79k
+tokens per 1,000 multi30k rows and 290k per 1,000 DialogSum rows, measured 590 CPU-s per 1,000 multi30k
+rows on 2 shared cores under load from other jobs (fp32); cached per row, so a re-run scores only new
+or changed rows.
 """
 
 from __future__ import annotations
@@ -82,7 +102,7 @@ MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard d
 DISABLED = "not run: disabled in the spec (quality.response.enabled: false)"
 COPY_NORM_MAX = 0.5  # a copy rule is applied only where the dataset's median copied share is below this
 CONFIDENT = 0.9  # a language detection this sure counts when finding a dataset's (or a prompt's) language
-SIMILARITY_MAX_CHARS = 5000  # longer texts get difflib's quick_ratio (an upper bound) instead of ratio
+SIMILARITY_MAX_CHARS = 5000  # longer texts are compared word by word (difflib is quadratic)
 PRECISION_AT = (10, 25, 50, 100, 200, 500)
 # `misaligned` abstains when the median row's IFD is above this: the base model reads nothing from the
 # prompts (a tiny random model: ~1.00). SmolLM2-135M on multi30k en->fr: median 0.81 on clean rows.
@@ -148,10 +168,12 @@ class Rows:
 @dataclass
 class FindingResult:
     hit: np.ndarray  # bool per row
-    probability: np.ndarray  # estimated chance each row has the issue (NaN: no estimate)
-    reasons: list  # a sentence per hit row, None elsewhere
+    probability: np.ndarray  # estimated chance a hit row has the issue (NaN: no estimate)
+    reasons: list  # a sentence per hit (or warned) row, None elsewhere
     columns: dict  # raw score columns, one value per row
     info: dict  # thresholds, counts, how the estimate is made; `status`: run / abstained / not evaluated
+    suspicion: np.ndarray | None = None  # every row, 0..1, higher = more like the issue: ranks unflagged rows
+    warn: np.ndarray | None = None  # rows shown as warnings though not hit (e.g. candidates left unflagged)
 
 
 class NotEvaluated(Exception):
@@ -221,6 +243,20 @@ def tail_precision(z: np.ndarray, two_sided: bool = False) -> np.ndarray:
     return out
 
 
+def clean_rows_above(below: np.ndarray, threshold: float) -> float:
+    """How many clean rows are expected at or above `threshold`, from the rows below it (taken as clean):
+    a normal with their median and the spread of their lower quartile (the clean IFD's lower tail is the
+    longer one; the upper part near the threshold is where misaligned rows mix in)."""
+    from scipy.stats import norm
+
+    if len(below) < 8:
+        return float("nan")
+    median, lower = float(np.median(below)), float(np.quantile(below, 0.25))
+    spread = max((median - lower) / norm.ppf(0.75), 1e-9)
+    tail = float(norm.sf((threshold - median) / spread))
+    return len(below) / max(1.0 - tail, 1e-9) * tail
+
+
 def running_precision(flagged: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     """In the given (worst-first) order: the mean estimate over the flagged rows down to each flagged row
     (rows without an estimate are skipped); NaN on rows not flagged or before any estimate."""
@@ -264,31 +300,41 @@ def misaligned(rows: Rows) -> FindingResult:
     informative = median_ifd is not None and median_ifd <= MAX_MEDIAN_IFD
     relative_gain = (1.0 - ifd) / (1.0 - median_ifd) if informative else _nan(len(rows))
     hit = informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
-    # Estimated precision of the flags: of the unexplained rows, those not flagged are taken as clean,
-    # and `clean_tail_rate` of all clean rows are expected among the flags.
-    flagged, unexplained = int(hit.sum()), int((~explained).sum())
-    clean = unexplained - flagged * (1 - fit.clean_tail_rate)  # clean = unflagged + rate * clean, solved
-    clean = max(0.0, clean / (1 - fit.clean_tail_rate)) if fit.clean_tail_rate < 1 else float(unexplained)
-    precision = max(0.0, 1.0 - fit.clean_tail_rate * clean / flagged) if flagged else float("nan")
+    candidates = flagged = int(hit.sum())
+    expected_clean = clean_rows_above(ifd[np.isfinite(ifd) & ~explained & ~hit],
+                                      1 - fit.max_relative_gain * (1 - median_ifd)) if informative else float("nan")
+    precision = max(0.0, 1.0 - expected_clean / flagged) if flagged else float("nan")
+    if flagged and precision < fit.min_estimated_precision:  # about what clean rows alone would give
+        hit[:] = False
+    warn = ~hit & informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
     reasons = _none(len(rows))
-    for i in np.flatnonzero(hit):
-        reasons[i] = (f"the response barely follows from its prompt: the base model's loss on it is {with_p[i]:.2f} "
+    for i in np.flatnonzero(hit | warn):
+        reasons[i] = (("" if hit[i] else f"possibly misaligned, not flagged (estimated precision {precision:.2f} < "
+                                         f"{fit.min_estimated_precision}): ")
+                      + f"the response barely follows from its prompt: the base model's loss on it is {with_p[i]:.2f} "
                       f"nats/token with the prompt and {without[i]:.2f} without (IFD {ifd[i]:.2f}; the dataset's median "
                       f"row {median_ifd:.2f}: this row gains {max(relative_gain[i], 0):.0%} of its gain)")
     info = {"max_relative_gain": fit.max_relative_gain, "median_ifd": _r(median_ifd),
             "ifd_threshold": _r(1 - fit.max_relative_gain * (1 - median_ifd)) if informative else None,
-            "rows_explained_by_other_findings": int(explained.sum()), "estimated_precision": _r(precision),
-            "cost": cost, "estimate": f"model-estimated: 1 - clean_tail_rate ({fit.clean_tail_rate}) x estimated clean "
-                                      "rows / flagged rows, the same for every flag"}
+            "rows_explained_by_other_findings": int(explained.sum()), "candidates": candidates,
+            "expected_clean_candidates": _r(expected_clean, 2), "estimated_precision": _r(precision),
+            "min_estimated_precision": fit.min_estimated_precision, "cost": cost,
+            "estimate": "model-estimated: 1 - the clean rows expected above the threshold (a normal fitted to the "
+                        "median and lower quartile of the rows below it) / the candidates; the same for every flag"}
+    if candidates and not hit.any():
+        info["status"] = "abstained"
+        info["why"] = (f"{candidates} rows gain at most {fit.max_relative_gain:.0%} of the median row's gain from their "
+                       f"prompt, about as many as clean data alone gives (estimated precision {precision:.2f} < "
+                       f"{fit.min_estimated_precision}): none is flagged; they rank first by fit_relative_gain")
     if not informative:
         info["status"] = "abstained"
         info["why"] = (f"the base model gains almost nothing from the prompts on the median row (median IFD "
                        f"{median_ifd if median_ifd is None else round(median_ifd, 3)} > {MAX_MEDIAN_IFD}): it cannot "
                        "tell a misaligned pair from an aligned one here")
-    probability = np.where(hit, precision, np.clip(1.0 - np.nan_to_num(relative_gain, nan=1.0), 0.0, 1.0) * 0.5)
-    return FindingResult(hit, probability, reasons,
+    return FindingResult(hit, np.where(hit, precision, np.nan), reasons,
                          {"fit_loss_with_prompt": with_p, "fit_loss_without_prompt": without, "fit_ifd": ifd,
-                          "fit_relative_gain": relative_gain}, info)
+                          "fit_relative_gain": relative_gain}, info,
+                         suspicion=np.clip(1.0 - np.nan_to_num(relative_gain, nan=1.0), 0.0, 1.0), warn=warn)
 
 
 def language_ranks(rows: Rows, which: str, extra: tuple[str, ...]) -> list[dict[str, float]]:
@@ -365,6 +411,8 @@ def wrong_language(rows: Rows) -> FindingResult:
     columns = {"response_language": detected, "response_language_probability": p_detected,
                "expected_language_probability": p_expected}
     probability = 1.0 - p_expected
+    # for ranking: how sure another language was detected (a short, ambiguous text stays low)
+    suspicion = np.where([d != w for d, w in zip(detected, expected)], np.nan_to_num(p_detected * probability), 0.0)
     if task.type == "translation" or task.prompt_language:
         prompt_ranks = language_ranks(rows, "prompt", extra)
         want = task.prompt_language
@@ -387,8 +435,9 @@ def wrong_language(rows: Rows) -> FindingResult:
                 reasons[i] = f"{reasons[i]}; {sentence}" if hit[i] else sentence
                 hit[i] = True
                 probability[i] = np.nanmax([probability[i], 1.0 - prompt_expected[i]])
+                suspicion[i] = max(suspicion[i], p * (1.0 - prompt_expected[i]))
         columns |= {"prompt_language": prompt_detected, "prompt_expected_language_probability": prompt_expected}
-    return FindingResult(hit, probability, reasons, columns, info)
+    return FindingResult(hit, probability, reasons, columns, info, suspicion=suspicion)
 
 
 def normalized(text: str) -> str:
@@ -398,10 +447,13 @@ def normalized(text: str) -> str:
 
 
 def _similarity(a: str, b: str) -> float:
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    """difflib's ratio of the normalised texts (characters; words above SIMILARITY_MAX_CHARS). Below 0.5 it
+    may be the length bound `real_quick_ratio` instead (an upper bound: far from any copy threshold)."""
     if max(len(a), len(b)) > SIMILARITY_MAX_CHARS:
-        return matcher.quick_ratio()
-    return matcher.ratio() if matcher.real_quick_ratio() > 0.5 else matcher.real_quick_ratio()
+        a, b = a.split(), b.split()
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    bound = matcher.real_quick_ratio()
+    return matcher.ratio() if bound > 0.5 else bound
 
 
 def _chunk_share(prompt: str, response: str) -> float:
@@ -440,9 +492,9 @@ def copy(rows: Rows) -> FindingResult:
     if not (echo_on or chunk_on):
         info["status"] = "abstained"
         info["why"] = "copying the prompt is this dataset's norm"
-    probability = np.where(echo, similarity, np.where(piece, chunk, np.maximum(similarity * echo_on, chunk * chunk_on)))
-    return FindingResult(echo | piece, probability, reasons, {"copy_similarity": similarity, "copy_chunk_share": chunk},
-                         info)
+    copied = np.where(echo, similarity, np.where(piece, chunk, np.maximum(similarity * echo_on, chunk * chunk_on)))
+    return FindingResult(echo | piece, copied, reasons, {"copy_similarity": similarity, "copy_chunk_share": chunk},
+                         info, suspicion=np.clip((copied - COPY_NORM_MAX) / (1 - COPY_NORM_MAX), 0.0, 1.0))
 
 
 def length_stats(rows: Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
@@ -470,8 +522,9 @@ def length(rows: Rows) -> FindingResult:
                       f"{z[i]:.1f})")
     info = {"max_z": cfg.max_z, "median_ratio": _r(float(np.exp(median))) if np.isfinite(median) else None,
             "estimate": "model-estimated: 1 - Benjamini-Hochberg q-value of the robust z (normal null, two-sided)"}
-    return FindingResult(hit, tail_precision(z, two_sided=True), reasons, {"length_log_ratio": ratio, "length_z": z},
-                         info)
+    estimate = tail_precision(z, two_sided=True)
+    return FindingResult(hit, estimate, reasons, {"length_log_ratio": ratio, "length_z": z}, info,
+                         suspicion=np.nan_to_num(estimate, nan=0.0))
 
 
 def _ending(text: str) -> str:
@@ -542,8 +595,9 @@ def find_response_issues(df: pd.DataFrame, task: TaskSpec, cfg: ResponseQualityS
                          cache_dir: Path | None = None) -> pd.DataFrame:
     """One row per row of `df` (same order), keyed by `example_id`: `is_response_issue` (a blocking finding
     hit, the row not reviewed), `is_response_warning`, `response_issue_types` (comma-joined kinds hit),
-    `response_issue_score` (every row; higher = worse: the largest estimated probability, RULE_HIT_SCORE for a hit
-    without an estimate), `response_issue_probability` (hit rows' estimate), `response_issue_reason`,
+    `response_issue_score` (every row, for ranking; higher = worse: a flagged row its largest estimate, at least
+    0.5; any other row half its largest suspicion, below 0.5), `response_issue_probability` (the flagged rows'
+    estimate), `response_issue_reason` (flagged and warned rows),
     `estimated_precision_at_rank` (model-estimated; see the module docstring) and each finding's raw score
     columns. The summary is in `.attrs["summary"]` (and `response_issue_report`).
 
@@ -629,12 +683,16 @@ def _assemble(flags: pd.DataFrame, frame: pd.DataFrame, results: dict[str, Findi
     hits = {k: results[k].hit.astype(bool) & ~reviewed for k in kinds}
     blocking = [k for k in kinds if k not in cfg.warnings]
     warning = [k for k in kinds if k in cfg.warnings]
+    warned = {k: (hits[k] if k in cfg.warnings else np.zeros(n, dtype=bool))
+              | (results[k].warn.astype(bool) & ~reviewed if results[k].warn is not None else False) for k in kinds}
     flags["is_response_issue"] = np.any([hits[k] for k in blocking], axis=0) if blocking else np.zeros(n, dtype=bool)
-    flags["is_response_warning"] = np.any([hits[k] for k in warning], axis=0) if warning else np.zeros(n, dtype=bool)
-    flags["response_issue_types"] = [",".join(k for k in kinds if hits[k][i]) for i in range(n)]
-    # A hit without an estimate (a rule) scores RULE_HIT_SCORE; other rows rank by their largest estimate.
-    blocking_scores = [np.where(hits[k], np.nan_to_num(results[k].probability, nan=RULE_HIT_SCORE),
-                                np.nan_to_num(results[k].probability, nan=0.0)) for k in blocking]
+    flags["is_response_warning"] = np.any(list(warned.values()), axis=0) if kinds else np.zeros(n, dtype=bool)
+    flags["response_issue_types"] = [",".join(k for k in kinds if hits[k][i] or warned[k][i]) for i in range(n)]
+    # Hits score their estimate (a rule's hit RULE_HIT_SCORE), at least 0.5; every other row half its
+    # largest suspicion, below 0.5: the flagged rows rank first, the rest by how suspect they look.
+    blocking_scores = [np.where(hits[k], np.maximum(np.nan_to_num(results[k].probability, nan=RULE_HIT_SCORE), 0.5),
+                                0.5 * np.clip(results[k].suspicion if results[k].suspicion is not None else 0.0, 0, 0.999))
+                       for k in blocking]
     score = np.max(blocking_scores, axis=0) if blocking_scores else np.zeros(n)
     flags["response_issue_score"] = np.round(score, 6)
     hit_probability = [np.where(hits[k], results[k].probability, np.nan) for k in blocking]
@@ -642,7 +700,8 @@ def _assemble(flags: pd.DataFrame, frame: pd.DataFrame, results: dict[str, Findi
         probability = np.fmax.reduce(hit_probability, axis=0) if hit_probability else _nan(n)
     flags["response_issue_probability"] = np.round(probability, 6)
     flags["response_issue_reason"] = pd.Series(
-        ["; ".join(results[k].reasons[i] for k in kinds if hits[k][i]) or None for i in range(n)], dtype="string")
+        ["; ".join(results[k].reasons[i] for k in kinds if (hits[k][i] or warned[k][i]) and results[k].reasons[i])
+         or None for i in range(n)], dtype="string")
     order = np.argsort(-score, kind="stable")
     at_rank = np.full(n, np.nan)
     at_rank[order] = running_precision(flags["is_response_issue"].to_numpy()[order], probability[order])
@@ -663,7 +722,7 @@ def response_gate_outcomes(flags: pd.DataFrame, summary: dict, cfg: ResponseQual
     issue = flags["is_response_issue"].astype(bool) if "is_response_issue" in flags else pd.Series(dtype=bool)
     ranked = flags[issue].sort_values("response_issue_score", ascending=False) if len(issue) else flags.head(0)
     shown = ranked[["example_id", "response_issue_types", "response_issue_score", "response_issue_reason"]].head(20) \
-        if len(ranked) else None
+        if len(ranked) else pd.DataFrame()
     missing = list(summary.get("not_evaluated", [])) if "findings" in summary else ["<unknown>"]
     expected = summary.get("findings_expected", [])
     evaluated = rate is not None and not missing
