@@ -5,13 +5,16 @@ end, and the rows waiting in line taking their places.
 translation spec (160 test rows, `max_new_tokens` 64, batches of 16) the outputs were 27-35 tokens on
 average but 14-17% of them looped to the 64-token cap, so nearly every batch ran 64 steps for all 16
 rows: half the decoded positions belonged to rows that had already ended. `greedy` drops a row from
-the batch (index selection on the KV cache) the step it ends; once `refill` places are free the next
-rows in length order are run through their prompts in one forward and join the batch (their cache
-padded after the shared prefix so that every row's tokens end at the last column), so most steps
-decode a full batch. A row's tokens are greedy decoding of its prompt alone: it attends to its own
-tokens only (masked padding between the prefix and them, position ids that count unmasked tokens), as
-in a batch of `model.generate`. Floating-point sums do depend on the batch's shape, so a row whose two
-best next tokens are closer than that noise can take the other one: measured in BENCHMARKS.md.
+the batch the step it ends (the last rows move into its place in the KV cache, `_Buffer`); once
+`refill` places are free the next rows in length order are run through their prompts and join the
+batch (their cache padded after the shared prefix so that every row's tokens end at the last
+position), so most steps decode a full batch, and a fuller batch is what makes a step cheap per token
+(every step reads all the weights once: `EvaluationSpec.batch_size`). A row's tokens are greedy
+decoding of its prompt alone: it attends to its own tokens only (masked padding between the prefix and
+them, position ids that count unmasked tokens), as in a batch of `model.generate`. Floating-point sums
+can depend on a batch's shape, so a row whose two best next tokens are closer than that noise could
+take the other one: on the translation and demo benchmarks no generation changed (BENCHMARKS.md,
+"Evaluation cost: generation tasks").
 """
 
 from __future__ import annotations
@@ -218,7 +221,10 @@ class _Batch:
     """The rows decoding: their KV cache, attention mask ([rows, cache positions]) and next tokens. Each
     row's own positions (after the prefix's) end at the last position, masked padding before them."""
 
-    DROP = 16  # padding positions no row attends to any more, dropped once there are this many
+    # Padding no row attends to any more (rows that joined late, after the longer ones left) is dropped once
+    # there are this many positions of it: kept, the batch would grow a position per step for as long as
+    # rows keep joining; dropped at every one, each step that a row leaves would copy every row's cache.
+    DROP = 16
 
     def __init__(self, rows: list[int], cache, mask: torch.Tensor, tokens: torch.Tensor):
         self.rows, self.cache, self.mask, self.tokens = rows, cache, mask, tokens

@@ -385,3 +385,19 @@ def test_every_registered_finding_is_a_spec_choice_and_the_statistics_behave():
     assert median == 1.0 and z[-1] > 10 and abs(z[0]) < 1e-9
     est = tail_precision(np.array([0.0, 0.5, -0.3, 8.0]))
     assert est[3] > 0.99 and est[0] < 0.5 and est[3] > est[1] > est[0] >= est[2]
+
+
+def test_the_preflight_counts_the_fit_tokens_and_skips_cached_rows(tiny_model_dir, tmp_path):
+    from sft_dagster.quality.response_issues import response_preflight
+
+    df, _ = translation_rows()
+    cfg = ResponseQualitySpec()
+    plan = response_preflight({"enabled": True, "rows": 30, "views": {"tfidf": {"estimated_seconds": 1.0}}}, df, TASK,
+                              cfg, tiny_model_dir, tmp_path)
+    fit = plan["views"]["response_fit"]
+    assert fit["rows_to_score"] == 30 and fit["tokens_to_score"] > 30 * 10 and fit["estimated_seconds"] > 0
+    assert plan["estimated_seconds_total"] == pytest.approx(1.0 + fit["estimated_seconds"], abs=0.11)
+    response_fit.response_losses(df, TASK, tiny_model_dir, cache_dir=tmp_path)
+    again = response_preflight(None, df, TASK, cfg, tiny_model_dir, tmp_path)["views"]["response_fit"]
+    assert again["rows_to_score"] == 0 and again["estimated_seconds"] == 0.0
+    assert response_preflight(None, df, TASK, ResponseQualitySpec(findings=["copy"]), tiny_model_dir, tmp_path) is None

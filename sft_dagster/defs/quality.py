@@ -8,10 +8,10 @@ import time
 import dagster as dg
 import pandas as pd
 
-from .. import atomic, labels, quality
+from .. import atomic, labels, langid, quality
 from ..quality import duplicates, find_label_issues
 from ..quality.label_issues import label_issue_preflight, with_response_issues
-from ..quality.response_issues import RESPONSE_GATE_CHECKS, needs_base_model, response_issue_report
+from ..quality.response_issues import RESPONSE_GATE_CHECKS, needs_base_model, response_issue_report, response_preflight
 from ..console import LABEL_PREFLIGHT
 from ..schema import frame_hash
 from .common import PipelineDefs, code_version, outcome_to_check_result, severity
@@ -43,7 +43,7 @@ def build(p: PipelineDefs) -> None:
     uses_llm = spec.quality.cleanlab.enabled and "llm" in spec.quality.cleanlab.views
     uses_fit = needs_base_model(spec.task, spec.quality.response)  # the `misaligned` response finding
 
-    @dg.asset(**p.asset_args("label_issues", kinds={"cleanlab", "scikitlearn"}, code_version=code_version(quality),
+    @dg.asset(**p.asset_args("label_issues", kinds={"cleanlab", "scikitlearn"}, code_version=code_version(quality, langid),
                              check_specs=gate_specs, ins=p.ins("labelled_examples"),
                              deps=[K("base_model")] if uses_llm or uses_fit else [],
                              description="cleanlab's findings for every labelled row (label issues, outliers, near "
@@ -52,14 +52,18 @@ def build(p: PipelineDefs) -> None:
         cfg = spec.quality.cleanlab
         model_dir = resolve_base_model(spec, storage).path if uses_llm or uses_fit else None  # llm view, misaligned
         plan = None
+        fit_cache = p.paths(storage).quality_dir / "response_fit"
         if cfg.enabled:
             plan = label_issue_preflight(labelled_examples, spec.task, cfg, model_dir=model_dir, seed=spec.splits.seed)
+        # generation tasks: the misaligned finding's scoring, estimated beside the label views
+        plan = response_preflight(plan, labelled_examples, spec.task, spec.quality.response, model_dir, fit_cache)
+        if plan is not None:
             context.log.info(f"{LABEL_PREFLIGHT}{json.dumps(plan, default=str)}")
         start = time.perf_counter()
         report = find_label_issues(labelled_examples, spec.task, cfg, seed=spec.splits.seed, model_dir=model_dir)
         if not spec.task.is_label_task:  # response findings: misaligned, wrong language, copies ...
             response = response_issue_report(labelled_examples, spec.task, spec.quality.response, model_dir=model_dir,
-                                             cache_dir=p.paths(storage).quality_dir / "response_fit")
+                                             cache_dir=fit_cache)
             report = with_response_issues(report, labelled_examples, response)
         queue = report.review_queue
         if spec.task.is_label_task:  # duplicates whose labels disagree wait for a person in the same queue

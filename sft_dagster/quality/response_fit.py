@@ -216,5 +216,37 @@ def response_losses(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, cache_
     return pd.DataFrame({"loss_with_prompt": pairs[:, 0], "loss_without_prompt": pairs[:, 1]}, index=frame.index), info
 
 
+def fit_preflight(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, cache_dir: Path | None = None,
+                  batch_size: int = 16, batch_tokens: int = 8192, max_tokens: int = 1024, timed_rows: int = 16) -> dict:
+    """Before `response_losses`: the rows it will score (those not cached), their tokens (counted exactly)
+    and its measured rate on `timed_rows` of them spread over the frame, so the estimate is the tokens at
+    that rate plus the model load (both measured)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    keys = row_keys(frame, task, model_identity(Path(model_dir)))
+    cache = _read_cache(Path(cache_dir) / CACHE_FILE if cache_dir is not None else None)
+    todo = [i for i, k in enumerate(keys) if k not in cache]
+    if not todo:
+        return {"rows": len(frame), "rows_to_score": 0, "estimated_seconds": 0.0}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load = time.perf_counter() - start
+    sequences = _sequences(tokenizer, frame.iloc[todo], task, max_tokens)
+    shared = shared_prefix(sequences)
+    tokens = shared + sum(len(ids) - shared for ids, _ in sequences)
+    picked = sorted(set(np.linspace(0, len(todo) - 1, min(timed_rows, len(todo))).astype(int).tolist()))
+    sample = [sequences[2 * j + k] for j in picked for k in (0, 1)]
+    start = time.perf_counter()
+    score_sequences(model, sample, pad_id(tokenizer), batch_tokens, batch_size)
+    took = max(time.perf_counter() - start, 1e-3)
+    sample_shared = shared_prefix(sample)
+    rate = (sample_shared + sum(len(ids) - sample_shared for ids, _ in sample)) / took
+    return {"rows": len(frame), "rows_to_score": len(todo), "tokens_to_score": int(tokens),
+            "load_seconds": round(load, 2), "sample_rows": len(picked), "measured_tokens_per_second": round(rate, 1),
+            "estimated_seconds": round(load + tokens / rate, 1)}
+
+
 def _round(value: float) -> float | None:
     return None if not np.isfinite(value) else round(float(value), 6)

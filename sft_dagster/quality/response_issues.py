@@ -201,6 +201,23 @@ def finding(kind: str, description: str, needs_model: bool = False, explained_by
     return register
 
 
+def response_preflight(plan: dict | None, df: pd.DataFrame, task: TaskSpec, cfg: ResponseQualitySpec,
+                       model_dir: Path | None = None, cache_dir: Path | None = None) -> dict | None:
+    """The label-issue pre-flight `plan` with the `misaligned` finding's scoring (the only costly finding)
+    added as the view `response_fit`, measured on a sample (`response_fit.fit_preflight`); `plan` as it
+    was when that finding will not run."""
+    from .response_fit import fit_preflight
+
+    if not needs_base_model(task, cfg) or model_dir is None:
+        return plan
+    plan = dict(plan) if plan and plan.get("enabled") else {"rows": len(df), "views": {}}
+    plan["views"] = {**plan.get("views", {}), "response_fit": fit_preflight(
+        df.reset_index(drop=True), task, model_dir, cache_dir, batch_size=cfg.fit.batch_size,
+        max_tokens=cfg.fit.max_tokens)}
+    plan["estimated_seconds_total"] = round(sum(v["estimated_seconds"] for v in plan["views"].values()), 1)
+    return plan
+
+
 def needs_base_model(task: TaskSpec, cfg: ResponseQualitySpec) -> bool:
     """Whether `find_response_issues` will need the base model directory for this task and config."""
     return (not task.is_label_task and cfg.enabled
