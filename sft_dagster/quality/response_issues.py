@@ -44,13 +44,15 @@ benchmarks/response_findings.py measures the same way on the full data sets, for
   where copying is not the dataset's norm (median similarity / chunk share under 0.5): extractive QA
   answers are spans of their context by design. Benchmark: precision 1.00, recall 1.00 (multi30k) and
   0.98 (DialogSum first-turn copies).
-- `truncated`: the response ends on a comma, colon, dash or a function word ("the", "de", "und" ...), or
-  without terminal punctuation where at least `truncation.min_terminal_share` of the dataset's responses
-  have it and the response is short for its prompt (length z <= `TRUNCATED_MAX_LENGTH_Z`). A cut that
-  ends on a content word of a response whose length still looks normal is not seen. Measured (cuts at
-  30-70% of the words): multi30k precision 0.79 / 0.94, recall 1.00; DialogSum 1.00 / 0.73 (15%) and
-  0.93 / 0.87 (5%). The base model's loss on the end-of-turn token was tried: it mostly says whether a
-  response ends on a full stop (2.5-27 nats on complete captions without one), no more than the rule.
+- `truncated`: the response ends on a comma, colon, dash or a function word of its language ("the", "de",
+  "und" ...), or without terminal punctuation where at least `truncation.min_terminal_share` of the
+  dataset's responses have it and the response is short for its prompt (length z <=
+  `TRUNCATED_MAX_LENGTH_Z`). A cut that ends on a content word of a response whose length still looks
+  normal is not seen. Measured (cuts at 30-70% of the words): multi30k precision 0.88 / 1.00 / 1.00,
+  recall 1.00 (15% seeds 0 / 1, 5%); DialogSum 1.00 / 0.73 (15%) and 0.93 / 0.87 (5%); 4 of the 1,014
+  clean multi30k rows (complete captions without a final stop, short for their prompt). The base
+  model's loss on the end-of-turn token was tried: it mostly says whether a response ends on a full stop
+  (2.5-27 nats on complete captions without one), no more than the rule.
 - `length`: log(response / prompt characters) a robust outlier (|modified z| >= `length.max_z`).
 - `boilerplate` (a warning by default): refusals and assistant filler ("As an AI language model", "I'm
   sorry, but I can't", "Sure! Here is"); English patterns only.
@@ -64,8 +66,9 @@ Estimated precision: each hit gets an estimated probability of being a real issu
 measured on your data: `misaligned` as 1 - the clean rows expected above its threshold / the flags, the
 clean rows' IFD taken as normal with the median and lower-quartile spread of the rows below the
 threshold (`clean_rows_above`), the same for every flag: estimated 0.64 / 0.55 where 0.84 / 0.88 was
-measured (multi30k 15%), 0.53 vs 0.47 (multi30k 5%), 0.97 vs 0.97 and 0.92 vs 0.93 (DialogSum); rough,
-so `fit.min_estimated_precision` (flag only above it) is off by default. `wrong_language`: 1 -
+measured (multi30k 15%), 0.53 vs 0.47 (multi30k 5%), 0.97 vs 0.97 and 0.92 vs 0.93 (DialogSum), and
+0.00 on the 1,014 clean multi30k rows (46 candidates: the clean tail). Below `fit.min_estimated_precision`
+(0.5) the candidates are warnings, not flags: on that clean set nothing is dropped. `wrong_language`: 1 -
 p(expected language) (py3langid's own calibration); `length`: the normal tail of its robust z (1 - the
 Benjamini-Hochberg q-value); `copy`: the copied share itself; `truncated` and `boilerplate` are rules
 without an estimate (NaN; a rule hit ranks at `RULE_HIT_SCORE`). The queue's
@@ -127,15 +130,18 @@ LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "es": "Spanis
 TERMINAL = set(".!?…。！？;؟")  # ';' ends a Greek question
 CLOSERS = "\"'”’»)]}*_`"
 DANGLING_PUNCTUATION = set(",:-–—(/&+")
-# Words a finished sentence does not end on (articles, prepositions, conjunctions), in the languages above.
-DANGLING_WORDS = frozenset("""
-the a an and or of to in on with for at by from but that as into onto than his her their its my your our
-le la les un une des de du et ou à au aux en dans sur avec pour par que qui son sa ses leur
-der die das ein eine einen einem einer und oder mit von zu im auf für den dem des zum zur
-el los las y o con por para del al una unos
-il lo gli i e di da per che della nel
-o os as um uma com do da dos das no na
-""".split())
+# Words a finished sentence does not end on (articles, prepositions, conjunctions, possessives), per
+# language: the response's own detected language picks the list, so French "but" (goal) or English "die"
+# and "son" are not read as another language's function word. Particles that can end a sentence ("come
+# in", "and so on") are left out.
+DANGLING_WORDS = {
+    "en": frozenset("the a an and or of to with for at by from but that into onto than his her their its my your our".split()),
+    "fr": frozenset("le la les un une des de du et ou à au aux dans sur avec pour par que qui ses leur leurs".split()),
+    "de": frozenset("der die das ein eine einen einem einer und oder mit von zu im auf für den dem des zum zur".split()),
+    "es": frozenset("el la los las un una unos y o de con por para del al que".split()),
+    "it": frozenset("il lo la gli le un una e o di da per che della nel con".split()),
+    "pt": frozenset("o a os as um uma e ou de com do da dos das no na para que".split()),
+}
 
 BOILERPLATE = [(re.compile(p, re.IGNORECASE), what) for p, what in (
     (r"\bas an? (?:ai|artificial intelligence)(?: language model| assistant| model)?\b", "as an AI language model"),
@@ -554,6 +560,10 @@ def truncated(rows: Rows) -> FindingResult:
     n = len(rows)
     short = length_stats(rows)[3] <= TRUNCATED_MAX_LENGTH_Z
     ends = [_ending(r) if not rows.memo["explained"][i] else "" for i, r in enumerate(rows.responses)]
+    # each response's language (detected when sure, else the task's): which function words dangle
+    ranks = language_ranks(rows, "response", (rows.task.response_language, rows.task.prompt_language))
+    languages = [lang if p >= rows.cfg.language.min_probability else rows.task.response_language
+                 for lang, p in map(_top, ranks)]
     terminal = np.array([bool(e) and e[-1] in TERMINAL for e in ends])
     share = float(terminal[[bool(e) for e in ends]].mean()) if any(ends) else 0.0
     punctuation_rule = share >= cfg.min_terminal_share
@@ -564,7 +574,7 @@ def truncated(rows: Rows) -> FindingResult:
         last_word = e.split()[-1].lower() if e.split() else ""
         if e[-1] in DANGLING_PUNCTUATION:
             kinds[i], reasons[i] = "dangling_punctuation", f"the response ends on {e[-1]!r}: it stops mid-sentence"
-        elif last_word in DANGLING_WORDS and not terminal[i]:
+        elif last_word in DANGLING_WORDS.get(languages[i] or "", ()) and not terminal[i]:
             kinds[i], reasons[i] = "dangling_word", f"the response ends on {last_word!r}: it stops mid-sentence"
         elif punctuation_rule and not terminal[i] and short[i]:
             kinds[i] = "no_terminal_punctuation"
