@@ -77,11 +77,13 @@ Measured overall on the kinds the issue targets (misaligned, wrong language, cop
 0.98, recall 0.98 / 0.94 (multi30k 15%); 0.73 / 0.98 (multi30k 5%); 1.00 / 0.84 and 0.97 / 0.97
 (DialogSum 15% / 5%); ranking by `response_issue_score`, recall at precision >= 0.80 is 0.84-0.99.
 
-Cost: the text findings take about 7 s per 1,000 rows; `misaligned` scores the base model on every row
-twice (with and without its prompt; the shared system turn and template head run once): about 79k
-tokens per 1,000 multi30k rows and 290k per 1,000 DialogSum rows, measured 590 CPU-s per 1,000 multi30k
-rows on 2 shared cores under load from other jobs (fp32); cached per row, so a re-run scores only new
-or changed rows.
+Cost: the text findings take 7-19 s per 1,000 rows; `misaligned` runs the base model over every row
+twice (with and without its prompt; the shared system turn and template head once): 79k tokens per
+1,000 multi30k rows, 284k per 1,000 DialogSum rows. Measured on 2 cores shared with other jobs (load 2-5,
+fp32, SmolLM2-135M): 690 CPU-s / 825 s wall per 1,000 multi30k rows, 2,017 CPU-s / 3,175 s per 1,000
+DialogSum rows; the plain decoder ran at 124 tokens/s there (this scoring at 134), so an idle machine
+is several times faster. Cached per row content: a re-run scores only new or changed rows (1,014 cached
+multi30k rows: 3 s). The label_issues pre-flight estimates it beside the label views (`response_fit`).
 """
 
 from __future__ import annotations
