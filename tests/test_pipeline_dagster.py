@@ -131,6 +131,9 @@ def test_full_graph_trains_evaluates_and_promotes(tmp_path, tiny_model_dir, inst
 
     report = json.loads((storage / spec.name / "reports" / "evaluation.json").read_text())
     assert report["tuned"]["loss"] < report["base"]["loss"]
+    seconds = metadata(instance, spec, "evaluation_report")["seconds_by_part"]  # where the stage's time went
+    assert {"load", "zero_shot"} <= set(seconds["base"]) and {"load", "zero_shot"} <= set(seconds["tuned"])
+    assert seconds == report["seconds_by_part"] and "## Evaluation cost" in (storage / spec.name / "reports" / "evaluation.md").read_text()
     assert (storage / "registry" / spec.name / "v1" / "MODEL_CARD.md").exists()
     audit = metadata(instance, spec, "label_issues")["audit"]
     assert audit["known_errors"] > 0 and 0 <= audit["recall"] <= 1
