@@ -5,6 +5,8 @@
     sft-dagster accept demo_sentiment --all-above 0.9                  # every queued label issue that severe
     sft-dagster drop demo_sentiment ID [ID ...] [--note "..."]       # send rows to the quarantine
     sft-dagster keep demo_sentiment ID [ID ...] [--note "..."]       # checked-correct: stop flagging them
+    sft-dagster relabel translation_en_fr ID --to "Un chien court."  # a rewritten response (or any label)
+    sft-dagster relabel dialogsum ID --to-file summary.txt           # a long rewrite, read from a file
 
 A label conflict (duplicates whose labels disagree) is resolved by `keep` on the row whose label is right
 (curation then keeps that label and quarantines the others), or by relabelling or dropping rows.
@@ -27,6 +29,7 @@ import pandas as pd
 from .labels import append_corrections
 from .spec import PipelineSpec, SpecError, load_spec
 from .storage import PipelinePaths, default_storage_root
+from .task_types import LABEL_TASKS
 
 
 def _spec(args: argparse.Namespace) -> PipelineSpec:
@@ -54,7 +57,8 @@ def _author() -> str:
     return os.environ.get("SFT_DAGSTER_USER") or getpass.getuser()
 
 
-def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | None) -> list[dict]:
+def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | None,
+               new_value: str | None = None) -> list[dict]:
     by_id = queue.set_index("example_id")
     unknown = [i for i in ids if i not in by_id.index]
     if unknown:
@@ -63,14 +67,14 @@ def _decisions(queue: pd.DataFrame, ids: list[str], action: str, note: str | Non
     rows = []
     for example_id in ids:
         row = by_id.loc[example_id]
-        new_value = ""
-        if action == "relabel":
+        value = new_value or ""
+        if action == "relabel" and new_value is None:
             if pd.isna(row["suggested_label"]):
                 raise ValueError(f"{example_id}: cleanlab has no suggested label to accept; use drop or keep, or (a "
-                                 "generation row) append a relabel row with the rewritten response as new_value to "
-                                 "the corrections file")
-            new_value = str(row["suggested_label"])
-        rows.append({"example_id": example_id, "action": action, "new_value": new_value, "note": note or "",
+                                 "generation row) `sft-dagster relabel PIPELINE ID --to TEXT` with the rewritten "
+                                 "response")
+            value = str(row["suggested_label"])
+        rows.append({"example_id": example_id, "action": action, "new_value": value, "note": note or "",
                      "author": _author(), "timestamp": now, "old_value": str(row["given_label"])})
     return rows
 
@@ -106,7 +110,10 @@ def _apply(args: argparse.Namespace, action: str) -> int:
     if not ids:
         print("error: name example ids (or --all-above SCORE for accept)", file=sys.stderr)
         return 2
-    rows = _decisions(queue, ids, action, args.note)
+    return _write(spec, args, _decisions(queue, ids, action, args.note), action)
+
+
+def _write(spec: PipelineSpec, args: argparse.Namespace, rows: list[dict], action: str) -> int:
     path = corrections_file(spec, _storage(args))
     append_corrections(path, rows)
     for row in rows:  # the audit line of each decision, as written
@@ -114,6 +121,25 @@ def _apply(args: argparse.Namespace, action: str) -> int:
               f"old={row['old_value']!r} new={row['new_value']!r} note={row['note']!r}")
     print(f"{action}: {len(rows)} decision(s) appended to {path}")
     return 0
+
+
+def _new_value(spec: PipelineSpec, args: argparse.Namespace) -> str:
+    """The value `relabel` writes: `--to` or the text of `--to-file` (its trailing newline dropped); for a
+    label task it must be one of the task's labels."""
+    value = Path(args.to_file).read_text(encoding="utf-8").rstrip("\n") if args.to_file else args.to
+    if not (value or "").strip():
+        raise ValueError("relabel needs the new value: --to TEXT or --to-file PATH (not empty)")
+    labels = spec.task.labels if spec.task.type in LABEL_TASKS else None
+    if labels and value not in labels:
+        raise ValueError(f"{value!r} is not a label of {spec.name} ({spec.task.type}): one of {list(labels)}")
+    return value
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    queue = review_queue(spec, _storage(args))
+    rows = _decisions(queue, [args.id], "relabel", args.note, new_value=_new_value(spec, args))
+    return _write(spec, args, rows, "relabel")
 
 
 def register(subparsers) -> None:
@@ -141,3 +167,12 @@ def register(subparsers) -> None:
             p.add_argument("--all-above", type=float, default=None, metavar="SCORE",
                            help="also accept every queued label issue with severity >= SCORE")
         p.set_defaults(func=lambda a, action=action: _apply(a, action))
+
+    relabel = subparsers.add_parser("relabel", help="set a row's new response (generation) or label, as written")
+    common(relabel)
+    relabel.add_argument("id", metavar="ID", help="an example id from the review queue")
+    value = relabel.add_mutually_exclusive_group(required=True)
+    value.add_argument("--to", default=None, metavar="TEXT", help="the new response or label")
+    value.add_argument("--to-file", default=None, metavar="PATH", help="a file holding the new response (UTF-8)")
+    relabel.add_argument("--note", default=None, help="why (kept in the audit trail)")
+    relabel.set_defaults(func=cmd_relabel)

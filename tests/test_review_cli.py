@@ -109,3 +109,43 @@ def test_review_shows_label_conflicts_with_every_label(pipeline, capsys):
     assert "negative (a1) vs positive (b2)" in capsys.readouterr().out
     assert cli(pipeline, "keep", "shop", "b2", "--note", "positive is right") == 0
     assert read_corrections(pipeline["corrections"])["action"].tolist() == ["keep"]
+
+
+def test_relabel_writes_a_rewritten_response_that_the_labels_stage_applies(tmp_path, monkeypatch, capsys):
+    from sft_dagster.labels import apply_corrections
+
+    specs = tmp_path / "assets"
+    specs.mkdir()
+    (specs / "fr.yaml").write_text(yaml.safe_dump({"name": "fr", "task": {"type": "translation"},
+                                                   "sources": [{"path": "x.jsonl"}]}))
+    labels = tmp_path / "store" / "fr" / "labels"
+    labels.mkdir(parents=True)
+    pd.DataFrame({"example_id": ["t1"], "prompt": ["A dog runs."], "given_label": ["Ein Hund rennt."],
+                  "suggested_label": [None], "severity": [0.97], "issue_types": ["wrong_language"],
+                  "is_label_issue": [False], "response_issue_reason": ["German, not French"]}
+                 ).to_csv(labels / "review_queue.csv", index=False)
+    monkeypatch.setenv("SFT_DAGSTER_USER", "lea")
+    args = ["--specs-dir", str(specs), "--storage", str(tmp_path / "store")]
+    assert main(["accept", "fr", "t1", *args]) == 2  # no suggestion to accept on a generation row
+    assert "sft-dagster relabel PIPELINE ID --to TEXT" in capsys.readouterr().err
+    rewrite = tmp_path / "rewrite.txt"
+    rewrite.write_text("Un chien, qui court\nsur la plage.\n", encoding="utf-8")  # a comma and a newline survive
+    assert main(["relabel", "fr", "t1", "--to-file", str(rewrite), "--note", "translated", *args]) == 0
+    rows = read_corrections(labels / "corrections.csv")
+    assert rows[["example_id", "action", "new_value", "old_value", "author", "note"]].values.tolist() == [
+        ["t1", "relabel", "Un chien, qui court\nsur la plage.", "Ein Hund rennt.", "lea", "translated"]]
+    examples = pd.DataFrame({"example_id": ["t1", "t2"], "prompt": ["A dog runs.", "A cat."],
+                             "response": ["Ein Hund rennt.", "Un chat."]})
+    labelled, quarantined, stats = apply_corrections(examples, rows)
+    assert labelled.set_index("example_id").loc["t1", "response"] == "Un chien, qui court\nsur la plage."
+    assert labelled.set_index("example_id").loc["t2", "response"] == "Un chat." and stats["relabelled"] == 1
+    assert main(["relabel", "fr", "t1", "--to", "  ", *args]) == 2
+    assert "needs the new value" in capsys.readouterr().err
+
+
+def test_relabel_on_a_label_task_takes_only_the_tasks_labels(pipeline, capsys):
+    assert cli(pipeline, "relabel", "shop", "c3", "--to", "neutral") == 2
+    assert "'neutral' is not a label of shop" in capsys.readouterr().err and not pipeline["corrections"].exists()
+    assert cli(pipeline, "relabel", "shop", "c3", "--to", "negative") == 0
+    assert read_corrections(pipeline["corrections"])[["action", "new_value", "old_value"]].values.tolist() == [
+        ["relabel", "negative", "positive"]]
