@@ -69,7 +69,7 @@ def worker(args) -> dict:
     from sft_dagster.models import resolve_base_model
     from sft_dagster.retention import retention_set
     from sft_dagster.spec import TaskSpec, load_spec
-    from sft_dagster.training.trainer import pick_precision
+    from sft_dagster.torchkit import pick_precision
 
     torch.manual_seed(0)
     if args.threads:

@@ -29,10 +29,11 @@ from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_exa
 from .metrics.label import INVALID
 from .metrics.qa import normalise_answer
 from .models import ResolvedModel
+from .prompt_model import few_shot_examples, with_few_shot
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import MAIN_TASK, PipelineSpec, TaskSpec
-from .training.trainer import collate, mean_loss_over, pick_device, pick_precision, summed_response_loss
+from .torchkit import collate, mean_loss_over, pick_device, pick_precision, summed_response_loss
 
 
 def normalise_label(text: str, labels: list[str]) -> str:
@@ -413,29 +414,6 @@ def win_rates(judged: dict, champion_version: str | None = None) -> dict:
             "interval_method": (f"bootstrap over the {judged['n']} judged rows, {drawn['resamples']} resamples (seed "
                                 f"{drawn['seed']}), percentile"), "confidence": drawn["confidence"], "versus": versus, "computed": judged["computed"],
             "seconds": judged["seconds"]}
-
-
-def few_shot_examples(train: pd.DataFrame, task: TaskSpec, k: int, seed: int) -> pd.DataFrame:
-    """k examples from the train split, drawn with a fixed seed; for label tasks one label after another
-    (round-robin over the labels in a seeded order), so that k >= the label count shows every label."""
-    if k == 0 or train.empty:
-        return train.head(0)
-    pool = train.sort_values("example_id").sample(frac=1.0, random_state=seed)
-    if task.is_label_task:
-        pool = pool.assign(_turn=pool.groupby("response").cumcount()).sort_values("_turn", kind="stable").drop(columns="_turn")
-    return pool.head(k)
-
-
-def with_few_shot(rows: pd.DataFrame, examples: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
-    """`rows` with the examples as earlier chat turns (before any history a row already has)."""
-    from .formatting import history_turns
-
-    turns = []
-    for ex in examples.itertuples():
-        turns += [{"role": "user", "content": task.prompt_template.format(prompt=ex.prompt)},
-                  {"role": "assistant", "content": str(ex.response)}]
-    histories = [json.dumps(turns + history_turns(h), ensure_ascii=False) for h in column_or_none(rows, "history")]
-    return rows.assign(history=histories)
 
 
 def test_rows(test: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from .. import student as student_stage
 from ..preference import generation
 from ..schema import frame_hash, lineage_hash_of
 from ..spec import STUDENT_TEACHERS
-from ..training.trainer import pick_precision
+from ..torchkit import pick_precision
 from .common import JSON_IO, PipelineDefs, code_version, jsonable
 from .guards import require_checks_passed
 from .multitask import quarantine_assets

@@ -21,7 +21,7 @@ from ..schema import frame_hash, lineage_hash_of
 from ..spec import TRAIN_ROWS
 from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
-from ..training.progress import Progress
+from ..progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
 from .guards import require_checks_passed
 from .multitask import quarantine_assets, splits_asset

@@ -21,9 +21,9 @@ import torch
 from ..formatting import generation_prompt_ids, pad_id
 from ..schema import column_or_none, quarantine_rows
 from ..spec import TaskSpec
-from ..training.trainer import autocast, pick_device, pick_precision
+from ..torchkit import autocast, pick_device, pick_precision
 from .columns import CANDIDATE_COLUMNS, candidate_id_of, prompt_id_of
-from .config import CandidateGenerationConfig
+from ..spec.preference import CandidateGenerationConfig
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:

@@ -122,7 +122,7 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
 
     from ..formatting import generation_prompt_ids
     from ..schema import column_or_none
-    from ..training import load_trained_reward_model
+    from .scoring import load_trained_reward_model
     from .generation import sample_seed
 
     cfg, task, generation = spec.preference.report, spec.task, spec.preference.generation

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from ...spec import PipelineSpec
+from ...torchkit import mean_loss_over, pick_precision
+from ..precision import PrecisionChoice
 
 
 class TrainingMethod(ABC):
@@ -58,9 +60,6 @@ class TrainingMethod(ABC):
     def resolve_precision(self, model_dir: Path, device: str, items: list, pad_id: int, probe_cache):
         """The run's precision and why. Default: the spec's, or for `auto` bf16 on CUDA with bf16 support
         and fp32 elsewhere, without measuring (the measured probe times an SFT step; see sft.py)."""
-        from ..precision import PrecisionChoice
-        from ..trainer import pick_precision
-
         requested = self.spec.training.precision
         if requested != "auto":
             return PrecisionChoice(requested, "set in the spec (training.precision)")
@@ -141,8 +140,6 @@ class TrainingMethod(ABC):
     def validate(self, model, items: list, batch_size: int, pad_id: int, device: str, autocast_precision: str) -> dict:
         """`val_loss` (summed loss / summed weight over `items`, dropout off) and the statistics recorded
         meanwhile as `val_<name>`."""
-        from ..trainer import mean_loss_over
-
         self.pop_stats()  # a validation pass never mixes with the training step's statistics
         val = mean_loss_over(model, items, batch_size, self.length,
                              lambda rows: self.evaluation_collate(rows, pad_id, device), self.loss, device,

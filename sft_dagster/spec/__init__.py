@@ -1,5 +1,8 @@
 """The pipeline spec: a pydantic model of one `assets/*.yaml` file.
 
+The package owns every section's settings: this module the pipeline's own sections and `PipelineSpec`,
+`spec/preference.py` the preference stages' (candidates, rankings, pair gates, reward model, DPO, PPO).
+
 A spec declares one fine-tuning pipeline end to end. Loading validates it completely, so a bad
 spec fails before anything runs, with the file and the offending key named (`SpecError`).
 Relative paths inside a spec resolve against the directory of the spec file.
@@ -16,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .preference.config import (
+from .preference import (
     CandidateGenerationConfig,
     DPOConfig,
     PairGatesConfig,
@@ -25,9 +28,9 @@ from .preference.config import (
     RankingConfig,
     RewardModelConfig,
 )
-from . import metrics
-from .strict import _Strict
-from .task_types import GENERATION_TASKS, LABEL_TASKS, TaskType
+from .. import metrics
+from ..strict import _Strict
+from ..task_types import GENERATION_TASKS, LABEL_TASKS, TaskType
 
 
 # A data-quality suite's name: a file `data_checks/<name>.yaml`, never a path.
@@ -76,7 +79,7 @@ class TaskSpec(_Strict):
     def _known_language(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from .langid import known_languages
+        from ..langid import known_languages
 
         code = v.strip().lower()
         if code not in known_languages():
