@@ -28,6 +28,7 @@ def pick_device(requested: str = "auto") -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
 
+
 def pick_precision(requested: str, device: str) -> str:
     """A precision without measuring: bf16 on CUDA with bf16 support, else fp32 (evaluation uses it).
 
@@ -39,10 +40,12 @@ def pick_precision(requested: str, device: str) -> str:
         return "bf16"
     return "fp32"
 
+
 def autocast(device: str, precision: str):
     if precision == "bf16":
         return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()
+
 
 def store_frozen_weights(model, dtype: torch.dtype) -> int:
     """Keep every frozen floating-point parameter in `dtype`; trainable ones (the adapters, hence the
@@ -72,12 +75,14 @@ def _libc():
     except OSError:
         return None
 
+
 def release_freed_memory_to_os() -> None:
     """Hand the pages glibc keeps for freed blocks back to the OS (`malloc_trim`): before loading a model,
     after training, and when `HeapReleaser` sees the heap reach a new high between steps."""
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
 
 def resident_bytes() -> int | None:
     """This process's resident set now (Linux: /proc/self/statm), or None where it cannot be read."""
@@ -86,6 +91,7 @@ def resident_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
 
 class HeapReleaser:
     """Between CPU training steps, trims glibc's heap only when its resident set reaches a new high.
@@ -131,6 +137,7 @@ def collate(examples: list[EncodedExample], pad_id: int, device: str) -> dict[st
         mask[row, : len(e.input_ids)] = 1
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
 
+
 def collate_packed(examples: list[EncodedExample], device: str) -> dict[str, torch.Tensor]:
     """One row, no padding: position ids restart at 0 for each example and no attention mask is given,
     so transformers builds a block-diagonal causal mask from the position ids (each token sees only its
@@ -144,6 +151,7 @@ def collate_packed(examples: list[EncodedExample], device: str) -> dict[str, tor
     positions = torch.cat([torch.arange(len(e.input_ids)) for e in examples])
     return {"input_ids": ids[None].to(device), "labels": labels[None].to(device), "position_ids": positions[None].to(device)}
 
+
 def common_prefix_length(sequences: list[list[int]]) -> int:
     """How many leading tokens all the sequences share."""
     first, n = sequences[0], min(len(s) for s in sequences)
@@ -151,15 +159,18 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
         n = next((i for i in range(n) if other[i] != first[i]), n)
     return n
 
+
 def shared_row_length(sequences: list[list[int]]) -> int:
     """The tokens of one shared-prefix row (`collate_shared_prefix`): the common prefix once, then each
     sequence's remaining tokens."""
     shared = common_prefix_length(sequences)
     return shared + sum(len(s) - shared for s in sequences)
 
+
 def _row_position(t: int, shared: int, start: int) -> int:
     """Where token t of an example sits in its shared-prefix row: in the shared part, or after it."""
     return t if t < shared else start + t
+
 
 def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, device: str) -> dict[str, torch.Tensor]:
     """One row per list of examples: the tokens they all share (their longest common prefix: the chat
@@ -206,7 +217,9 @@ def collate_shared_prefix(rows_of: list[list[EncodedExample]], pad_id: int, devi
             "sequence_last": long(last), "token_index": long(token_index).view(-1, 2),
             "token_targets": long(token_targets), "token_sequence": long(token_sequence)}
 
+
 SHARED_ROW_TOKENS = 512
+
 
 def shared_prefix_rows(examples: list[EncodedExample], max_row: int = SHARED_ROW_TOKENS) -> list[list[EncodedExample]]:
     """A micro-batch's examples as the rows of `collate_shared_prefix`: as few rows as keep each under
@@ -227,9 +240,11 @@ def shared_prefix_rows(examples: list[EncodedExample], max_row: int = SHARED_ROW
 # the attention implementations that take the 4-D masks of `collate_shared_prefix`
 SHARED_PREFIX_ATTENTION = ("sdpa", "eager")
 
+
 def shares_prefixes(model) -> bool:
     """Whether `model`'s attention takes the 4-D masks of `collate_shared_prefix`."""
     return getattr(causal_lm(model).config, "_attn_implementation", "sdpa") in SHARED_PREFIX_ATTENTION
+
 
 def collate_micro_batch(examples: list[EncodedExample], pad_id: int, device: str, packing: bool,
                         share_prefix: bool) -> dict[str, torch.Tensor]:
@@ -257,9 +272,11 @@ def decoder_hidden(decoder, batch: dict[str, torch.Tensor], **extra) -> torch.Te
     return decoder(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch.get("position_ids"),
                    use_cache=False, **extra).last_hidden_state
 
+
 def causal_lm(model):
     """The transformers model under any peft wrapper."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 
 def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 vocabulary logits, target ids) at the loss positions only, row by row in order."""
@@ -274,10 +291,12 @@ def response_logits(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     positions = targets != IGNORE_INDEX
     return lm.lm_head(hidden[:, :-1][positions]).float(), targets[positions]
 
+
 def summed_response_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of token losses over loss positions, computing vocabulary logits only there."""
     logits, targets = response_logits(model, batch)
     return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), len(targets)
+
 
 @torch.no_grad()
 def mean_loss_over(model, items: list, batch_size: int, length, collate_fn, loss_fn, device: str,

@@ -140,6 +140,7 @@ def uses_autocast(method: str, precision: str) -> bool:
     (4-bit base). `lora` in bf16 stores its frozen base in bf16 instead (`store_frozen_weights`)."""
     return precision == "bf16" and method != "lora"
 
+
 def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str | None = None):
     """The base model prepared for the spec's method (lora, qlora or full) and precision.
 
@@ -192,6 +193,7 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str 
     use_fast_lora(model)  # same maths, cheaper dropout on CPU (see fast_lora.py)
     return model
 
+
 def keep_4bit_layers_trainable(model) -> int:
     """Keep every bitsandbytes `Linear4bit` of `model` in its trainable layout for the whole run.
 
@@ -214,10 +216,12 @@ def keep_4bit_layers_trainable(model) -> int:
         layer.support_avx512bf16_for_cpu = False
     return len(layers)
 
+
 def collates_shared_prefixes(spec: PipelineSpec) -> bool:
     """Whether SFT micro-batches are shared-prefix rows (`collate_shared_prefix`) for this spec: not when
     packing, nor under NEFTune (its noise is drawn per example; a prefix computed once would get one draw)."""
     return not spec.training.packing and spec.training.neftune_alpha == 0
+
 
 def probe_batch(encoded: list[EncodedExample], spec: PipelineSpec, pad_id: int, device: str
                 ) -> tuple[dict[str, torch.Tensor], int]:
@@ -226,6 +230,7 @@ def probe_batch(encoded: list[EncodedExample], spec: PipelineSpec, pad_id: int, 
     sample = sorted(encoded, key=lambda e: len(e.input_ids))[len(encoded) // 2 :][: spec.training.batch_size]
     batch = collate_micro_batch(sample, pad_id, device, spec.training.packing, collates_shared_prefixes(spec))
     return batch, sum(len(e.input_ids) for e in sample)
+
 
 def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precision: str,
                        batch: dict[str, torch.Tensor], tokens: int, repeats: int = 2) -> dict:
@@ -261,6 +266,7 @@ def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precisi
         release_freed_memory_to_os()
     return {"seconds": round(min(times[1:]), 4), "tokens": tokens, "loss": round(first_loss, 6)}
 
+
 def resolve_precision(spec: PipelineSpec, model_dir: Path, device: str, encoded: list[EncodedExample], pad_id: int,
                       cache_dir: Path | str | None = None) -> PrecisionChoice:
     """The run's precision: the spec's, or for `auto` the measured choice (cached; see precision.py)."""
@@ -285,6 +291,7 @@ def resolve_precision(spec: PipelineSpec, model_dir: Path, device: str, encoded:
 
     return cached_choice(probe_cache_dir(cache_dir), key, measure)
 
+
 def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: pd.DataFrame, output_dir: Path,
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, probe_cache: Path | str | None = None,
@@ -298,6 +305,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
     method = SFTMethod(spec, tasks=tasks, teacher_cache=teacher_cache or output_dir.parent / "teacher_cache")
     return run_training(method, spec, model_dir, train_df, val_df, output_dir, device=device, log=log,
                         on_metrics=on_metrics, stop_after_steps=stop_after_steps, probe_cache=probe_cache)
+
 
 def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, device: str = "auto",
               probe_cache: Path | str | None = None, tasks: dict[str, TaskSpec] | None = None) -> dict:
@@ -322,6 +330,7 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     plan["estimated_seconds"] = round(n_tokens * epochs / tokens_per_second, 1)
     plan["measured_tokens_per_second"] = round(tokens_per_second, 1)
     return plan
+
 
 def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     """Fold a LoRA adapter into the base weights: one safetensors model for serving, no peft needed."""
