@@ -94,7 +94,7 @@ def worker(args) -> dict:
     if args.model == "base":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     else:
-        model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
+        model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.adapter, device)
     task, plain = spec.task, TaskSpec(type="instruction")
     clock, outputs = Clock(), {}
     store, nightly = {}, bool(args.new_rows) and args.model == "base"

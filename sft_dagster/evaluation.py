@@ -23,7 +23,8 @@ import pandas as pd
 import torch
 
 from . import judge as judging
-from . import metrics, prompt_model
+from . import artefacts, metrics, prompt_model
+from .artefacts import load_tuned_model
 from .decoding import SharedPrefix, cache_argument, greedy
 from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, generation_prompt_ids, pad_id
 from .metrics.label import INVALID
@@ -424,22 +425,6 @@ def test_rows(test: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
     return rows
 
 
-def load_tuned_model(model_dir: Path, adapter_dir: Path, method: str, device: str, base=None):
-    """A fine-tuned model as it is served: a full model directory, or a LoRA/QLoRA adapter merged into the
-    full-precision base (merged weights score exactly like the adapter and generate faster)."""
-    from transformers import AutoModelForCausalLM
-
-    if method == prompt_model.METHOD:
-        raise prompt_model.PromptModelError(f"{adapter_dir} is a few-shot prompt model: it has no weights of its own; "
-                                            "load the base model and prompt it with the examples in its prompt.json")
-    if method == "full":
-        return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).to(device).eval()
-    from peft import PeftModel
-
-    base = base if base is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(device).eval()
-
-
 def _cached(cache_dir: Path | None, key: dict, compute) -> dict:
     """Scores of a model that did not change (the base model, an adapter by its lineage hash) are computed
     once per test split and evaluation settings, then read back: a nightly run scores only what is new."""
@@ -536,7 +521,7 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
 
     cfg = spec.evaluation
     device = pick_device(device)
-    method = method or spec.training.method
+    method = method or spec.training.adapter
     precision = pick_precision(spec.training.precision, device)
     rows = test_rows(test, spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -561,7 +546,7 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     for name, directory, model_method, model_id in candidates:
         loaded, clock, generated[name] = [], seconds.setdefault(name, {}), {}
         model_spec, model_rows, context_turns = spec, rows, 0
-        if model_method == prompt_model.METHOD:  # the base model's weights, prompted with the model's examples
+        if artefacts.kind_of(model_method) == artefacts.PROMPT:  # the base model's weights, prompted with the model's examples
             prompts[name] = prompt_model.read(directory)
             model_spec, model_rows = prompt_model.prompted(spec, rows, prompts[name])
             directory, context_turns = None, 2 * prompts[name]["k"]

@@ -109,7 +109,7 @@ def load_generator_model(model_dir: Path, adapter_dir: Path | None, device: str,
 
     if adapter_dir is None:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    from ..evaluation import load_tuned_model
+    from ..artefacts import load_tuned_model
 
     return load_tuned_model(Path(model_dir), Path(adapter_dir), adapter_method, device)
 

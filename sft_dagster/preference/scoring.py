@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from .. import artefacts
 from ..spec import TaskSpec
 from .losses import load_reward_model
 from .ppo import reward_model_fn
 
-FOLDER = "reward_model"  # the folder a reward-model run saves under its output dir
+FOLDER = artefacts.FOLDERS[artefacts.REWARD_MODEL]  # the folder a reward-model run saves under its output dir
 META_FILE = "reward_model.json"
 
 

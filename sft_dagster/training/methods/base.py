@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from ... import artefacts
 from ...spec import PipelineSpec
 from ...torchkit import mean_loss_over, pick_precision
 from ..precision import PrecisionChoice
@@ -39,9 +40,10 @@ class TrainingMethod(ABC):
     """Base class; subclasses set `name` and implement the abstract methods (`load_model`, `encode`,
     `length`, `item_key`, `collate`, `loss`); a subclass missing one fails when instantiated."""
 
-    name: str = ""
+    name: str = ""  # what the run's record calls it (`method`): the objective, or SFT's adapter
+    objective: str = ""  # its entry in `training.objectives.OBJECTIVES`
     packing: bool = False  # micro-batches are concatenated into one row (SFT only)
-    output_name: str = "adapter"  # the folder under output_dir that `save` writes
+    output_name: str = artefacts.FOLDERS[artefacts.ADAPTER]  # the folder under output_dir that `save` writes
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
@@ -153,3 +155,12 @@ class TrainingMethod(ABC):
 
     def extra_metrics(self) -> dict[str, Any]:
         return {}
+
+
+def lora_config(spec: PipelineSpec, task_type: str):
+    """The peft LoRA settings of `spec.training.lora` for a model of `task_type` (CAUSAL_LM, SEQ_CLS)."""
+    from peft import LoraConfig
+
+    lora = spec.training.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
+                      target_modules=lora.target_modules, task_type=task_type)

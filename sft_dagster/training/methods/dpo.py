@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ... import artefacts
 from ...preference.losses import collate_pair_groups, dpo_batch_loss, sequence_logprobs
 from ...spec import PipelineSpec
 from ...torchkit import autocast
@@ -36,8 +37,8 @@ class ReferencedGroup:
 
 
 class DPOMethod(PairMethod):
-    name = "dpo"
-    output_name = "adapter"
+    name = objective = "dpo"
+    output_name = artefacts.FOLDERS[artefacts.ADAPTER]
 
     def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
         super().__init__(spec)

@@ -10,7 +10,7 @@ from ...preference import losses
 from ...spec import PipelineSpec
 from ...torchkit import shared_row_length
 from ..fast_lora import use_fast_lora
-from .base import TrainingMethod
+from .base import TrainingMethod, lora_config
 
 
 class PairMethod(TrainingMethod):
@@ -56,14 +56,6 @@ def pair_training_spec(spec: PipelineSpec, config) -> PipelineSpec:
     if not update:
         return spec
     return spec.model_copy(update={"training": spec.training.model_copy(update=update)})
-
-
-def lora_config(spec: PipelineSpec, task_type: str):
-    from peft import LoraConfig
-
-    lora = spec.training.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
-                      target_modules=lora.target_modules, task_type=task_type)
 
 
 def disable_dropout(model) -> None:

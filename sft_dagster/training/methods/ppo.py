@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ... import atomic
+from ... import artefacts, atomic
 from ...formatting import generation_prompt_ids
 from ...preference.columns import prompt_id_of
 from ...preference.generation import sample_continuations, sample_seed
@@ -87,7 +87,7 @@ def train_ppo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
 
     result = ppo_train(policy, tokenizer, prompts_train, spec.task, reward_fn, config, max_length=spec.model.max_length,
                        reference=reference, device=device, log=log, on_step=on_step)
-    out = output_dir / "adapter"
+    out = output_dir / artefacts.FOLDERS[artefacts.ADAPTER]
     with atomic.atomic_dir(out) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
     atomic.torch_save(output_dir / "value_head.pt", result.value_head.state_dict())

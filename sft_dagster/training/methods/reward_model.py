@@ -25,11 +25,12 @@ from ...preference.scoring import FOLDER, META_FILE
 from ...spec import PipelineSpec
 from ..fast_lora import use_fast_lora
 from ..trainer import run_training
-from .pairs import PairMethod, disable_dropout, lora_config, pair_training_spec
+from .base import lora_config
+from .pairs import PairMethod, disable_dropout, pair_training_spec
 
 
 class RewardModelMethod(PairMethod):
-    name = "reward_model"
+    name = objective = "reward_model"
     output_name = FOLDER
 
     def __init__(self, spec: PipelineSpec, config):

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (`training.method: lora | qlora | full`): the response-only causal LM loss.
+"""Supervised fine-tuning (`training.adapter: lora | qlora | full`): the response-only causal LM loss.
 
 `train` and `preflight` are SFT's entry points. Everything SFT-specific the shared loop needs: the
 model per method (`load_model`: LoRA with
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ... import atomic
+from ... import artefacts
 from ...formatting import IGNORE_INDEX, EncodedExample, encode_frame
 from ...formatting import pad_id as pad_id_of
 from ...spec import PipelineSpec, TaskSpec
@@ -29,18 +29,20 @@ from .. import augment
 from ..distill import Distiller
 from ..fast_lora import use_fast_lora
 from ..precision import PrecisionChoice, cached_choice, machine_key, measure_precision, probe_cache_dir
-from ..trainer import optimizer_steps, run_training, TrainingResult
-from .base import TrainingMethod
+from ..trainer import TrainingResult, optimizer_steps, run_training
+from .base import TrainingMethod, lora_config
 
 
 class SFTMethod(TrainingMethod):
+    objective = "sft"
+
     def __init__(self, spec, tasks: dict | None = None, teacher_cache: Path | None = None):
         """`tasks`: a multi-task mix's tasks by name (rows name theirs in a `task` column);
         `teacher_cache`: where distillation caches the teacher's top-k logits."""
         super().__init__(spec)
-        self.name = spec.training.method
+        self.name = spec.training.adapter
         self.packing = spec.training.packing
-        self.output_name = self.output_name_for(self.name)
+        self.output_name = artefacts.folder_for(self.name)
         self.tasks = tasks
         self.teacher_cache = teacher_cache
         self.distiller: Distiller | None = None
@@ -49,10 +51,6 @@ class SFTMethod(TrainingMethod):
         self.task_frame = None  # the train split before replay rows are mixed in
         self.last_kl: float | None = None
         self.share_prefix = False  # set when the model is loaded
-
-    @staticmethod
-    def output_name_for(method: str) -> str:
-        return "model" if method == "full" else "adapter"
 
     def load_model(self, model_dir: Path, device: str, precision: str):
         if self.spec.training.distillation.weight > 0:  # the teacher runs (or its cache is read) before the student loads
@@ -131,18 +129,18 @@ class SFTMethod(TrainingMethod):
 
     def save(self, model, tokenizer, out_dir: Path, model_dir: Path) -> None:
         model.save_pretrained(out_dir, safe_serialization=True)
-        if self.output_name == "model":  # a whole model: loadable on its own, tokenizer included
+        if artefacts.is_whole_model(self.name):  # loadable on its own, tokenizer included
             tokenizer.save_pretrained(out_dir)
 
 
-def uses_autocast(method: str, precision: str) -> bool:
+def uses_autocast(adapter: str, precision: str) -> bool:
     """Whether bf16 runs under autocast: for `full` (the trained weights stay fp32 masters) and `qlora`
     (4-bit base). `lora` in bf16 stores its frozen base in bf16 instead (`store_frozen_weights`)."""
-    return precision == "bf16" and method != "lora"
+    return precision == "bf16" and adapter != "lora"
 
 
 def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str | None = None):
-    """The base model prepared for the spec's method (lora, qlora or full) and precision.
+    """The base model prepared for the spec's adapter (lora, qlora or full) and precision.
 
     `precision` is the run's resolved precision (default: `pick_precision` of the spec's). LoRA in bf16
     keeps the frozen base in bf16 and the adapters in fp32. QLoRA quantises the frozen base to 4-bit
@@ -151,10 +149,10 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str 
     """
     from transformers import AutoModelForCausalLM
 
-    method = spec.training.method
+    adapter = spec.training.adapter
     precision = precision or pick_precision(spec.training.precision, device)
     kwargs: dict = {"dtype": torch.float32}
-    if method == "qlora":
+    if adapter == "qlora":
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -163,30 +161,27 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str 
         )
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    if method != "qlora":
+    if adapter != "qlora":
         model.to(device)
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    if method == "full":
+    if artefacts.is_whole_model(adapter):  # every weight trains
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if method == "qlora" and not device.startswith("cuda"):
+    if adapter == "qlora" and not device.startswith("cuda"):
         import bitsandbytes as bnb
 
         odd = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % 64]
         if odd:  # bitsandbytes' CPU kernels work on blocks of 64 input features
-            raise ValueError(f"training.method qlora on CPU needs layer widths that are multiples of 64; "
-                             f"{odd[0][0]} has {odd[0][1]} inputs: use method lora")
-    if method == "qlora":
+            raise ValueError(f"training.adapter qlora on CPU needs layer widths that are multiples of 64; "
+                             f"{odd[0][0]} has {odd[0][1]} inputs: use adapter lora")
+    if adapter == "qlora":
         keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
-    lora = spec.training.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    if method == "lora" and precision == "bf16":
+    model = get_peft_model(model, lora_config(spec, "CAUSAL_LM"))
+    if adapter == "lora" and precision == "bf16":
         store_frozen_weights(model, torch.bfloat16)
         if not device.startswith("cuda"):
             release_freed_memory_to_os()  # the fp32 copies of the base weights
@@ -246,7 +241,7 @@ def time_training_step(spec: PipelineSpec, model_dir: Path, device: str, precisi
         torch.manual_seed(spec.training.seed)
         model = load_model(spec, model_dir, device, precision)
         model.train()
-        amp = precision if uses_autocast(spec.training.method, precision) else "fp32"
+        amp = precision if uses_autocast(spec.training.adapter, precision) else "fp32"
         times, first_loss = [], None
         for _ in range(1 + repeats):
             torch.manual_seed(spec.training.seed)  # the same dropout masks in every repeat and precision
@@ -278,7 +273,7 @@ def resolve_precision(spec: PipelineSpec, model_dir: Path, device: str, encoded:
     config = AutoConfig.from_pretrained(model_dir)
     widths = (config.hidden_size, getattr(config, "intermediate_size", None) or 4 * config.hidden_size)
     key = machine_key(device) | {
-        "method": spec.training.method, "lora_r": spec.training.lora.r, "model_type": config.model_type,
+        "method": spec.training.adapter, "lora_r": spec.training.lora.r, "model_type": config.model_type,
         "hidden_size": config.hidden_size, "intermediate_size": widths[1],
         "layers": getattr(config, "num_hidden_layers", None), "vocab_size": getattr(config, "vocab_size", None),
     }
@@ -296,7 +291,7 @@ def train(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, val_df: p
           device: str = "auto", log: Callable[[str], None] = print, on_metrics: Callable[[dict], None] | None = None,
           stop_after_steps: int | None = None, probe_cache: Path | str | None = None,
           teacher_cache: Path | None = None, tasks: dict[str, TaskSpec] | None = None) -> TrainingResult:
-    """SFT (`training.method` lora / qlora / full): train and save the adapter (or full model) under
+    """SFT (`training.adapter` lora / qlora / full): train and save the adapter (or full model) under
     `output_dir`; resumes from its checkpoints. See `run_training`.
 
     `teacher_cache`: where distillation caches the teacher's top-k logits (default: next to `output_dir`).
@@ -321,7 +316,7 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     n_tokens = sum(len(e.input_ids) for e in encoded)
     steps = optimizer_steps(len(encoded), spec)
     plan = {"n_examples": len(encoded), "n_tokens": n_tokens, "n_loss_tokens": sum(e.n_loss_tokens for e in encoded),
-            "optimizer_steps": steps, "method": spec.training.method, "device": device, "precision": choice.precision,
+            "optimizer_steps": steps, "method": spec.training.adapter, "device": device, "precision": choice.precision,
             "precision_reason": choice.reason, "precision_choice": choice.to_metadata()}
     batch, tokens = probe_batch(encoded, spec, pad_id, device)
     step = time_training_step(spec, model_dir, device, choice.precision, batch, tokens, repeats=1)
@@ -332,13 +327,3 @@ def preflight(spec: PipelineSpec, model_dir: Path, train_df: pd.DataFrame, devic
     return plan
 
 
-def merge_adapter(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
-    """Fold a LoRA adapter into the base weights: one safetensors model for serving, no peft needed."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).merge_and_unload()
-    with atomic.atomic_dir(out_dir) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    return out_dir
