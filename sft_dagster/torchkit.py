@@ -24,6 +24,8 @@ from .formatting import IGNORE_INDEX, EncodedExample
 
 # -- device and precision ---------------------------------------------------------------------------
 def pick_device(requested: str = "auto") -> str:
+    """The device to run on: `auto` is CUDA when present, else the CPU; any other value as given (the
+    one picker: training, evaluation, generation and the Dagster `compute` resource use it)."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
@@ -32,7 +34,7 @@ def pick_device(requested: str = "auto") -> str:
 def pick_precision(requested: str, device: str) -> str:
     """A precision without measuring: bf16 on CUDA with bf16 support, else fp32 (evaluation uses it).
 
-    Training resolves `auto` by measurement instead (`resolve_precision`).
+    SFT training resolves `auto` by measurement instead (`training.methods.sft.resolve_precision`).
     """
     if requested != "auto":
         return requested
@@ -42,6 +44,7 @@ def pick_precision(requested: str, device: str) -> str:
 
 
 def autocast(device: str, precision: str):
+    """bf16 autocast on `device` for `bf16`, else no autocast."""
     if precision == "bf16":
         return torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
     return nullcontext()

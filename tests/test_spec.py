@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from sft_dagster.spec import SpecError, load_spec, load_specs
+from sft_dagster.spec import SpecError, deprecation_notes, load_spec, load_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,3 +190,11 @@ def test_training_method_and_adapter_must_agree(tmp_path):
     with pytest.raises(SpecError, match=rf"{path}:10: training\.method: .*disagrees with training\.adapter \(lora\)"):
         load_spec(path)
     assert load_spec(write(tmp_path, VALID + "training:\n  adapter: qlora\n  method: qlora\n", "same.yaml")).training.adapter == "qlora"
+
+
+def test_the_old_name_is_noted_in_the_students_training_too():
+    text = VALID + "training:\n  adapter: lora\nstudent:\n  model: m\n  training:\n    method: full\n"
+    assert deprecation_notes(yaml.safe_load(text), "s.yaml", text) == [
+        "s.yaml:13: student.training.method: deprecated, the old name of training.adapter (what SFT saves: lora, "
+        "qlora or full; the objective is sft); write student.training.adapter: full"]
+    assert deprecation_notes(yaml.safe_load(VALID + "training:\n  adapter: lora\n"), "s.yaml") == []

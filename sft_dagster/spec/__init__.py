@@ -983,13 +983,19 @@ def load_spec(path: str | Path) -> PipelineSpec:
 
 
 def deprecation_notes(data: Any, source: str | Path, text: str | None = None) -> list[str]:
-    """`file:line: key: note` for each deprecated spelling a (valid) spec uses: `training.method`."""
-    training = data.get("training") if isinstance(data, dict) else None
-    if not isinstance(training, dict) or training.get("method") is None:
-        return []
-    line = _yaml_line(text, ("training", "method")) if text else None
-    where = f"{source}:{line}" if line else str(source)
-    return [f"{where}: training.method: {OLD_METHOD_NOTE}; write training.adapter: {training['method']}"]
+    """`file:line: key: note` for each deprecated spelling a (valid) spec uses: `training.method` (also
+    in `student.training`)."""
+    notes = []
+    for loc in (("training",), ("student", "training")):
+        section = data
+        for key in loc:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and section.get("method") is not None:
+            line = _yaml_line(text, (*loc, "method")) if text else None
+            where = f"{source}:{line}" if line else str(source)
+            notes.append(f"{where}: {'.'.join(loc)}.method: {OLD_METHOD_NOTE}; write {'.'.join(loc)}.adapter: "
+                         f"{section['method']}")
+    return notes
 
 
 def load_specs(directory: str | Path) -> list[PipelineSpec]:

@@ -5,7 +5,7 @@ positions, device, precision) are in `sft_dagster.torchkit`.
 
 The loop is a recipe in torchtune's shape (`_Recipe`): `_setup_*` steps (process, data, precision,
 model, optimizer, batches, checkpoints), one optimizer step per accumulation window (`_train_window`),
-validation with early stopping (`_validate`), and `_finish` (best weights, save, metrics).
+validation with early stopping (`_validate`), and `finish` (best weights, save, metrics).
 
 What makes it fast on a small CPU: batches grouped by length (little padding), and vocabulary logits
 computed only where a token carries loss (the prompt never goes through the 49k-wide output layer).
@@ -169,7 +169,7 @@ def run_training(method, spec: PipelineSpec, model_dir: Path, train_data, val_da
     `stop_after_steps` ends the run early without saving the final model (used to test resuming).
     `probe_cache`: where `precision: auto` caches its measurement (default: see `precision.probe_cache_dir`).
     """
-    recipe = _Recipe(method, spec, Path(model_dir), Path(output_dir), log, on_metrics or Progress(log))
+    recipe = _Recipe(method, spec, model_dir, Path(output_dir), log, on_metrics or Progress(log))
     recipe.setup(train_data, val_data, device, probe_cache)
     if not recipe.train(stop_after_steps):
         return TrainingResult(adapter_dir=recipe.output_dir, method=method.name, metrics=dict(recipe.state))
