@@ -176,7 +176,7 @@ def load_model(spec: PipelineSpec, model_dir: Path, device: str, precision: str 
         odd = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit) and m.in_features % 64]
         if odd:  # bitsandbytes' CPU kernels work on blocks of 64 input features
             raise ValueError(f"training.adapter qlora on CPU needs layer widths that are multiples of 64; "
-                             f"{odd[0][0]} has {odd[0][1]} inputs: use adapter lora")
+                             f"{odd[0][0]} has {odd[0][1]} inputs: use method lora (training.adapter: lora)")
     if adapter == "qlora":
         keep_4bit_layers_trainable(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.training.gradient_checkpointing)
