@@ -5,6 +5,7 @@ one of them fails here."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import dagster as dg
 
@@ -72,3 +73,9 @@ def test_a_run_with_a_remote_origin_executes_in_process():
     assert result.success
     assert [e.step_key for e in result.get_step_success_events()] == ["compat_op"]
     assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.SUCCESS
+
+
+def test_no_other_module_reaches_into_dagster_core():
+    package = Path(dagster_compat.__file__).resolve().parents[1]
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "dagster._core" in p.read_text())
+    assert users == ["defs/dagster_compat.py"]
