@@ -68,3 +68,26 @@ def test_the_spec_lists_exactly_the_registered_policies():
 def test_an_unknown_objective_names_the_known_ones():
     with pytest.raises(KeyError, match="known: sft, reward_model, dpo, ppo"):
         objective("kto")
+
+
+@pytest.mark.parametrize("name", [n for n, o in OBJECTIVES.items() if o.artefact is not None])
+def test_a_record_named_by_its_objective_loads_as_the_artefact_it_saved(name):
+    """Preference runs record `method` = the objective (`dpo`, `ppo`, `reward_model`): `artefacts` must read
+    it as the artefact the registry says the objective saves."""
+    assert artefacts.kind_of(name) == objective(name).artefact
+
+
+@pytest.mark.parametrize("method, kind, folder, whole", [
+    ("lora", "adapter", "adapter", False), ("qlora", "adapter", "adapter", False), ("full", "model", "model", True),
+    ("dpo", "adapter", "adapter", False), ("ppo", "adapter", "adapter", False),
+    ("few_shot", "prompt", "prompt", False), ("reward_model", "reward_model", "reward_model", False)])
+def test_artefacts_of_each_recorded_method(method, kind, folder, whole):
+    assert (artefacts.kind_of(method), artefacts.folder_for(method), artefacts.is_whole_model(method)) == (
+        kind, folder, whole)
+
+
+def test_a_prompt_model_has_no_weights_to_load(tmp_path):
+    from sft_dagster import prompt_model
+
+    with pytest.raises(prompt_model.PromptModelError, match="no weights of its own"):
+        artefacts.load_tuned_model(tmp_path, tmp_path / "prompt", prompt_model.METHOD, "cpu")
