@@ -546,7 +546,7 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     for name, directory, model_method, model_id in candidates:
         loaded, clock, generated[name] = [], seconds.setdefault(name, {}), {}
         model_spec, model_rows, context_turns = spec, rows, 0
-        if artefacts.kind_of(model_method) == artefacts.PROMPT:  # the base model's weights, prompted with the model's examples
+        if artefacts.kind_of(model_method) == artefacts.PROMPT:  # the base model's weights, prompted with its examples
             prompts[name] = prompt_model.read(directory)
             model_spec, model_rows = prompt_model.prompted(spec, rows, prompts[name])
             directory, context_turns = None, 2 * prompts[name]["k"]

@@ -189,7 +189,8 @@ def test_training_method_and_adapter_must_agree(tmp_path):
     path = write(tmp_path, VALID + "training:\n  adapter: lora\n  method: full\n")
     with pytest.raises(SpecError, match=rf"{path}:10: training\.method: .*disagrees with training\.adapter \(lora\)"):
         load_spec(path)
-    assert load_spec(write(tmp_path, VALID + "training:\n  adapter: qlora\n  method: qlora\n", "same.yaml")).training.adapter == "qlora"
+    same = load_spec(write(tmp_path, VALID + "training:\n  adapter: qlora\n  method: qlora\n", "same.yaml"))
+    assert same.training.adapter == "qlora"
 
 
 def test_the_old_name_is_noted_in_the_students_training_too():

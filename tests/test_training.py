@@ -212,7 +212,14 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
     from transformers import AutoModelForCausalLM
 
     from sft_dagster.training.methods.sft import SFTMethod
-    from sft_dagster.torchkit import collate, collate_shared_prefix, common_prefix_length, shared_prefix_rows, shared_row_length, summed_response_loss
+    from sft_dagster.torchkit import (
+        collate,
+        collate_shared_prefix,
+        common_prefix_length,
+        shared_prefix_rows,
+        shared_row_length,
+        summed_response_loss,
+    )
     from sft_dagster.training.methods.sft import probe_batch
 
     spec, tokenizer, encoded = encoded_examples(tiny_model_dir, 6)

@@ -418,7 +418,8 @@ class DistillationSpec(KLTermSpec):
 
 
 ADAPTERS = ("lora", "qlora", "full")  # what an SFT run saves (artefacts.py): a LoRA / QLoRA adapter, or every weight
-OLD_METHOD_NOTE = "deprecated, the old name of training.adapter (what SFT saves: lora, qlora or full; the objective is sft)"
+OLD_METHOD_NOTE = (
+    "deprecated, the old name of training.adapter (what SFT saves: lora, qlora or full; the objective is sft)")
 
 
 class TrainingSpec(_Strict):

@@ -220,7 +220,8 @@ class _Recipe:
                                                   self.pad_id, probe_cache, self.rank, self.world)
         self.precision = self.choice.precision
         self.amp = self.precision if self.method.uses_autocast(self.precision) else "fp32"
-        self.log(f"precision {self.precision}: {self.choice.reason}{' (cached measurement)' if self.choice.cached else ''}")
+        cached = " (cached measurement)" if self.choice.cached else ""
+        self.log(f"precision {self.precision}: {self.choice.reason}{cached}")
 
     def _setup_model(self) -> None:
         on_cpu = not self.device.startswith("cuda")
@@ -287,7 +288,8 @@ class _Recipe:
                 self._train_window(window)
                 step = state["step"]
                 step_stats = self.method.pop_stats()
-                val, val_stats = self._validate() if step % self.eval_every == 0 or step == self.total_steps else (None, {})
+                evaluates = step % self.eval_every == 0 or step == self.total_steps
+                val, val_stats = self._validate() if evaluates else (None, {})
                 self._report(step_stats, val, val_stats)
                 if self.rank == 0 and (step % cfg.checkpoint_every_steps == 0 or self.early_stopped
                                        or step == self.total_steps):

@@ -74,8 +74,8 @@ def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs:
     """Train a Bradley-Terry reward model (`spec.preference.RewardModelConfig`) on pairs (PAIR_COLUMNS);
     epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all its pairs) and
     learning rate from `config` where it sets them, else from `spec.training`. Saves
-    `output_dir/reward_model` (see `preference.scoring.load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
-    saved weights on `val_pairs`."""
+    `output_dir/reward_model` (`preference.scoring.load_trained_reward_model` loads it); metrics carry
+    `pairwise_accuracy` of the saved weights on `val_pairs`."""
     spec = pair_training_spec(spec, config)
     result = run_training(RewardModelMethod(spec, config), spec, Path(model_dir), train_pairs, val_pairs,
                           Path(output_dir), device=device, log=log, on_metrics=on_metrics,
