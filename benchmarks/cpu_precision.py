@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def step_tokens_per_second(model, batch: dict, bf16: bool, budget_seconds: float = 30.0) -> float:
-    from sft_dagster.training.trainer import summed_response_loss
+    from sft_dagster.torchkit import summed_response_loss
 
     times = []
     while len(times) < 4 and (len(times) < 2 or sum(times) < budget_seconds):
@@ -44,7 +44,7 @@ def main() -> None:
     from sft_dagster.spec import ModelSpec
     from sft_dagster.training.fast_lora import use_fast_lora
     from sft_dagster.training.precision import machine_key
-    from sft_dagster.training.trainer import store_frozen_weights
+    from sft_dagster.torchkit import store_frozen_weights
 
     model_dir = resolve_base_model(ModelSpec(), ROOT / ".sft" / "models").path
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),

@@ -69,7 +69,7 @@ def worker(args) -> dict:
     from sft_dagster.models import resolve_base_model
     from sft_dagster.retention import retention_set
     from sft_dagster.spec import TaskSpec, load_spec
-    from sft_dagster.training.trainer import pick_precision
+    from sft_dagster.torchkit import pick_precision
 
     torch.manual_seed(0)
     if args.threads:
@@ -94,7 +94,7 @@ def worker(args) -> dict:
     if args.model == "base":
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     else:
-        model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.method, device)
+        model = ev.load_tuned_model(model_dir, Path(args.adapter), spec.training.adapter, device)
     task, plain = spec.task, TaskSpec(type="instruction")
     clock, outputs = Clock(), {}
     store, nightly = {}, bool(args.new_rows) and args.model == "base"

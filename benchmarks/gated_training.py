@@ -37,7 +37,7 @@ from sft_dagster.quality.label_issues import out_of_fold_probabilities, text_fea
 from sft_dagster.quality.noise import confusion_flips
 from sft_dagster.spec import ModelSpec, parse_spec
 from sft_dagster.training import train
-from sft_dagster.training.trainer import pick_device
+from sft_dagster.torchkit import pick_device
 
 from label_issue_quality import labelled_frame, write  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 

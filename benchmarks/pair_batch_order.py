@@ -28,7 +28,7 @@ def random_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[
 def run(args) -> dict:
     import preference_throughput as bench
 
-    from sft_dagster.preference.config import DPOConfig
+    from sft_dagster.spec.preference import DPOConfig
     from sft_dagster.training import train_dpo, trainer
 
     if args.child == "random":  # the shared loop looks the batch order up in its module

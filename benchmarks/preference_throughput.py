@@ -75,7 +75,7 @@ def pair_tokens(model_dir: str, pairs: pd.DataFrame, s) -> int:
 
 
 def run_ours(args, kind: str) -> dict:
-    from sft_dagster.preference.config import DPOConfig, RewardModelConfig
+    from sft_dagster.spec.preference import DPOConfig, RewardModelConfig
     from sft_dagster.training import train_dpo, train_reward_model
 
     pairs = pair_frame(Path(args.out), args.steps * 8)

@@ -44,7 +44,8 @@ def build(precision: str, compile_model: bool):
 
     from sft_dagster.models import resolve_base_model
     from sft_dagster.spec import ModelSpec, PipelineSpec
-    from sft_dagster.training.trainer import encode_frame, load_model
+    from sft_dagster.formatting import encode_frame
+    from sft_dagster.training.methods.sft import load_model
 
     model_dir = resolve_base_model(ModelSpec(), ROOT / ".sft" / "models").path
     train_df, _, _ = dataset(64, 0)
@@ -76,8 +77,9 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from sft_dagster.training.trainer import (HeapReleaser, collate_micro_batch, collates_shared_prefixes,
-                                              make_optimizer, summed_response_loss)
+    from sft_dagster.torchkit import collate_micro_batch, HeapReleaser, summed_response_loss
+    from sft_dagster.training.methods.sft import collates_shared_prefixes
+    from sft_dagster.training.trainer import make_optimizer
 
     model, encoded, pad_id, spec = build(args.precision, args.compile)
     share_prefix = collates_shared_prefixes(spec)

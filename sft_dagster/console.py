@@ -9,7 +9,7 @@ that follows the event log; Dagster's own per-event console lines are off unless
     training [##########----------] step 52/103 | loss 0.4127 | 243 tokens/s | 3m 31s left
 
 Before training, the pre-flight's plan (steps, tokens, time estimated from one timed step); then the
-trainer's progress lines (`training/progress.py`, `parse_line`) drive the bar.
+trainer's progress lines (`progress.py`, `parse_line`) drive the bar.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import TextIO
 
-from .training.progress import parse_line
+from .progress import parse_line
 
 POLL_SECONDS = 0.5
 PREFLIGHT = "pre-flight: "  # defs/training.py logs the trainer's plan as `pre-flight: <json>`

@@ -27,7 +27,7 @@ from collections import deque
 import torch
 
 from .formatting import IGNORE_INDEX
-from .training.trainer import autocast, response_logits
+from .torchkit import autocast, response_logits
 
 
 def cache_argument(model) -> str:

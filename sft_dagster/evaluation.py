@@ -23,16 +23,18 @@ import pandas as pd
 import torch
 
 from . import judge as judging
-from . import metrics, prompt_model
+from . import artefacts, metrics, prompt_model
+from .artefacts import load_tuned_model
 from .decoding import SharedPrefix, cache_argument, greedy
 from .formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, generation_prompt_ids, pad_id
 from .metrics.label import INVALID
 from .metrics.qa import normalise_answer
 from .models import ResolvedModel
+from .prompt_model import few_shot_examples, with_few_shot
 from .quality.pii import mask_pii
 from .schema import column_or_none, frame_hash
 from .spec import MAIN_TASK, PipelineSpec, TaskSpec
-from .training.trainer import collate, mean_loss_over, pick_device, pick_precision, summed_response_loss
+from .torchkit import collate, mean_loss_over, pick_device, pick_precision, summed_response_loss
 
 
 def normalise_label(text: str, labels: list[str]) -> str:
@@ -415,51 +417,12 @@ def win_rates(judged: dict, champion_version: str | None = None) -> dict:
             "seconds": judged["seconds"]}
 
 
-def few_shot_examples(train: pd.DataFrame, task: TaskSpec, k: int, seed: int) -> pd.DataFrame:
-    """k examples from the train split, drawn with a fixed seed; for label tasks one label after another
-    (round-robin over the labels in a seeded order), so that k >= the label count shows every label."""
-    if k == 0 or train.empty:
-        return train.head(0)
-    pool = train.sort_values("example_id").sample(frac=1.0, random_state=seed)
-    if task.is_label_task:
-        pool = pool.assign(_turn=pool.groupby("response").cumcount()).sort_values("_turn", kind="stable").drop(columns="_turn")
-    return pool.head(k)
-
-
-def with_few_shot(rows: pd.DataFrame, examples: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
-    """`rows` with the examples as earlier chat turns (before any history a row already has)."""
-    from .formatting import history_turns
-
-    turns = []
-    for ex in examples.itertuples():
-        turns += [{"role": "user", "content": task.prompt_template.format(prompt=ex.prompt)},
-                  {"role": "assistant", "content": str(ex.response)}]
-    histories = [json.dumps(turns + history_turns(h), ensure_ascii=False) for h in column_or_none(rows, "history")]
-    return rows.assign(history=histories)
-
-
 def test_rows(test: pd.DataFrame, spec: PipelineSpec) -> pd.DataFrame:
     """The rows scored: the whole test split, or a deterministic subset of `max_examples`."""
     rows = test.sort_values("example_id").reset_index(drop=True)
     if spec.evaluation.max_examples:
         rows = rows.head(spec.evaluation.max_examples)
     return rows
-
-
-def load_tuned_model(model_dir: Path, adapter_dir: Path, method: str, device: str, base=None):
-    """A fine-tuned model as it is served: a full model directory, or a LoRA/QLoRA adapter merged into the
-    full-precision base (merged weights score exactly like the adapter and generate faster)."""
-    from transformers import AutoModelForCausalLM
-
-    if method == prompt_model.METHOD:
-        raise prompt_model.PromptModelError(f"{adapter_dir} is a few-shot prompt model: it has no weights of its own; "
-                                            "load the base model and prompt it with the examples in its prompt.json")
-    if method == "full":
-        return AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).to(device).eval()
-    from peft import PeftModel
-
-    base = base if base is not None else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(device).eval()
 
 
 def _cached(cache_dir: Path | None, key: dict, compute) -> dict:
@@ -558,7 +521,7 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
 
     cfg = spec.evaluation
     device = pick_device(device)
-    method = method or spec.training.method
+    method = method or spec.training.adapter
     precision = pick_precision(spec.training.precision, device)
     rows = test_rows(test, spec)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -583,7 +546,7 @@ def evaluate(spec: PipelineSpec, model_dir: Path, adapter_dir: Path, test: pd.Da
     for name, directory, model_method, model_id in candidates:
         loaded, clock, generated[name] = [], seconds.setdefault(name, {}), {}
         model_spec, model_rows, context_turns = spec, rows, 0
-        if model_method == prompt_model.METHOD:  # the base model's weights, prompted with the model's examples
+        if artefacts.kind_of(model_method) == artefacts.PROMPT:  # the base model's weights, prompted with its examples
             prompts[name] = prompt_model.read(directory)
             model_spec, model_rows = prompt_model.prompted(spec, rows, prompts[name])
             directory, context_turns = None, 2 * prompts[name]["k"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .schema import column_or_none
-from .spec import TaskSpec
+from .spec import PipelineSpec, TaskSpec
 
 IGNORE_INDEX = -100
 
@@ -91,6 +91,26 @@ def encode_example(tokenizer, messages: list[dict], max_length: int) -> EncodedE
 
 def generation_prompt_ids(tokenizer, prompt: str, system: str | None, task: TaskSpec, history=None) -> list[int]:
     return _ids(tokenizer, build_messages(prompt, None, system, task, history), add_generation_prompt=True)
+
+
+def encode_frame(tokenizer, df: pd.DataFrame, spec: PipelineSpec, tasks: list[TaskSpec] | None = None) -> list[EncodedExample]:
+    """Encode every row (row i with `tasks[i]`, default the spec's task); refuse (never silently
+    truncate) rows that do not fit or carry no loss."""
+    encoded, refused = [], []
+    tasks = tasks or [spec.task] * len(df)
+    rows = zip(df["example_id"], df["prompt"], df["response"], df["system"], column_or_none(df, "history"), tasks)
+    for example_id, prompt, response, system, history, task in rows:
+        messages = build_messages(prompt, response, system if isinstance(system, str) else None, task, history)
+        example = encode_example(tokenizer, messages, spec.model.max_length)
+        if example.truncated or example.n_loss_tokens == 0:
+            refused.append(str(example_id))
+        encoded.append(example)
+    if refused:
+        raise ValueError(
+            f"{len(refused)} training examples would be truncated at model.max_length={spec.model.max_length} or "
+            f"carry no loss token; the quality gate should have quarantined them: {refused[:10]}"
+        )
+    return encoded
 
 
 _SLOTS = {"system": " \x00SYSTEM\x00 ", "prompt": " \x00PROMPT\x00 ", "response": " \x00RESPONSE\x00 "}

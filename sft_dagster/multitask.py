@@ -1,6 +1,6 @@
 """Multi-task mixing: several tasks' train splits sampled into one training set for one adapter.
 
-A spec's `tasks:` (spec.py `ExtraTaskSpec`, wired in defs/multitask.py) lists the further tasks; the
+A spec's `tasks:` (`spec.ExtraTaskSpec`, wired in defs/multitask.py) lists the further tasks; the
 spec's own task is `main`. Each task keeps its own rows, template and labels; only the *train* rows
 are mixed, every task's validation and test rows are kept whole and tagged with their task, so each
 task is still evaluated on its own test split.

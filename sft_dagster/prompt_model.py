@@ -5,7 +5,7 @@ nothing: it writes a prompt model, `prompt/prompt.json` in the run folder, holdi
 prompt template, the k examples drawn from the train split (`evaluation.few_shot_k` and
 `evaluation.few_shot_seed`: the same draw as the report's k-shot baseline) with their example ids, and
 the base model it prompts (source and content hashes). Evaluation scores it as that base model with the
-examples as earlier chat turns (`evaluation.with_few_shot`, the k-shot baseline's own path), and the
+examples as earlier chat turns (`with_few_shot`, the k-shot baseline's own path), and the
 registry promotes the folder like an adapter, through the same gate.
 """
 
@@ -18,7 +18,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import atomic
-from .spec import PipelineSpec
+from .formatting import history_turns
+from .schema import column_or_none
+from .spec import PipelineSpec, TaskSpec
 
 METHOD = "few_shot"  # the `method` of a prompt model in its lineage, the adapter record and the registry
 FOLDER = "prompt"  # the model's folder in a training run folder (an adapter's is `adapter`)
@@ -28,6 +30,27 @@ FORMAT = 1
 
 class PromptModelError(ValueError):
     """A prompt model that cannot be built or read; the message says why."""
+
+
+def few_shot_examples(train: pd.DataFrame, task: TaskSpec, k: int, seed: int) -> pd.DataFrame:
+    """k examples from the train split, drawn with a fixed seed; for label tasks one label after another
+    (round-robin over the labels in a seeded order), so that k >= the label count shows every label."""
+    if k == 0 or train.empty:
+        return train.head(0)
+    pool = train.sort_values("example_id").sample(frac=1.0, random_state=seed)
+    if task.is_label_task:
+        pool = pool.assign(_turn=pool.groupby("response").cumcount()).sort_values("_turn", kind="stable").drop(columns="_turn")
+    return pool.head(k)
+
+
+def with_few_shot(rows: pd.DataFrame, examples: pd.DataFrame, task: TaskSpec) -> pd.DataFrame:
+    """`rows` with the examples as earlier chat turns (before any history a row already has)."""
+    turns = []
+    for ex in examples.itertuples():
+        turns += [{"role": "user", "content": task.prompt_template.format(prompt=ex.prompt)},
+                  {"role": "assistant", "content": str(ex.response)}]
+    histories = [json.dumps(turns + history_turns(h), ensure_ascii=False) for h in column_or_none(rows, "history")]
+    return rows.assign(history=histories)
 
 
 def applies(spec: PipelineSpec, n_train: int) -> bool:
@@ -41,8 +64,6 @@ def build_prompt(spec: PipelineSpec, train: pd.DataFrame, base_model: dict) -> d
 
     base_model: the `base_model` asset's record (`source`, `model_hash`, `tokenizer_hash`).
     """
-    from .evaluation import few_shot_examples
-
     cfg = spec.evaluation
     shots = few_shot_examples(train, spec.task, cfg.few_shot_k, cfg.few_shot_seed)
     if shots.empty:
@@ -93,8 +114,6 @@ def read(directory: Path) -> dict:
 
 def prompted(spec: PipelineSpec, rows: pd.DataFrame, prompt: dict) -> tuple[PipelineSpec, pd.DataFrame]:
     """The spec and rows that score a prompt model: its own template and system text, and its examples
-    as earlier turns of every row (`evaluation.with_few_shot`)."""
-    from .evaluation import with_few_shot
-
+    as earlier turns of every row (`with_few_shot`)."""
     task = spec.task.model_copy(update={"prompt_template": prompt["template"], "system": prompt["system"]})
     return spec.model_copy(update={"task": task}), with_few_shot(rows, pd.DataFrame(prompt["examples"]), task)

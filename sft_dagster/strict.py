@@ -1,7 +1,6 @@
 """The base of every spec model: unknown keys are errors and values are frozen.
 
-Its own module so that `spec.py` can build its `preference:` section from `preference/config.py`,
-whose models share this base, without an import cycle.
+Its own module: every section model of the `spec` package (`spec/preference.py` among them) shares it.
 """
 
 from __future__ import annotations

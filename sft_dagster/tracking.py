@@ -6,7 +6,7 @@ A training run (whatever its method) opens an MLflow run in the pipeline's exper
   base model and tokenizer hashes, spec fingerprint, code version, library versions, device), the
   lineage hash and the Dagster data versions of the inputs;
 - per optimizer step: `train_loss`, `lr`, `tokens_per_second`, and `val_loss` at each evaluation,
-  through the `Progress(on_step=[...])` hook of `training/progress.py` (in the Dagster process, or in
+  through the `Progress(on_step=[...])` hook of `progress.py` (in the Dagster process, or in
   the Pipes / torchrun worker, which gets the run id in `SFT_DAGSTER_MLFLOW_RUN_ID`);
 - at the end, the trainer's summary numbers (`summary.*`);
 - later, the evaluation report's metrics (`eval.<model>.<metric>`, `eval.retention.<model>.<field>`)
@@ -157,7 +157,7 @@ class StepLogger:
     def __call__(self, metrics: dict) -> None:
         from mlflow.entities import Metric
 
-        from .training.progress import tokens_per_second
+        from .progress import tokens_per_second
 
         now, step = int(time.time() * 1000), int(metrics["step"])
         values = {"train_loss": metrics["train_loss"], "lr": metrics.get("lr"),

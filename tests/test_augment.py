@@ -77,7 +77,8 @@ def test_neftune_changes_training_not_validation_and_alpha_zero_is_todays_run(ti
 def test_neftune_leaves_the_validation_loss_alone(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from sft_dagster.training.trainer import encode_frame, validation_loss
+    from sft_dagster.formatting import encode_frame
+    from training_helpers import validation_loss
 
     model = _embed_model(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

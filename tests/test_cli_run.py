@@ -16,7 +16,7 @@ from test_pipeline_dagster import write_spec
 from sft_dagster.cli import QUIET_LIBRARIES, main, quiet_libraries
 from sft_dagster.console import StageConsole, progress_bar
 from sft_dagster.instance import ensure_dagster_home
-from sft_dagster.training.progress import format_line, parse_line
+from sft_dagster.progress import format_line, parse_line
 
 PII = ["ana.lopez+shop@example.co.uk", "(415) 555-2671", "+44 20 7946 0958", "4111 1111 1111 1111"]
 

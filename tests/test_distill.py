@@ -16,7 +16,8 @@ from sft_dagster.training.distill import (
     check_same_tokenizer,
     teacher_targets,
 )
-from sft_dagster.training.trainer import collate, encode_frame
+from sft_dagster.torchkit import collate
+from sft_dagster.formatting import encode_frame
 
 
 @pytest.fixture(scope="module")

@@ -248,7 +248,7 @@ def test_response_loss_after_a_shared_prefix_equals_the_loss_row_by_row(varied_t
     from sft_dagster.evaluation import response_loss, with_few_shot
     from sft_dagster.formatting import build_messages, encode_example
     from sft_dagster.schema import column_or_none
-    from sft_dagster.training.trainer import collate, summed_response_loss
+    from sft_dagster.torchkit import collate, summed_response_loss
 
     model, tokenizer = varied_tiny_model
     task = spec().task
@@ -404,7 +404,7 @@ def test_greedy_loss_per_row_equals_the_separate_loss_pass(varied_tiny_model):
 
     from sft_dagster import decoding
     from sft_dagster.evaluation import _encoded, _prompt_ids, _reply_after
-    from sft_dagster.training.trainer import collate, summed_response_loss
+    from sft_dagster.torchkit import collate, summed_response_loss
 
     model, tokenizer = varied_tiny_model
     rows = SHOTS_AND_ROWS.assign(response=["positive", "not good at all", "so so", "fine", "it works well enough",

@@ -58,7 +58,7 @@ def test_one_adapter_trains_on_a_mix_rendering_each_row_with_its_task(tiny_model
 
     from sft_dagster.training import train
     from sft_dagster.training.augment import row_tasks
-    from sft_dagster.training.trainer import encode_frame
+    from sft_dagster.formatting import encode_frame
 
     spec = spec_for(tiny_model_dir, epochs=1)
     tasks = {"sentiment": spec.task,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from sft_dagster.cli import main
-from sft_dagster.preference.config import PairGatesConfig
+from sft_dagster.spec.preference import PairGatesConfig
 from sft_dagster.preference.demo_data import (
     annotator_key,
     generate_preference_demo,

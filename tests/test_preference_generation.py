@@ -8,7 +8,7 @@ import torch
 from preference_fixtures import one_torch_thread  # noqa: F401
 
 from sft_dagster.preference.columns import CANDIDATE_COLUMNS, candidate_id_of, prompt_id_of
-from sft_dagster.preference.config import CandidateGenerationConfig
+from sft_dagster.spec.preference import CandidateGenerationConfig
 from sft_dagster.preference.generation import generate_candidates
 from sft_dagster.spec import TaskSpec
 

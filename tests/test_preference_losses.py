@@ -30,7 +30,7 @@ from sft_dagster.preference.losses import (
     sequence_logprobs,
 )
 from sft_dagster.spec import TaskSpec
-from sft_dagster.training.trainer import collate, shared_row_length
+from sft_dagster.torchkit import collate, shared_row_length
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TASK = TaskSpec(type="qa", prompt_template="Q: {prompt}")

@@ -10,7 +10,7 @@ from preference_fixtures import make_candidates, record
 
 from sft_dagster.ingest import IngestError
 from sft_dagster.preference.columns import prompt_id_of
-from sft_dagster.preference.config import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
+from sft_dagster.spec.preference import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
 from sft_dagster.preference.pairs import (
     assign_pair_splits,
     check_duplicate_pairs,

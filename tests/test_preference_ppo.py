@@ -11,7 +11,7 @@ import pytest
 import torch
 from preference_fixtures import one_torch_thread  # noqa: F401
 
-from sft_dagster.preference.config import PPOConfig
+from sft_dagster.spec.preference import PPOConfig
 from sft_dagster.preference.ppo import (
     AdaptiveKLController,
     gae_advantages,

@@ -14,7 +14,7 @@ from test_preference_training import sft_adapter
 
 from sft_dagster import ingest
 from sft_dagster.preference.columns import prompt_id_of
-from sft_dagster.preference.config import RewardModelConfig
+from sft_dagster.spec.preference import RewardModelConfig
 from sft_dagster.preference.demo_data import rule_parts
 from sft_dagster.preference.pairs import assign_pair_splits, pairs_from_rankings
 from sft_dagster.preference.rankings import read_candidates, read_rankings

@@ -11,7 +11,7 @@ import pytest
 import torch
 from preference_fixtures import one_torch_thread  # noqa: F401
 
-from sft_dagster.preference.config import DPOConfig, PPOConfig, RewardModelConfig
+from sft_dagster.spec.preference import DPOConfig, PPOConfig, RewardModelConfig
 from sft_dagster.spec import PipelineSpec
 from sft_dagster.training import load_trained_reward_model, train_dpo, train_ppo, train_reward_model
 

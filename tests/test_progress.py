@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sft_dagster.training.progress import Progress, format_line, parse_line
+from sft_dagster.progress import Progress, format_line, parse_line
 
 
 def metrics(step: int, total: int = 40, val: float | None = None) -> dict:

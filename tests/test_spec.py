@@ -1,8 +1,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from sft_dagster.spec import SpecError, load_spec, load_specs
+from sft_dagster.spec import SpecError, deprecation_notes, load_spec, load_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,3 +171,31 @@ def test_a_judge_is_for_generation_tasks_and_leaves_the_lineage_alone(tmp_path):
     assert judged.fingerprint() == plain.fingerprint()  # the judge does not shape the adapter
     with pytest.raises(SpecError, match=r"evaluation\.judge\.max_examples"):
         load_spec(write(tmp_path, GENERATION.format(kind="qa") + "evaluation:\n  judge: {model: x, max_examples: 0}\n", "z.yaml"))
+
+
+def test_training_adapter_is_the_artefact_and_method_its_old_name(tmp_path):
+    """`training.adapter` names what SFT saves; `training.method` (old) still loads, with a note at its line,
+    and both spellings give the same spec, fingerprint included (existing runs keep their lineage)."""
+    new = load_spec(write(tmp_path, VALID + "training:\n  adapter: full\n", "new.yaml"))
+    with pytest.warns(FutureWarning, match=r"old\.yaml:9: training\.method: deprecated.*write training\.adapter: full"):
+        old = load_spec(write(tmp_path, VALID + "training:\n  method: full\n", "old.yaml"))
+    assert new.training.adapter == old.training.adapter == "full"
+    assert new.fingerprint() == old.fingerprint()
+    assert new.training.model_dump()["method"] == "full" and "adapter" not in new.training.model_dump()
+    assert new.fingerprint() != load_spec(write(tmp_path, VALID, "default.yaml")).fingerprint()
+
+
+def test_training_method_and_adapter_must_agree(tmp_path):
+    path = write(tmp_path, VALID + "training:\n  adapter: lora\n  method: full\n")
+    with pytest.raises(SpecError, match=rf"{path}:10: training\.method: .*disagrees with training\.adapter \(lora\)"):
+        load_spec(path)
+    same = load_spec(write(tmp_path, VALID + "training:\n  adapter: qlora\n  method: qlora\n", "same.yaml"))
+    assert same.training.adapter == "qlora"
+
+
+def test_the_old_name_is_noted_in_the_students_training_too():
+    text = VALID + "training:\n  adapter: lora\nstudent:\n  model: m\n  training:\n    method: full\n"
+    assert deprecation_notes(yaml.safe_load(text), "s.yaml", text) == [
+        "s.yaml:13: student.training.method: deprecated, the old name of training.adapter (what SFT saves: lora, "
+        "qlora or full; the objective is sft); write student.training.adapter: full"]
+    assert deprecation_notes(yaml.safe_load(VALID + "training:\n  adapter: lora\n"), "s.yaml") == []

@@ -41,7 +41,7 @@ from sft_dagster.spec import (
     load_spec,
 )
 from sft_dagster.training.distill import Distiller
-from sft_dagster.training.trainer import encode_frame
+from sft_dagster.formatting import encode_frame
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SNAPSHOT = Path(__file__).parent / "snapshots" / "asset_graph_student.json"

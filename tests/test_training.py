@@ -88,7 +88,7 @@ def test_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path, precision, learnin
 
 
 def test_bf16_lora_keeps_the_base_in_bf16_and_follows_the_fp32_trajectory(tiny_model_dir, tmp_path):
-    from sft_dagster.training.trainer import load_model
+    from sft_dagster.training.methods.sft import load_model
 
     model = load_model(spec_for(tiny_model_dir, precision="bf16"), tiny_model_dir, "cpu", "bf16")
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
@@ -182,11 +182,7 @@ def test_precision_decision_takes_the_faster_only_when_the_loss_matches():
 def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from sft_dagster.training.trainer import (
-        collate,
-        collate_packed,
-        summed_response_loss,
-    )
+    from sft_dagster.torchkit import collate, collate_packed, summed_response_loss
 
     _, tokenizer, encoded = encoded_examples(tiny_model_dir, 3)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -216,15 +212,15 @@ def test_shared_prefix_rows_give_the_loss_and_gradients_of_one_row_per_example(t
     from transformers import AutoModelForCausalLM
 
     from sft_dagster.training.methods.sft import SFTMethod
-    from sft_dagster.training.trainer import (
+    from sft_dagster.torchkit import (
         collate,
         collate_shared_prefix,
         common_prefix_length,
-        probe_batch,
         shared_prefix_rows,
         shared_row_length,
         summed_response_loss,
     )
+    from sft_dagster.training.methods.sft import probe_batch
 
     spec, tokenizer, encoded = encoded_examples(tiny_model_dir, 6)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).train()
@@ -297,14 +293,14 @@ def test_gradient_checkpointing_changes_memory_not_the_trajectory(tiny_model_dir
                   examples(8), examples(3, 50), tmp_path / "b")
     assert len(a) == len(b) == 4
     assert torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5), (a, b)
-    from sft_dagster.training.trainer import load_model
+    from sft_dagster.training.methods.sft import load_model
 
     spec = spec_for(tiny_model_dir, lora=lora, gradient_checkpointing=True)
     assert load_model(spec, tiny_model_dir, "cpu").get_base_model().is_gradient_checkpointing
 
 
 def test_heap_is_trimmed_when_it_reaches_a_new_high_not_after_every_step():
-    from sft_dagster.training.trainer import HeapReleaser
+    from sft_dagster.torchkit import HeapReleaser
 
     readings = iter([1000, 1050, 1100, 1099, 1300, 1200, 1420, 1431])
     trims = []
@@ -317,7 +313,7 @@ def test_heap_is_trimmed_when_it_reaches_a_new_high_not_after_every_step():
 
 
 def test_resident_bytes_follow_touched_memory():
-    from sft_dagster.training.trainer import resident_bytes
+    from sft_dagster.torchkit import resident_bytes
 
     before = resident_bytes()
     block = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MiB, written
@@ -329,7 +325,7 @@ def test_resident_bytes_follow_touched_memory():
 def test_cpu_training_does_not_trim_the_heap_after_every_step(tiny_model_dir, tmp_path, monkeypatch):
     """Trimming returns the freed activations the next step would reuse (page faults: 11-14% of a
     SmolLM2 step, `HeapReleaser`); training trims when the heap reaches a new high and once at the end."""
-    from sft_dagster.training import trainer
+    from sft_dagster import torchkit
 
     trims = []
 
@@ -337,7 +333,7 @@ def test_cpu_training_does_not_trim_the_heap_after_every_step(tiny_model_dir, tm
         def malloc_trim(self, pad):
             trims.append(pad)
 
-    monkeypatch.setattr(trainer, "_libc", lambda: Libc())
+    monkeypatch.setattr(torchkit, "_libc", lambda: Libc())
     history, result = losses(spec_for(tiny_model_dir, epochs=6), tiny_model_dir, examples(8), examples(3, 50),
                              tmp_path / "run")
     assert len(history) == result.metrics["steps"] == 12
@@ -412,7 +408,7 @@ def test_qlora_trains_adapters_over_a_4bit_base_on_cpu(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from sft_dagster.training.trainer import load_model
+    from sft_dagster.training.methods.sft import load_model
 
     # bitsandbytes' CPU kernels quantise in blocks of 64 input features (SmolLM2: 576 and 1536).
     tiny_model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
@@ -446,12 +442,9 @@ def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, m
     from transformers import AutoTokenizer
 
     from sft_dagster.formatting import build_messages, encode_example
-    from sft_dagster.training.trainer import (
-        collate,
-        load_model,
-        summed_response_loss,
-        validation_loss,
-    )
+    from sft_dagster.torchkit import collate, summed_response_loss
+    from sft_dagster.training.methods.sft import load_model
+    from training_helpers import validation_loss
 
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     model_dir = build_tiny_model(tmp_path / "tiny64", hidden_size=64)
@@ -492,7 +485,7 @@ def test_qlora_gradients_after_validation_equal_the_dequantized_base(tmp_path, m
 
 
 def test_qlora_on_cpu_refuses_widths_its_kernels_cannot_quantise(tiny_model_dir):
-    from sft_dagster.training.trainer import load_model
+    from sft_dagster.training.methods.sft import load_model
 
     with pytest.raises(ValueError, match="multiples of 64.*32 inputs: use method lora"):
         load_model(spec_for(tiny_model_dir, method="qlora"), tiny_model_dir, "cpu")
@@ -510,7 +503,7 @@ def test_qlora_on_cuda(tiny_model_dir, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_lora_on_cuda_keeps_the_base_in_bf16_and_follows_fp32(tiny_model_dir, tmp_path):
     from sft_dagster.training import preflight
-    from sft_dagster.training.trainer import load_model
+    from sft_dagster.training.methods.sft import load_model
 
     model = load_model(spec_for(tiny_model_dir, precision="bf16"), tiny_model_dir, "cuda", "bf16")
     assert {p.device.type for p in model.parameters()} == {"cuda"}

@@ -8,10 +8,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
 
 from ..spec import PipelineSpec
 from .common import PipelineDefs
+from .dagster_compat import AssetCheckExecutionRecordStatus
 from .evaluation import PROMOTION_CHECK
 from .preference import rankings_path
 from .shared import corrections_path

@@ -8,7 +8,8 @@ workspace (`workspace.yaml`) gives the job and a reconstructable code origin, th
 process: the job's page lists it, and the UI can re-execute it from the code location.
 
 Dagster has no public API that creates a run with a remote origin outside the webserver or daemon, so
-this module uses `dagster._core` for the origin classes and `execute_run` (kept to this one file).
+this module takes the origin classes and `execute_run` from Dagster's private API through
+`dagster_compat.py`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dagster as dg
 
 from ..instance import PIPELINE_TAG
 from ..spec import load_spec
+from .dagster_compat import execute_run, remote_job_origin
 
 CODE_LOCATION = "sft_dagster"  # workspace.yaml's location_name (and pyproject's tool.dagster)
 DEFINITIONS_MODULE = "sft_dagster.definitions"
@@ -38,17 +40,9 @@ def cli_job(spec_path: str, storage_root: str | None, device: str) -> dg.JobDefi
 
 def remote_origin(job_name: str):
     """The origin the workspace's code location gives `job_name` (what the UI records for its runs)."""
-    from dagster._core.remote_origin import (
-        ManagedGrpcPythonEnvCodeLocationOrigin,
-        RemoteJobOrigin,
-        RemoteRepositoryOrigin,
-    )
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-
-    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
-                                  working_directory=str(PROJECT_ROOT))
-    location = ManagedGrpcPythonEnvCodeLocationOrigin(target, CODE_LOCATION)
-    return RemoteJobOrigin(RemoteRepositoryOrigin(location, REPOSITORY), job_name)
+    return remote_job_origin(job_name, executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
+                             working_directory=str(PROJECT_ROOT), location_name=CODE_LOCATION,
+                             repository_name=REPOSITORY)
 
 
 def create_cli_run(instance: dg.DagsterInstance, spec, spec_path: str | Path, *, storage_root: str | None,
@@ -71,6 +65,4 @@ def create_cli_run(instance: dg.DagsterInstance, spec, spec_path: str | Path, *,
 def execute_cli_run(instance: dg.DagsterInstance, job, run) -> bool:
     """Execute a created run here, in this process (the run config picks the `in_process` executor, as
     `execute_in_process` did: progress shows as it happens, training uses this process's device)."""
-    from dagster._core.execution.api import execute_run
-
     return execute_run(job, run, instance, raise_on_error=False).success

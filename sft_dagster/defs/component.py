@@ -1,6 +1,6 @@
 """A pipeline spec as a Dagster Component: `type: sft_dagster.SFTPipeline`, the spec's fields as attributes.
 
-The attribute schema *is* `PipelineSpec` (`spec.py`): the same pydantic model validates `assets/*.yaml`
+The attribute schema *is* `PipelineSpec` (`spec/`): the same pydantic model validates `assets/*.yaml`
 and a component's `defs.yaml`, so `dg check yaml` reports the errors `sft-dagster run` would, with the
 file and line. Relative paths in the attributes resolve against the component's folder, as they do
 against a spec file's folder. The component builds exactly what `build_definitions` builds for one spec

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import dagster as dg
-from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecordStatus
+
+from .dagster_compat import AssetCheckExecutionRecordStatus
 
 
 class BlockedByQualityGate(Exception):

@@ -31,7 +31,7 @@ from ..preference.generation import generate_candidates
 from ..preference.rankings import ranking_queue as queue_of
 from ..preference.rankings import read_candidates, read_rankings
 from ..schema import frame_hash, lineage_hash_of
-from ..training.progress import Progress
+from ..progress import Progress
 from .common import (
     JSON_IO,
     PipelineDefs,

@@ -28,11 +28,9 @@ class ComputeResource(dg.ConfigurableResource):
     device: str = "auto"
 
     def resolved_device(self) -> str:
-        import torch
+        from ..torchkit import pick_device  # torch is imported on first use, not with the definitions
 
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+        return pick_device(self.device)
 
 
 class _PipelineIOManager(dg.ConfigurableIOManager):

@@ -22,12 +22,12 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import decoding, evaluation, formatting, metrics, models, registry, training
+from .. import artefacts, decoding, evaluation, formatting, metrics, models, registry, training
 from .. import student as student_stage
 from ..preference import generation
 from ..schema import frame_hash, lineage_hash_of
 from ..spec import STUDENT_TEACHERS
-from ..training.trainer import pick_precision
+from ..torchkit import pick_precision
 from .common import JSON_IO, PipelineDefs, code_version, jsonable
 from .guards import require_checks_passed
 from .multitask import quarantine_assets
@@ -73,13 +73,13 @@ def resolve_teacher(spec, storage: SFTStorage, base_model: dict | None, fine_tun
         adapter_dir, method = Path(fine_tuned_adapter["adapter_dir"]), fine_tuned_adapter["method"]
         adapter_id = fine_tuned_adapter["lineage_hash"]
         described = f"fine_tuned_adapter {adapter_id} ({method} of {base_model['source']})"
-    if method == "full":  # a whole model already, tokenizer included
+    if artefacts.is_whole_model(method):  # a whole model already, tokenizer included
         path = adapter_dir
     else:
         teachers = storage.paths(spec.name).student_dir / "teachers"
         path = teachers / adapter_id
         if not (path / "config.json").exists():
-            training.merge_adapter(Path(base_model["path"]), adapter_dir, path)
+            artefacts.merge_adapter(Path(base_model["path"]), adapter_dir, path)
         _prune_teachers(teachers, path)
     model_hash, tokenizer_hash = models.directory_hashes(path)
     return models.ResolvedModel(path.resolve(), model_hash, tokenizer_hash, described)

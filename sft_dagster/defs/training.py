@@ -14,14 +14,14 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
-from .. import atomic, formatting, models, prompt_model, training
+from .. import artefacts, atomic, formatting, models, prompt_model, training
 from ..console import PREFLIGHT
 from ..multitask import TASK_COLUMN
 from ..schema import frame_hash, lineage_hash_of
 from ..spec import TRAIN_ROWS
 from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
-from ..training.progress import Progress
+from ..progress import Progress
 from .common import JSON_IO, PipelineDefs, code_version, preview
 from .guards import require_checks_passed
 from .multitask import quarantine_assets, splits_asset
@@ -31,7 +31,6 @@ from .shared import resolve_base_model
 LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
 TRACKING_FILE = "mlflow_run.json"  # the MLflow run of a training run (when tracking is on)
 TRAINING_RUNS_KEPT = 3
-MODEL_FOLDERS = {"full": "model", prompt_model.METHOD: prompt_model.FOLDER}  # by method; `adapter` otherwise
 
 
 def library_versions() -> dict[str, str]:
@@ -62,7 +61,7 @@ def completed_run(run_dir: Path) -> dict | None:
     if not (lineage_file.exists() and metrics_file.exists()):
         return None
     metrics = json.loads(metrics_file.read_text())
-    adapter_dir = run_dir / MODEL_FOLDERS.get(metrics.get("method"), "adapter")
+    adapter_dir = run_dir / artefacts.folder_for(metrics.get("method"))
     if not adapter_dir.is_dir():
         return None
     tracking = run_dir / TRACKING_FILE
@@ -127,7 +126,7 @@ def adapter_lineage(context: dg.AssetExecutionContext, spec, model: dict, train_
         "tokenizer_hash": model["tokenizer_hash"],
         "spec_fingerprint": spec.fingerprint(),
         "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-        "method": spec.training.method,
+        "method": spec.training.adapter,
         "base_model": model["source"],
         "libraries": library_versions(),
         "device": k8s_device_kind(spec) if spec.training.launcher == "k8s" else device_kind(device),
@@ -147,7 +146,7 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     storage, mlflow = resources["storage"], resources["mlflow"]
     lineage_hash = lineage_hash_of(lineage)
     run_dir = training_dir / lineage_hash
-    method = prompt_model.METHOD if prompt is not None else spec.training.method
+    method = prompt_model.METHOD if prompt is not None else spec.training.adapter
     done = completed_run(run_dir)
     if done is not None:
         context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its "
@@ -161,7 +160,7 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     else:
         params = {"lineage": lineage, "lineage_hash": lineage_hash,
                   "data_versions": input_data_versions(context, data_version_keys)}
-        tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.method,
+        tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.adapter,
                 "dagster_run_id": context.run_id}
         launchers = {"pipes": resources["pipes_subprocess_client"], "k8s": resources["k8s_training"],
                      "storage_root": storage.root}
@@ -181,7 +180,7 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     if prompt is not None:
         context.add_output_metadata({"few_shot_examples": preview(
             pd.DataFrame(prompt_model.read(Path(done["adapter_dir"]))["examples"]), enabled=spec.quality.previews)})
-    elif spec.training.export_merged and spec.training.method != "full":
+    elif spec.training.export_merged and not artefacts.is_whole_model(spec.training.adapter):
         record["merged_model_dir"] = str(run_dir / "merged")
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     link = {}
@@ -206,7 +205,7 @@ def build(p: PipelineDefs) -> None:
         return model_output(resolve_base_model(spec, storage))
 
     threshold = spec.training.min_rows_to_train
-    description = f"{spec.training.method} fine-tune of the base model on the train split." + (
+    description = f"{spec.training.adapter} fine-tune of the base model on the train split." + (
         f" With fewer than {threshold} train rows (training.min_rows_to_train), a few-shot prompt of the base "
         "model instead." if threshold is not None else "")
 
@@ -295,7 +294,7 @@ def _train(context, spec, compute, launchers: dict, model_dir: Path, train_df: p
         tracked.finish()
     if curve:  # the curve a person reads on the asset's page (every logged step and every evaluation)
         context.add_output_metadata({"loss_curve": dg.MetadataValue.md(pd.DataFrame(curve).to_markdown(index=False))})
-    if spec.training.export_merged and spec.training.method != "full":
-        merged = training.merge_adapter(model_dir, adapter_dir, run_dir / "merged")
+    if spec.training.export_merged and not artefacts.is_whole_model(spec.training.adapter):
+        merged = artefacts.merge_adapter(model_dir, adapter_dir, run_dir / "merged")
         context.add_output_metadata({"merged_model_dir": dg.MetadataValue.path(str(merged))})
     return metrics

@@ -21,9 +21,9 @@ import torch
 from ..formatting import generation_prompt_ids, pad_id
 from ..schema import column_or_none, quarantine_rows
 from ..spec import TaskSpec
-from ..training.trainer import autocast, pick_device, pick_precision
+from ..torchkit import autocast, pick_device, pick_precision
 from .columns import CANDIDATE_COLUMNS, candidate_id_of, prompt_id_of
-from .config import CandidateGenerationConfig
+from ..spec.preference import CandidateGenerationConfig
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
@@ -109,7 +109,7 @@ def load_generator_model(model_dir: Path, adapter_dir: Path | None, device: str,
 
     if adapter_dir is None:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
-    from ..evaluation import load_tuned_model
+    from ..artefacts import load_tuned_model
 
     return load_tuned_model(Path(model_dir), Path(adapter_dir), adapter_method, device)
 

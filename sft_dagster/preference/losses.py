@@ -3,7 +3,7 @@
 A pair becomes two conversations through the base model's chat template (`formatting.build_messages`
 and `encode_example`): the reply tokens and their end-of-turn token are the only positions scored,
 exactly the SFT loss mask. Log-probabilities compute vocabulary logits only at those positions (the
-prompt never goes through the output layer), as `training.trainer.summed_response_loss` does.
+prompt never goes through the output layer), as `torchkit.summed_response_loss` does.
 
     log pi(y|x)  = sum over reply tokens t of log softmax(logits_{t-1})[y_t]
     DPO          = -log sigmoid(beta * ((log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))))
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..formatting import IGNORE_INDEX, EncodedExample, build_messages, encode_example, pad_id
 from ..spec import TaskSpec
-from ..training.trainer import _causal_lm, collate_shared_prefix, decoder_hidden, response_logits
+from ..torchkit import causal_lm, collate_shared_prefix, decoder_hidden, response_logits
 
 
 @dataclass
@@ -108,7 +108,7 @@ def _reply_start(encoded: EncodedExample) -> int:
 
 
 def collate_pair_groups(groups: list[PairGroup], pad_id: int, device: str, cut=None) -> dict[str, torch.Tensor]:
-    """One row per group (`training.trainer.collate_shared_prefix`): the tokens its sequences share
+    """One row per group (`torchkit.collate_shared_prefix`): the tokens its sequences share
     (the chat template's system turn and the prompt, sometimes a reply's first words) computed once,
     then each reply's own tokens; with `chosen_index` / `rejected_index`, each pair's chosen and
     rejected sequence (sequences numbered in group order). On the throughput benchmark's demo pairs
@@ -149,7 +149,7 @@ def response_token_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torc
     Position t holds the log-probability of token t+1 given tokens <= t. Vocabulary logits are computed
     only where the mask is True.
     """
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     return logprobs_from_hidden(lm, decoder_hidden(lm.model, batch), batch["labels"])
 
 

@@ -28,7 +28,7 @@ from ..schema import QUARANTINE_COLUMNS, quarantine_rows
 from ..spec import SplitSpec, TaskSpec
 from ..splits import assign_splits
 from .columns import PAIR_COLUMNS, pair_id_of, prompt_id_of
-from .config import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
+from ..spec.preference import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
 from .rankings import RankingsError, candidates_by_prompt, check_against_candidates
 
 ROW_GATES = ("identical_sides", "empty_sides", "ties", "over_length", "duplicates", "split_leakage")

@@ -31,9 +31,9 @@ import torch
 from ..formatting import IGNORE_INDEX, EncodedExample, generation_prompt_ids, pad_id
 from ..schema import column_or_none
 from ..spec import TaskSpec
-from ..training.trainer import _causal_lm, collate
+from ..torchkit import causal_lm, collate
 from .columns import prompt_id_of
-from .config import PPOConfig
+from ..spec.preference import PPOConfig
 from .generation import sample_continuations, sample_seed
 from .losses import logprobs_from_hidden
 
@@ -167,7 +167,7 @@ class ValueHead(torch.nn.Module):
 def policy_forward(policy, value_head: ValueHead | None, batch: dict[str, torch.Tensor]
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(reply-token logprobs, values, mask), all [B, T-1]; vocabulary logits only at reply tokens."""
-    lm = _causal_lm(policy)
+    lm = causal_lm(policy)
     hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                       use_cache=False).last_hidden_state
     logprobs, mask = logprobs_from_hidden(lm, hidden, batch["labels"])
@@ -292,7 +292,7 @@ def ppo_train(policy, tokenizer, prompts: pd.DataFrame, task: TaskSpec, reward_f
         raise ValueError("no prompts to train on")
     ids = [prompt_id_of(p, s, h) for p, s, h in zip(texts, systems, histories)]
     if value_head is None:
-        value_head = ValueHead(_causal_lm(policy).config.hidden_size)
+        value_head = ValueHead(causal_lm(policy).config.hidden_size)
     value_head.to(device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate)

@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .. import evaluation
+from .. import artefacts, evaluation
 from ..formatting import pad_id
 from ..spec import PipelineSpec
 from .demo_data import RULE_PARTS, rule_parts, rule_satisfaction
@@ -122,7 +122,7 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
 
     from ..formatting import generation_prompt_ids
     from ..schema import column_or_none
-    from ..training import load_trained_reward_model
+    from .scoring import load_trained_reward_model
     from .generation import sample_seed
 
     cfg, task, generation = spec.preference.report, spec.task, spec.preference.generation
@@ -166,7 +166,7 @@ def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict
             clock = time.perf_counter()
 
         clock = time.perf_counter()
-        model = evaluation.load_tuned_model(Path(model_dir), Path(record["model_dir"]), record["method"], device)
+        model = artefacts.load_tuned_model(Path(model_dir), Path(record["model_dir"]), record["method"], device)
         lap("load")
         greedy = evaluation.generate(model, tokenizer, prompts, task, cfg.max_new_tokens, cfg.batch_size, device)
         lap("greedy")

@@ -1,21 +1,16 @@
 """Training: one shared loop (`trainer.run_training`) and one module per method (`methods/`): SFT
-(LoRA, QLoRA, full), the reward model, DPO, and PPO over `preference.ppo`."""
+(LoRA, QLoRA, full), the reward model, DPO, and PPO over `preference.ppo`; `objectives.OBJECTIVES`
+registers each objective with its spec settings, method class, entry point and artefact."""
 
-from .trainer import TrainingResult, latest_checkpoint, merge_adapter, optimizer_steps, preflight, run_training, train
+from ..artefacts import merge_adapter
+from ..preference.scoring import TrainedRewardModel, load_trained_reward_model
+from .methods.dpo import train_dpo
+from .methods.ppo import train_ppo
+from .methods.reward_model import train_reward_model
+from .methods.sft import preflight, train
+from .objectives import OBJECTIVES, Objective, objective
+from .trainer import TrainingResult, latest_checkpoint, optimizer_steps, run_training
 
-_LAZY = {  # imported on first use: preference.losses imports training.trainer, so no import cycle at load time
-    "train_reward_model": ".methods.reward_model", "load_trained_reward_model": ".methods.reward_model",
-    "TrainedRewardModel": ".methods.reward_model", "train_dpo": ".methods.dpo", "train_ppo": ".methods.ppo",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(name)
-
-
-__all__ = ["TrainedRewardModel", "TrainingResult", "latest_checkpoint", "load_trained_reward_model", "merge_adapter",
-           "optimizer_steps", "preflight", "run_training", "train", "train_dpo", "train_ppo", "train_reward_model"]
+__all__ = ["OBJECTIVES", "Objective", "TrainedRewardModel", "TrainingResult", "latest_checkpoint",
+           "load_trained_reward_model", "merge_adapter", "objective", "optimizer_steps", "preflight", "run_training",
+           "train", "train_dpo", "train_ppo", "train_reward_model"]

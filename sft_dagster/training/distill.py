@@ -109,7 +109,7 @@ def teacher_targets(teacher_path: Path, examples: list[EncodedExample], texts: l
     from transformers import AutoModelForCausalLM
 
     from ..models import directory_hashes
-    from .trainer import collate, response_logits
+    from ..torchkit import collate, response_logits
 
     model_hash, tokenizer_hash = directory_hashes(teacher_path)
     keys = [_cache_key(model_hash, tokenizer_hash, top_k, temperature, e, t) for e, t in zip(examples, texts)]
@@ -181,7 +181,7 @@ class Distiller:
             return None
         from ..spec import TRAIN_ROWS
         from .augment import GENERAL_TASK, load_replay
-        from .trainer import encode_frame
+        from ..formatting import encode_frame
 
         teacher = teacher_dir(spec, model_dir)
         if teacher != Path(model_dir):
@@ -206,7 +206,7 @@ class Distiller:
 
     def loss(self, model, rows: list[int]) -> tuple[torch.Tensor, int]:
         """(summed T^2-scaled KL over the answer positions of `rows`, number of positions)."""
-        from .trainer import collate, response_logits
+        from ..torchkit import collate, response_logits
 
         logits, _ = response_logits(model, collate([self.examples[i] for i in rows], self.pad_id, self.device))
         return summed_kl(logits, [self.targets[i] for i in rows], self.cfg.temperature), len(logits)

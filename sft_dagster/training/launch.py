@@ -9,7 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from .. import atomic
+from .. import artefacts, atomic
 from ..spec import PipelineSpec
 
 
@@ -49,7 +49,5 @@ def worker_result(invocation, spec: PipelineSpec, output_dir: Path) -> dict:
     if messages:
         return messages[-1]
     metrics = json.loads((output_dir / "metrics.json").read_text())
-    from .methods import sft_output_name
-
-    adapter = output_dir / sft_output_name(spec.training.method)
+    adapter = output_dir / artefacts.folder_for(spec.training.adapter)
     return {"adapter_dir": str(adapter), "metrics": metrics}

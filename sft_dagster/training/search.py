@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..spec import PipelineSpec
-from .trainer import train
+from .methods.sft import train
 
 
 def with_overrides(spec: PipelineSpec, params: dict) -> PipelineSpec:

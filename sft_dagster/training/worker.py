@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..spec import parse_spec
     from ..tracking import step_logger_from_env
-    from .progress import Progress
-    from .trainer import train
+    from ..progress import Progress
+    from .methods.sft import train
 
     spec = parse_spec(json.loads(Path(args.spec_json).read_text()), args.spec_json)
     world = int(os.environ.get("WORLD_SIZE", "1"))

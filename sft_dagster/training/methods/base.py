@@ -30,16 +30,20 @@ from typing import Any
 
 import torch
 
+from ... import artefacts
 from ...spec import PipelineSpec
+from ...torchkit import mean_loss_over, pick_precision
+from ..precision import PrecisionChoice
 
 
 class TrainingMethod(ABC):
     """Base class; subclasses set `name` and implement the abstract methods (`load_model`, `encode`,
     `length`, `item_key`, `collate`, `loss`); a subclass missing one fails when instantiated."""
 
-    name: str = ""
+    name: str = ""  # what the run's record calls it (`method`): the objective, or SFT's adapter
+    objective: str = ""  # its entry in `training.objectives.OBJECTIVES`
     packing: bool = False  # micro-batches are concatenated into one row (SFT only)
-    output_name: str = "adapter"  # the folder under output_dir that `save` writes
+    output_name: str = artefacts.FOLDERS[artefacts.ADAPTER]  # the folder under output_dir that `save` writes
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
@@ -58,9 +62,6 @@ class TrainingMethod(ABC):
     def resolve_precision(self, model_dir: Path, device: str, items: list, pad_id: int, probe_cache):
         """The run's precision and why. Default: the spec's, or for `auto` bf16 on CUDA with bf16 support
         and fp32 elsewhere, without measuring (the measured probe times an SFT step; see sft.py)."""
-        from ..precision import PrecisionChoice
-        from ..trainer import pick_precision
-
         requested = self.spec.training.precision
         if requested != "auto":
             return PrecisionChoice(requested, "set in the spec (training.precision)")
@@ -141,8 +142,6 @@ class TrainingMethod(ABC):
     def validate(self, model, items: list, batch_size: int, pad_id: int, device: str, autocast_precision: str) -> dict:
         """`val_loss` (summed loss / summed weight over `items`, dropout off) and the statistics recorded
         meanwhile as `val_<name>`."""
-        from ..trainer import mean_loss_over
-
         self.pop_stats()  # a validation pass never mixes with the training step's statistics
         val = mean_loss_over(model, items, batch_size, self.length,
                              lambda rows: self.evaluation_collate(rows, pad_id, device), self.loss, device,
@@ -156,3 +155,12 @@ class TrainingMethod(ABC):
 
     def extra_metrics(self) -> dict[str, Any]:
         return {}
+
+
+def lora_config(spec: PipelineSpec, task_type: str):
+    """The peft LoRA settings of `spec.training.lora` for a model of `task_type` (CAUSAL_LM, SEQ_CLS)."""
+    from peft import LoraConfig
+
+    lora = spec.training.lora
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
+                      target_modules=lora.target_modules, task_type=task_type)

@@ -22,7 +22,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ... import artefacts
+from ...preference.losses import collate_pair_groups, dpo_batch_loss, sequence_logprobs
 from ...spec import PipelineSpec
+from ...torchkit import autocast
+from ..trainer import run_training
 from .pairs import PairMethod, disable_dropout, load_policy, pair_training_spec
 
 
@@ -33,8 +37,8 @@ class ReferencedGroup:
 
 
 class DPOMethod(PairMethod):
-    name = "dpo"
-    output_name = "adapter"
+    name = objective = "dpo"
+    output_name = artefacts.FOLDERS[artefacts.ADAPTER]
 
     def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
         super().__init__(spec)
@@ -61,8 +65,6 @@ class DPOMethod(PairMethod):
         return [ReferencedGroup(g) for g in super().encode(tokenizer, frame)]
 
     def collate(self, items, pad_id, device):
-        from ...preference.losses import collate_pair_groups
-
         if any(i.reference is None for i in items):
             raise RuntimeError("reference log-probs are computed in prepare() before training")
         batch = collate_pair_groups([i.group for i in items], pad_id, device)
@@ -74,9 +76,6 @@ class DPOMethod(PairMethod):
     def prepare(self, model, train_items, val_items, pad_id, device, autocast_precision, log) -> None:
         """The reference log-prob of every distinct reply, once: the policy as loaded (the SFT model),
         dropout off."""
-        from ...preference.losses import collate_pair_groups, sequence_logprobs
-        from ..trainer import autocast
-
         start = time.perf_counter()
         items = train_items + val_items
         order = sorted(range(len(items)), key=lambda i: self.length(items[i]))
@@ -98,8 +97,6 @@ class DPOMethod(PairMethod):
             f"once in {self.reference_seconds:.1f} s")
 
     def loss(self, model, batch):
-        from ...preference.losses import dpo_batch_loss
-
         loss, stats = dpo_batch_loss(model, batch, self.config.beta, self.config.label_smoothing,
                                      reference_logps=batch["reference_logps"])
         n = len(batch["chosen_index"])
@@ -116,12 +113,10 @@ class DPOMethod(PairMethod):
 def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path | None, train_pairs: pd.DataFrame,
               val_pairs: pd.DataFrame, output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
               on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
-    """DPO (`preference.config.DPOConfig`) from the SFT adapter (None: the base model with a new LoRA
+    """DPO (`spec.preference.DPOConfig`) from the SFT adapter (None: the base model with a new LoRA
     adapter), with the SFT model as reference; epochs, LoRA and seed come from `spec.training`, the
     batch size (prompts, each with all its pairs) and learning rate from `config` where it sets them,
     else from `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
-    from ..trainer import run_training
-
     spec = pair_training_spec(spec, config)
     return run_training(DPOMethod(spec, config, sft_adapter_dir), spec, Path(model_dir), train_pairs, val_pairs,
                         Path(output_dir), device=device, log=log, on_metrics=on_metrics,

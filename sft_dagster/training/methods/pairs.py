@@ -6,8 +6,11 @@ from pathlib import Path
 
 import torch
 
+from ...preference import losses
 from ...spec import PipelineSpec
-from .base import TrainingMethod
+from ...torchkit import shared_row_length
+from ..fast_lora import use_fast_lora
+from .base import TrainingMethod, lora_config
 
 
 class PairMethod(TrainingMethod):
@@ -19,9 +22,7 @@ class PairMethod(TrainingMethod):
     pair per prompt (most imported sets) gives groups of one pair, trained exactly as pairs."""
 
     def encode(self, tokenizer, frame):
-        from ...preference.losses import encode_pairs, group_pairs
-
-        return group_pairs(encode_pairs(tokenizer, frame, self.spec.task, self.spec.model.max_length))
+        return losses.group_pairs(losses.encode_pairs(tokenizer, frame, self.spec.task, self.spec.model.max_length))
 
     @staticmethod
     def _group(item):
@@ -29,8 +30,6 @@ class PairMethod(TrainingMethod):
 
     def length(self, item) -> int:
         """A group fills one row: its shared tokens once, then each reply's own (`collate_pair_groups`)."""
-        from ..trainer import shared_row_length
-
         return shared_row_length([s.input_ids for s in self._group(item).sequences])
 
     def tokens(self, item) -> int:
@@ -59,14 +58,6 @@ def pair_training_spec(spec: PipelineSpec, config) -> PipelineSpec:
     return spec.model_copy(update={"training": spec.training.model_copy(update=update)})
 
 
-def lora_config(spec: PipelineSpec, task_type: str):
-    from peft import LoraConfig
-
-    lora = spec.training.lora
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, use_dora=lora.use_dora,
-                      target_modules=lora.target_modules, task_type=task_type)
-
-
 def disable_dropout(model) -> None:
     """Dropout off in `model`, in training mode too: every `nn.Dropout` (peft's LoRA dropout among them)
     and the attention dropout of the decoder's attention modules.
@@ -76,7 +67,7 @@ def disable_dropout(model) -> None:
     only without it (loss log 2), and a reply's reward-model score is the same in training and when
     scored. Without the dropout masks, a 20-step SmolLM2 run (benchmarks/preference_throughput.py, 8
     pairs a step) trained at 284.6 tokens/s (DPO) and 308.7 (reward model) where the run before this
-    change and the heap change (`trainer.HeapReleaser`) measured 204.0 and 231.3."""
+    change and the heap change (`torchkit.HeapReleaser`) measured 204.0 and 231.3."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -91,7 +82,6 @@ def load_policy(spec: PipelineSpec, model_dir: Path, start: Path | None, device:
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from ..fast_lora import use_fast_lora
 
     start = Path(start) if start is not None else None
     is_adapter = start is not None and (start / "adapter_config.json").exists()

@@ -15,8 +15,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ... import atomic
+from ... import artefacts, atomic
+from ...formatting import generation_prompt_ids
+from ...preference.columns import prompt_id_of
+from ...preference.generation import sample_continuations, sample_seed
+from ...preference.ppo import ppo_train
+from ...preference.scoring import load_trained_reward_model
+from ...schema import column_or_none
 from ...spec import PipelineSpec
+from ...torchkit import pick_device
+from ..trainer import TrainingResult
 from .pairs import load_policy
 
 
@@ -24,11 +32,6 @@ def held_out_reward(policy, tokenizer, prompts: pd.DataFrame, spec: PipelineSpec
                     ) -> dict:
     """Mean reward and reply length of the policy's replies to `prompts` (seeded sampling with the PPO
     config's temperature and top-p, the same seeds every call, so iterations compare like for like)."""
-    from ...formatting import generation_prompt_ids
-    from ...preference.columns import prompt_id_of
-    from ...preference.generation import sample_continuations, sample_seed
-    from ...schema import column_or_none
-
     systems = [s if isinstance(s, str) and s else None for s in column_or_none(prompts, "system")]
     histories = column_or_none(prompts, "history")
     texts = [str(p) for p in prompts["prompt"]]
@@ -51,16 +54,12 @@ def train_ppo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
               reward: str | Path | Callable[[list[str], list[str]], list[float]], prompts_train: pd.DataFrame,
               prompts_val: pd.DataFrame, output_dir: Path, device: str = "auto",
               log: Callable[[str], None] = print):
-    """PPO (`preference.config.PPOConfig`) of the SFT adapter (None: the base with a new LoRA adapter
+    """PPO (`spec.preference.PPOConfig`) of the SFT adapter (None: the base with a new LoRA adapter
     from `spec.training.lora`) against `reward`: a reward-model folder (`train_reward_model`) or a
     function (prompts, replies) -> scores. The reference for the KL penalty is the SFT model. Metrics:
     per iteration the training reward, KL, KL coefficient, reply length and, on `prompts_val`, the mean
     reward and reply length. Saves `output_dir/adapter` (a peft adapter like SFT's) and
     `output_dir/value_head.pt`."""
-    from ...preference.ppo import ppo_train
-    from ..trainer import TrainingResult, pick_device
-    from .reward_model import load_trained_reward_model
-
     from transformers import AutoTokenizer
 
     device = pick_device(device)
@@ -88,7 +87,7 @@ def train_ppo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
 
     result = ppo_train(policy, tokenizer, prompts_train, spec.task, reward_fn, config, max_length=spec.model.max_length,
                        reference=reference, device=device, log=log, on_step=on_step)
-    out = output_dir / "adapter"
+    out = output_dir / artefacts.FOLDERS[artefacts.ADAPTER]
     with atomic.atomic_dir(out) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
     atomic.torch_save(output_dir / "value_head.pt", result.value_head.state_dict())

@@ -8,29 +8,30 @@ reply scored once (`methods.pairs.PairMethod`); the loss is
 optimizer step. Validation reports the loss and the pairwise accuracy on the held-out pairs.
 
 The saved folder holds the peft adapter with the score head, the tokenizer and `reward_model.json`
-(base model, task, max_length); `load_trained_reward_model` gives it back ready to score.
+(base model, task, max_length); `preference.scoring.load_trained_reward_model` gives it back ready to score.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from ... import atomic
-from ...spec import PipelineSpec, TaskSpec
-from .pairs import PairMethod, disable_dropout, lora_config, pair_training_spec
-
-META_FILE = "reward_model.json"
+from ...preference.losses import collate_pair_groups, load_reward_model, reward_batch_loss, reward_input
+from ...preference.scoring import FOLDER, META_FILE
+from ...spec import PipelineSpec
+from ..fast_lora import use_fast_lora
+from ..trainer import run_training
+from .base import lora_config
+from .pairs import PairMethod, disable_dropout, pair_training_spec
 
 
 class RewardModelMethod(PairMethod):
-    name = "reward_model"
-    output_name = "reward_model"
+    name = objective = "reward_model"
+    output_name = FOLDER
 
     def __init__(self, spec: PipelineSpec, config):
         super().__init__(spec)
@@ -42,8 +43,6 @@ class RewardModelMethod(PairMethod):
     def load_model(self, model_dir: Path, device: str, precision: str):
         from peft import get_peft_model
 
-        from ...preference.losses import load_reward_model
-        from ..fast_lora import use_fast_lora
 
         model = get_peft_model(load_reward_model(model_dir, device, seed=self.spec.training.seed),
                                lora_config(self.spec, "SEQ_CLS"))
@@ -53,13 +52,9 @@ class RewardModelMethod(PairMethod):
         return model
 
     def collate(self, items, pad_id, device):
-        from ...preference.losses import collate_pair_groups, reward_input
-
         return collate_pair_groups(items, pad_id, device, cut=reward_input)
 
     def loss(self, model, batch):
-        from ...preference.losses import reward_batch_loss
-
         loss, stats = reward_batch_loss(model, batch, center_rewards_coefficient=self.config.center_rewards_coefficient)
         n = len(batch["chosen_index"])
         self.record({k: stats[k] for k in ("accuracy", "margin", "mean_reward")}, n)
@@ -73,52 +68,14 @@ class RewardModelMethod(PairMethod):
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
 
 
-@dataclass
-class TrainedRewardModel:
-    """A trained reward model ready to score: `model` (merged, eval mode), its tokenizer and settings."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    task: TaskSpec
-    max_length: int
-    device: str
-
-    def reward_fn(self, batch_size: int = 16) -> Callable[[list[str], list[str]], list[float]]:
-        """`preference.ppo.reward_model_fn` of this model: (prompts, replies) -> scores."""
-        from ...preference.ppo import reward_model_fn
-
-        return reward_model_fn(self.model, self.tokenizer, self.task, self.max_length, self.device, batch_size)
-
-
-def load_trained_reward_model(path: str | Path, device: str = "cpu", base_model_dir: str | Path | None = None
-                              ) -> TrainedRewardModel:
-    """The reward model `train_reward_model` saved (the `reward_model` folder, or the run folder above it);
-    `base_model_dir` overrides the base model path recorded at training time."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    from ...preference.losses import load_reward_model
-
-    path = Path(path)
-    if not (path / META_FILE).exists() and (path / RewardModelMethod.output_name / META_FILE).exists():
-        path = path / RewardModelMethod.output_name
-    meta = json.loads((path / META_FILE).read_text())
-    base = load_reward_model(base_model_dir or meta["base_model"], device, seed=meta.get("seed", 0))
-    model = PeftModel.from_pretrained(base, path).merge_and_unload().to(device).eval()
-    return TrainedRewardModel(model, AutoTokenizer.from_pretrained(path), TaskSpec.model_validate(meta["task"]),
-                              int(meta["max_length"]), device)
-
-
 def train_reward_model(spec: PipelineSpec, config, model_dir: Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame,
                        output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
                        on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
-    """Train a Bradley-Terry reward model (`preference.config.RewardModelConfig`) on pairs (PAIR_COLUMNS);
+    """Train a Bradley-Terry reward model (`spec.preference.RewardModelConfig`) on pairs (PAIR_COLUMNS);
     epochs, LoRA and seed come from `spec.training`, the batch size (prompts, each with all its pairs) and
     learning rate from `config` where it sets them, else from `spec.training`. Saves
-    `output_dir/reward_model` (see `load_trained_reward_model`); metrics carry `pairwise_accuracy` of the
-    saved weights on `val_pairs`."""
-    from ..trainer import run_training
-
+    `output_dir/reward_model` (`preference.scoring.load_trained_reward_model` loads it); metrics carry
+    `pairwise_accuracy` of the saved weights on `val_pairs`."""
     spec = pair_training_spec(spec, config)
     result = run_training(RewardModelMethod(spec, config), spec, Path(model_dir), train_pairs, val_pairs,
                           Path(output_dir), device=device, log=log, on_metrics=on_metrics,

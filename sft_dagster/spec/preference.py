@@ -1,6 +1,6 @@
 """Pydantic models of the preference stages' settings, strict like the pipeline spec.
 
-`spec.py` builds the spec's optional `preference:` section (`PreferenceSpec`) from them. Every model
+`spec/__init__.py` builds the spec's optional `preference:` section (`PreferenceSpec`) from them. Every model
 forbids unknown keys and is frozen, as the spec's own sections are.
 """
 

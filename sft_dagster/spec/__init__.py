@@ -1,5 +1,8 @@
 """The pipeline spec: a pydantic model of one `assets/*.yaml` file.
 
+The package owns every section's settings: this module the pipeline's own sections and `PipelineSpec`,
+`spec/preference.py` the preference stages' (candidates, rankings, pair gates, reward model, DPO, PPO).
+
 A spec declares one fine-tuning pipeline end to end. Loading validates it completely, so a bad
 spec fails before anything runs, with the file and the offending key named (`SpecError`).
 Relative paths inside a spec resolve against the directory of the spec file.
@@ -10,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .preference.config import (
+from .preference import (
     CandidateGenerationConfig,
     DPOConfig,
     PairGatesConfig,
@@ -25,9 +29,9 @@ from .preference.config import (
     RankingConfig,
     RewardModelConfig,
 )
-from . import metrics
-from .strict import _Strict
-from .task_types import GENERATION_TASKS, LABEL_TASKS, TaskType
+from .. import metrics
+from ..strict import _Strict
+from ..task_types import GENERATION_TASKS, LABEL_TASKS, TaskType
 
 
 # A data-quality suite's name: a file `data_checks/<name>.yaml`, never a path.
@@ -76,7 +80,7 @@ class TaskSpec(_Strict):
     def _known_language(cls, v: str | None) -> str | None:
         if v is None:
             return v
-        from .langid import known_languages
+        from ..langid import known_languages
 
         code = v.strip().lower()
         if code not in known_languages():
@@ -413,8 +417,20 @@ class DistillationSpec(KLTermSpec):
     replay: ReplaySourceSpec = ReplaySourceSpec()
 
 
+ADAPTERS = ("lora", "qlora", "full")  # what an SFT run saves (artefacts.py): a LoRA / QLoRA adapter, or every weight
+OLD_METHOD_NOTE = (
+    "deprecated, the old name of training.adapter (what SFT saves: lora, qlora or full; the objective is sft)")
+
+
 class TrainingSpec(_Strict):
-    method: Literal["lora", "qlora", "full"] = "lora"
+    # dumped under its old name `method`: fingerprints and lineages of existing runs stay as they were
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+
+    adapter: Literal["lora", "qlora", "full"] = Field("lora", serialization_alias="method")
+    # Deprecated spelling of `adapter` (`training.method: lora` = adapter lora, objective sft): accepted, and
+    # `load_spec` notes where it is used. It reads as `adapter` as validated (code reads `adapter`; a
+    # `model_copy` that changes `adapter` leaves it behind), and no dump carries it.
+    method: Literal["lora", "qlora", "full"] | None = Field(None, exclude=True, deprecated=OLD_METHOD_NOTE)
     lora: LoraSpec = LoraSpec()
     epochs: float = Field(2, gt=0)
     max_steps: int | None = Field(None, ge=1)
@@ -458,6 +474,22 @@ class TrainingSpec(_Strict):
     # of a run that trains, and a prompt model's lineage is its prompt (method `few_shot`). Left out of
     # every dump while unset, so specs without it keep their training and preference lineages.
     min_rows_to_train: int | None = Field(None, ge=1, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_method_name(cls, data: Any) -> Any:
+        """`method` (old) and `adapter` are one setting: either may be given, both only if they agree."""
+        if not isinstance(data, dict):
+            return data
+        method, adapter = data.get("method"), data.get("adapter")
+        if method is not None and adapter is not None and method != adapter:
+            raise SpecKeyError(("method",), f"{method} disagrees with training.adapter ({adapter}); training.method is "
+                                            f"{OLD_METHOD_NOTE}: keep adapter only")
+        if method in ADAPTERS and adapter is None:
+            data = {**data, "adapter": method}
+        elif method is None:
+            data = {**data, "method": data.get("adapter", cls.model_fields["adapter"].default)}
+        return data
 
     @model_validator(mode="after")
     def _train_source(self) -> "TrainingSpec":
@@ -945,7 +977,26 @@ def load_spec(path: str | Path) -> PipelineSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    return parse_spec(data, path, text)
+    spec = parse_spec(data, path, text)
+    for note in deprecation_notes(data, path, text):
+        warnings.warn(note, FutureWarning, stacklevel=2)
+    return spec
+
+
+def deprecation_notes(data: Any, source: str | Path, text: str | None = None) -> list[str]:
+    """`file:line: key: note` for each deprecated spelling a (valid) spec uses: `training.method` (also
+    in `student.training`)."""
+    notes = []
+    for loc in (("training",), ("student", "training")):
+        section = data
+        for key in loc:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict) and section.get("method") is not None:
+            line = _yaml_line(text, (*loc, "method")) if text else None
+            where = f"{source}:{line}" if line else str(source)
+            notes.append(f"{where}: {'.'.join(loc)}.method: {OLD_METHOD_NOTE}; write {'.'.join(loc)}.adapter: "
+                         f"{section['method']}")
+    return notes
 
 
 def load_specs(directory: str | Path) -> list[PipelineSpec]:
