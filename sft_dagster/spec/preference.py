@@ -12,6 +12,10 @@ from pydantic import Field, model_validator
 
 from ..strict import _Strict
 
+# The preference-tuned policies `preference.train` and `preference.promotion.candidate` may name: the
+# registry's policies (`training.objectives.policies()`, checked by tests/test_objectives.py).
+Policy = Literal["dpo", "ppo", "orpo"]
+
 
 class CandidateGenerationConfig(_Strict):
     """How candidate replies are sampled for ranking (`preference.generation.generate_candidates`)."""
@@ -95,6 +99,17 @@ class DPOConfig(_Strict):
     # dropout off in the policy (LoRA's too), as TRL's DPOConfig: the reference log-probs are computed
     # without dropout, and a policy forward with it makes the log-ratio noise from the first step
     disable_dropout: bool = True
+    # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
+
+
+class ORPOConfig(_Strict):
+    """ORPO (Hong et al. 2024): SFT on the chosen reply plus beta x the odds-ratio loss, no reference model."""
+
+    method: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0)  # the paper's lambda: weight of the odds-ratio term against the SFT loss
+    disable_dropout: bool = True  # as DPO's
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
