@@ -116,3 +116,36 @@ def test_orpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
         changed |= not torch.equal(a[key], start.get(key, torch.zeros_like(a[key])))
     assert changed  # it trained away from the SFT adapter it started from
+
+
+def test_orpo_is_a_preference_asset_the_report_and_promotion_take(tmp_path, tiny_model_dir):
+    """`preference.train: [dpo, orpo, ppo]`: an `orpo_adapter` asset on the pairs, the SFT adapter and the
+    base model, beside `dpo_adapter`; the report compares it with the others and may promote it."""
+    from test_asset_graph import ROOT
+    from test_preference_dagster import write_preference_spec
+
+    from sft_dagster.defs import build_definitions
+    from sft_dagster.spec import load_spec
+
+    spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
+        "preference.train": ["dpo", "orpo", "ppo"], "preference.orpo": {"beta": 0.2, "batch_size": 2},
+        "preference.promotion.candidate": "orpo"}))
+    assert spec.preference.orpo == ORPOConfig(beta=0.2, batch_size=2)
+    graph = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store").resolve_asset_graph()
+    deps = {key.path[-1]: {k.path[-1] for k in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
+    assert deps["orpo_adapter"] == deps["dpo_adapter"] == {"preference_pairs", "base_model", "fine_tuned_adapter"}
+    assert {"dpo_adapter", "orpo_adapter", "ppo_policy"} <= deps["preference_report"]
+    assert "orpo_adapter" in deps["preference_promoted_model"]
+
+
+def test_orpo_settings_that_cannot_succeed_fail_at_load_with_file_line_and_key(tmp_path, tiny_model_dir):
+    from test_preference_dagster import write_preference_spec
+
+    from sft_dagster.spec import SpecError, load_spec
+
+    path = write_preference_spec(tmp_path, tiny_model_dir, **{"preference.orpo": {"beta": 0}})
+    with pytest.raises(SpecError, match=r"spec\.yaml:\d+: preference\.orpo\.beta"):
+        load_spec(path)
+    path = write_preference_spec(tmp_path, tiny_model_dir, **{"preference.promotion.candidate": "orpo"})
+    with pytest.raises(SpecError, match=r"preference\.promotion\.candidate 'orpo' is not trained"):
+        load_spec(path)
