@@ -23,6 +23,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from .preference import (
     CandidateGenerationConfig,
     DPOConfig,
+    KTOConfig,
     ORPOConfig,
     PairGatesConfig,
     Policy,
@@ -623,6 +624,7 @@ class PreferenceSpec(_Strict):
     train: list[Policy] = Field(default_factory=lambda: ["dpo"])  # which policies to train
     dpo: DPOConfig = DPOConfig()
     orpo: ORPOConfig = ORPOConfig()
+    kto: KTOConfig = KTOConfig()
     ppo: PPOConfig = PPOConfig()
     report: PreferenceReportSpec = PreferenceReportSpec()
     promotion: PreferencePromotionSpec = PreferencePromotionSpec()

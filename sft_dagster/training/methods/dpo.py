@@ -35,6 +35,7 @@ class ReferencedGroup:
 
 class DPOMethod(PolicyPairMethod):
     name = objective = "dpo"
+    unit = "pairs"  # what an item's weight counts
 
     def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
         super().__init__(spec, config, sft_adapter_dir)
@@ -73,7 +74,7 @@ class DPOMethod(PolicyPairMethod):
         self.reference_sequences += sum(len(g.sequences) for gs in groups for g in gs)
         self.reference_seconds += time.perf_counter() - start
         pairs = sum(i.group.n_pairs for i in items)
-        log(f"{self.name}: reference log-probs of {self.reference_sequences} distinct replies ({pairs} pairs) "
+        log(f"{self.name}: reference log-probs of {self.reference_sequences} distinct replies ({pairs} {self.unit}) "
             f"computed once in {self.reference_seconds:.1f} s")
 
     def loss(self, model, batch):
@@ -83,10 +84,11 @@ class DPOMethod(PolicyPairMethod):
         self.record({k: v for k, v in stats.items() if k != "loss"}, n)
         return loss * n, n
 
+    def reference_metrics(self) -> dict:
+        return {"reference_seconds": round(self.reference_seconds, 2), "reference_sequences": self.reference_sequences}
+
     def extra_metrics(self) -> dict:
-        return {**super().extra_metrics(), "label_smoothing": self.config.label_smoothing,
-                "reference_seconds": round(self.reference_seconds, 2),
-                "reference_sequences": self.reference_sequences}
+        return {**super().extra_metrics(), "label_smoothing": self.config.label_smoothing, **self.reference_metrics()}
 
 
 def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path | None, train_pairs: pd.DataFrame,
