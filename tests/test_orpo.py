@@ -1,6 +1,6 @@
 """ORPO (`training/methods/orpo.py`): the loss against the paper's formula, computed by hand; the loop's
 loss on real pairs from per-token log-probs by hand (mean, not sum, over the reply's tokens); 8 x 1 =
-1 x 8; resume = straight run; and ORPO as a registered policy the preference assets train and report."""
+1 x 8; resume = straight run; its spec errors. Its asset and report: tests/test_policy_objectives_dagster.py."""
 
 from __future__ import annotations
 
@@ -116,26 +116,6 @@ def test_orpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
         changed |= not torch.equal(a[key], start.get(key, torch.zeros_like(a[key])))
     assert changed  # it trained away from the SFT adapter it started from
-
-
-def test_orpo_is_a_preference_asset_the_report_and_promotion_take(tmp_path, tiny_model_dir):
-    """`preference.train: [dpo, orpo, ppo]`: an `orpo_adapter` asset on the pairs, the SFT adapter and the
-    base model, beside `dpo_adapter`; the report compares it with the others and may promote it."""
-    from test_asset_graph import ROOT
-    from test_preference_dagster import write_preference_spec
-
-    from sft_dagster.defs import build_definitions
-    from sft_dagster.spec import load_spec
-
-    spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
-        "preference.train": ["dpo", "orpo", "ppo"], "preference.orpo": {"beta": 0.2, "batch_size": 2},
-        "preference.promotion.candidate": "orpo"}))
-    assert spec.preference.orpo == ORPOConfig(beta=0.2, batch_size=2)
-    graph = build_definitions([spec], checks=ROOT / "data_checks", storage_root=tmp_path / "store").resolve_asset_graph()
-    deps = {key.path[-1]: {k.path[-1] for k in graph.get(key).parent_keys} for key in graph.get_all_asset_keys()}
-    assert deps["orpo_adapter"] == deps["dpo_adapter"] == {"preference_pairs", "base_model", "fine_tuned_adapter"}
-    assert {"dpo_adapter", "orpo_adapter", "ppo_policy"} <= deps["preference_report"]
-    assert "orpo_adapter" in deps["preference_promoted_model"]
 
 
 def test_orpo_settings_that_cannot_succeed_fail_at_load_with_file_line_and_key(tmp_path, tiny_model_dir):
