@@ -125,6 +125,7 @@ class KTOMethod(DPOMethod):
     def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
         super().__init__(spec, config, sft_adapter_dir)
         self.kl = torch.zeros(())  # the current window's (or validation's) KL estimate
+        self.balance: dict = {}  # the train split's desirable / undesirable counts (`train_kto`)
 
     def encode(self, tokenizer, frame):
         groups = encode_examples(tokenizer, unpaired_from_pairs(frame), self.spec.task, self.spec.model.max_length)
@@ -166,7 +167,7 @@ class KTOMethod(DPOMethod):
 
     def extra_metrics(self) -> dict:
         return {**PolicyPairMethod.extra_metrics(self), "desirable_weight": self.config.desirable_weight,
-                "undesirable_weight": self.config.undesirable_weight, **self.reference_metrics()}
+                "undesirable_weight": self.config.undesirable_weight, **self.balance, **self.reference_metrics()}
 
 
 def train_kto(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path | None, train_data: pd.DataFrame,
@@ -185,6 +186,7 @@ def train_kto(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
     balance = config.desirable_weight * good / (config.undesirable_weight * bad)
     log(f"kto: {good} desirable and {bad} undesirable train examples; weighted balance {balance:.2f}"
         + ("" if 1 <= balance <= 4 / 3 else " (outside [1, 1.33]: adjust preference.kto.desirable_weight)"))
-    return train_pair_policy(KTOMethod(pair_training_spec(spec, config), config, sft_adapter_dir), model_dir,
-                             train_data, unpaired_from_pairs(val_data), output_dir, device, log, on_metrics,
-                             stop_after_steps)
+    method = KTOMethod(pair_training_spec(spec, config), config, sft_adapter_dir)
+    method.balance = {"desirable_examples": good, "undesirable_examples": bad, "weighted_balance": round(balance, 4)}
+    return train_pair_policy(method, model_dir, train_data, unpaired_from_pairs(val_data), output_dir, device, log,
+                             on_metrics, stop_after_steps)
