@@ -10,7 +10,16 @@ import pandas as pd
 import pytest
 import torch
 from preference_fixtures import one_torch_thread  # noqa: F401
-from test_preference_training import hand_logps, pairs, quiet, rankings, sft_adapter, sft_model, spec_for
+from test_preference_training import (
+    assert_resume_equals_a_straight_run,
+    hand_logps,
+    pairs,
+    quiet,
+    rankings,
+    sft_adapter,
+    sft_model,
+    spec_for,
+)
 
 from sft_dagster.spec.preference import KTOConfig
 from sft_dagster.training import train_kto
@@ -118,24 +127,8 @@ def test_kto_batch_8x1_equals_batch_1x8(tiny_model_dir, tmp_path):
 
 
 def test_kto_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
-    from safetensors.torch import load_file
-
-    adapter = sft_adapter(tiny_model_dir, tmp_path / "sft")
-    spec = spec_for(tiny_model_dir, epochs=2, batch_size=4, checkpoint_every_steps=2,
-                    lora={"r": 4, "alpha": 8, "dropout": 0.1})
-    args = (spec, KTOConfig(), tiny_model_dir, adapter, pairs(16), pairs(4, offset=100))
-    straight = train_kto(*args, tmp_path / "straight", device="cpu", log=quiet)
-    train_kto(*args, tmp_path / "resumed", device="cpu", log=quiet, stop_after_steps=4)
-    resumed = train_kto(*args, tmp_path / "resumed", device="cpu", log=quiet)
-    assert resumed.metrics["resumed_from_step"] == 4
-    a = load_file(straight.adapter_dir / "adapter_model.safetensors")
-    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
-    start = load_file(adapter / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
-    assert any(not torch.equal(a[k], start[k]) for k in a if k in start)  # it trained away from its start
-
+    trained, start = assert_resume_equals_a_straight_run(train_kto, KTOConfig(), tiny_model_dir, tmp_path)
+    assert any(not torch.equal(trained[k], start[k]) for k in trained if k in start)  # it trained away from its start
 
 def test_kto_refuses_train_data_without_both_kinds_of_example(tiny_model_dir, tmp_path):
     good_only = pd.DataFrame([{"example_id": f"e{i}", "prompt": f"q{i}", "system": None, "history": None,
