@@ -44,8 +44,8 @@ def test_kto_loss_equals_the_papers_formula(kl):
     policy = torch.tensor([-3.0, -5.5, -2.0, -8.0, -4.0], dtype=torch.float64)
     reference = torch.tensor([-4.0, -5.0, -2.5, -6.0, -4.0], dtype=torch.float64)
     desirable = torch.tensor([True, True, False, False, True])
-    losses, stats = kto_loss(policy, reference, desirable, torch.tensor(kl, dtype=torch.float64), beta=0.5, desirable_weight=1.3,
-                             undesirable_weight=0.8)
+    losses, stats = kto_loss(policy, reference, desirable, torch.tensor(kl, dtype=torch.float64), beta=0.5,
+                             desirable_weight=1.3, undesirable_weight=0.8)
     expected = [paper_kto(p - r, d, kl, 0.5, 1.3, 0.8) for p, r, d in zip(policy.tolist(), reference.tolist(),
                                                                          desirable.tolist())]
     assert losses.tolist() == pytest.approx(expected, rel=1e-10)

@@ -8,7 +8,8 @@ reward model, DPO, PPO -> the SFT vs DPO vs PPO report -> promotion through the 
     ranking_queue  the prompts still to rank, where the rankings file is, the command to rank them
     preference_pairs (+ preference_quarantine)  rankings and imported files expanded to pairs, split by
                    prompt, every pair gate as an asset check (blocking as the spec says)
-    reward_model, dpo_adapter, ppo_policy   the trainers (`sft_dagster.training`), each run in a folder
+    reward_model, <policy>_adapter (dpo, orpo, kto: one per pair-trained policy of `preference.train`, from
+                   the objective registry), ppo_policy   the trainers (`sft_dagster.training`), each run in a folder
                    named by its lineage hash, skipped when the lineage is unchanged
     preference_report, preference_promoted_model
 
@@ -153,7 +154,8 @@ def pair_policy_asset(p: PipelineDefs, name: str, train_code: str, lineage_of):
             device=device, log=context.log.info, on_metrics=progress))
         return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
             "adapter_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
-            "train_pairs": len(train), "metrics": dg.MetadataValue.json(record["metrics"]), **_numbers(record["metrics"])})
+            "train_pairs": len(train), "metrics": dg.MetadataValue.json(record["metrics"]),
+            **_numbers(record["metrics"])})
 
     return policy_adapter
 

@@ -33,7 +33,8 @@ def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
                                    torch.log1p(-torch.exp(mean_logp)))
 
 
-def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict]:
+def orpo_loss(chosen_mean_logp: torch.Tensor, rejected_mean_logp: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, dict]:
     """The ORPO loss of each pair (not reduced) from the mean token log-probs of its two replies, and
     the statistics of the pairs."""
     ratio = log_odds(chosen_mean_logp) - log_odds(rejected_mean_logp)
