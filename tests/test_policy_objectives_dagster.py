@@ -1,6 +1,6 @@
 """The registered pair-trained policies (`training/objectives.py`: DPO, ORPO, KTO) as Dagster assets: each
 `<name>_adapter` on the pairs, the SFT adapter and the base model, feeding the preference report and
-promotion; ORPO and KTO trained, reported beside SFT and promoted through Dagster on the tiny model."""
+promotion; ORPO and KTO trained and reported beside SFT through Dagster on the tiny model."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def test_every_pair_trained_policy_is_an_asset_the_report_and_promotion_take(tmp
         assert f"{candidate}_adapter" in deps["preference_promoted_model"]
 
 
-def test_orpo_and_kto_train_are_reported_beside_sft_and_kto_is_promoted(tmp_path, tiny_model_dir, instance):
+def test_orpo_and_kto_train_and_are_reported_beside_sft(tmp_path, tiny_model_dir, instance):
+    """The report and what it needs only (not SFT's evaluation and promotion, which the other end-to-end
+    tests run): the report's promotion decision for KTO is computed, as the promotion asset reads it."""
     spec = load_spec(write_preference_spec(tmp_path, tiny_model_dir, **{
         "preference.train": ["orpo", "kto"], "preference.orpo": {"beta": 0.2, "batch_size": 2},
         "preference.kto": {"beta": 0.1, "batch_size": 2, "learning_rate": 0.0003},
@@ -41,10 +43,10 @@ def test_orpo_and_kto_train_are_reported_beside_sft_and_kto_is_promoted(tmp_path
         "preference.promotion.max_task_metric_drop": 1.0}))
     storage = tmp_path / "store"
     defs = build_definitions([spec], checks=ROOT / "data_checks", storage_root=storage, device="cpu")
-    result = run(defs, spec, instance)
+    result = run(defs, spec, instance, ["preference_report"], upstream=True)
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     assert {"orpo_adapter", "kto_adapter", "preference_report"} <= materialized(result)
-    assert not {"dpo_adapter", "ppo_policy"} & materialized(result)
+    assert not {"dpo_adapter", "ppo_policy", "evaluation_report"} & materialized(result)
     report = json.loads((storage / spec.name / "preference" / "report" / "preference_report.json").read_text())
     assert set(report["policies"]) == {"sft", "orpo", "kto"}
     for name in ("orpo", "kto"):
@@ -52,4 +54,4 @@ def test_orpo_and_kto_train_are_reported_beside_sft_and_kto_is_promoted(tmp_path
         assert record["method"] == name and record["metrics"]["steps"] > 0
         assert report["policies"][name]["lineage_hash"] == record["lineage_hash"]
     assert check_results(result)["preference_report:keeps_task_metric"] is True
-    assert "preference_promoted_model" in materialized(result)
+    assert report["promotion"]["candidate_policy"] == "kto" and report["promotion"]["promote"]
