@@ -294,22 +294,29 @@ def test_pair_methods_take_their_own_learning_rate(tiny_model_dir, tmp_path, tra
     assert rates["own"] == pytest.approx(rates["training"] * 1e-3 / 5e-3)
 
 
-def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
+def assert_resume_equals_a_straight_run(train, config, tiny_model_dir: Path, tmp_path: Path):
+    """A pair-trained policy (`train_dpo`, `train_orpo`, `train_kto`) stopped after 4 steps and resumed
+    saves the adapter of a straight run; returns (its tensors, the SFT adapter's it started from)."""
     from safetensors.torch import load_file
 
     adapter = sft_adapter(tiny_model_dir, tmp_path / "sft")
     spec = spec_for(tiny_model_dir, epochs=2, batch_size=4, checkpoint_every_steps=2, lora={"r": 4, "alpha": 8,
                                                                                                "dropout": 0.1})
-    args = (spec, DPOConfig(), tiny_model_dir, adapter, pairs(16), pairs(4, offset=100))
-    straight = train_dpo(*args, tmp_path / "straight", device="cpu", log=quiet)
-    train_dpo(*args, tmp_path / "resumed", device="cpu", log=quiet, stop_after_steps=4)
-    resumed = train_dpo(*args, tmp_path / "resumed", device="cpu", log=quiet)
+    args = (spec, config, tiny_model_dir, adapter, pairs(16), pairs(4, offset=100))
+    straight = train(*args, tmp_path / "straight", device="cpu", log=quiet)
+    train(*args, tmp_path / "resumed", device="cpu", log=quiet, stop_after_steps=4)
+    resumed = train(*args, tmp_path / "resumed", device="cpu", log=quiet)
     assert resumed.metrics["resumed_from_step"] == 4
     a = load_file(straight.adapter_dir / "adapter_model.safetensors")
     b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    return a, load_file(adapter / "adapter_model.safetensors")
+
+
+def test_dpo_resume_equals_a_straight_run(tiny_model_dir, tmp_path):
+    assert_resume_equals_a_straight_run(train_dpo, DPOConfig(), tiny_model_dir, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------- PPO

@@ -8,7 +8,8 @@ reward model, DPO, PPO -> the SFT vs DPO vs PPO report -> promotion through the 
     ranking_queue  the prompts still to rank, where the rankings file is, the command to rank them
     preference_pairs (+ preference_quarantine)  rankings and imported files expanded to pairs, split by
                    prompt, every pair gate as an asset check (blocking as the spec says)
-    reward_model, dpo_adapter, ppo_policy   the trainers (`sft_dagster.training`), each run in a folder
+    reward_model, <policy>_adapter (dpo, orpo, kto: one per pair-trained policy of `preference.train`, from
+                   the objective registry), ppo_policy   the trainers (`sft_dagster.training`), each run in a folder
                    named by its lineage hash, skipped when the lineage is unchanged
     preference_report, preference_promoted_model
 
@@ -127,6 +128,36 @@ def _run_training(context, run_dir: Path, lineage: dict, train) -> tuple[dict, b
 
 def _numbers(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def pair_policy_asset(p: PipelineDefs, name: str, train_code: str, lineage_of):
+    """`<name>_adapter`: the policy objective `name` (`training.objectives`: DPO, ORPO, ...) trained from the
+    SFT adapter on the train pairs by its `train_<name>`, in a run folder named by its lineage."""
+    spec, entry = p.spec, training.objective(name)
+    config = getattr(spec.preference, name)
+
+    @dg.asset(**p.asset_args(f"{name}_adapter", kinds={"pytorch", "peft"}, code_version=train_code,
+                             io_manager_key=JSON_IO, ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter"),
+                             description=f"{name.upper()} ({json.dumps(config.model_dump(exclude_none=True))}) from "
+                                         "the SFT adapter on the train pairs."))
+    def policy_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                       preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict):
+        require_checks_passed(context, p.preference_blocking_checks)
+        device = compute.resolved_device()
+        train, val = _pairs_of(preference_pairs, "train"), _pairs_of(preference_pairs, "validation")
+        lineage, run_dir = lineage_of(context, storage, name, config, base_model,
+                                      {"train": frame_hash(train), "validation": frame_hash(val)}, device,
+                                      sft_adapter=fine_tuned_adapter["lineage_hash"])
+        progress = Progress(context.log.info)
+        record, skipped = _run_training(context, run_dir, lineage, lambda: entry.train(
+            spec, config, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), train, val, run_dir,
+            device=device, log=context.log.info, on_metrics=progress))
+        return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
+            "adapter_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
+            "train_pairs": len(train), "metrics": dg.MetadataValue.json(record["metrics"]),
+            **_numbers(record["metrics"])})
+
+    return policy_adapter
 
 
 def build(p: PipelineDefs) -> None:
@@ -297,30 +328,12 @@ def build(p: PipelineDefs) -> None:
     p.assets += [candidate_generations, ranking_queue, preference_pairs, reward_model]
     policies = ["sft"]
 
-    if "dpo" in pref.train:
-        policies.append("dpo")
-
-        @dg.asset(**p.asset_args("dpo_adapter", kinds={"pytorch", "peft"}, code_version=train_code, io_manager_key=JSON_IO,
-                                 ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter"),
-                                 description=f"DPO (beta {pref.dpo.beta}) from the SFT adapter on the train pairs, "
-                                             "the SFT model as the reference."))
-        def dpo_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
-                        preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict):
-            require_checks_passed(context, p.preference_blocking_checks)
-            device = compute.resolved_device()
-            train, val = _pairs_of(preference_pairs, "train"), _pairs_of(preference_pairs, "validation")
-            lineage, run_dir = lineage_of(context, storage, "dpo", pref.dpo, base_model,
-                                          {"train": frame_hash(train), "validation": frame_hash(val)}, device,
-                                          sft_adapter=fine_tuned_adapter["lineage_hash"])
-            progress = Progress(context.log.info)
-            record, skipped = _run_training(context, run_dir, lineage, lambda: training.train_dpo(
-                spec, pref.dpo, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), train, val, run_dir,
-                device=device, log=context.log.info, on_metrics=progress))
-            return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
-                "adapter_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
-                "train_pairs": len(train), "metrics": dg.MetadataValue.json(record["metrics"]), **_numbers(record["metrics"])})
-
-        p.assets.append(dpo_adapter)
+    policy_assets = {"ppo": "ppo_policy"}
+    for name in pref.train:
+        if training.objective(name).method is not None:  # trained from the SFT adapter on the pairs (DPO, ORPO)
+            policies.append(name)
+            policy_assets[name] = f"{name}_adapter"
+            p.assets.append(pair_policy_asset(p, name, train_code, lineage_of))
 
     if "ppo" in pref.train:
         policies.append("ppo")
@@ -347,7 +360,6 @@ def build(p: PipelineDefs) -> None:
         p.assets.append(ppo_policy)
 
     trained = [name for name in policies if name != "sft"]
-    policy_assets = {"dpo": "dpo_adapter", "ppo": "ppo_policy"}
     candidate = pref.promotion.candidate
     promotion_check = dg.AssetCheckSpec(
         PROMOTION_CHECK, asset=K("preference_report"), blocking=True,

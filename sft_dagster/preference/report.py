@@ -117,7 +117,8 @@ def _sampled_replies(model, tokenizer, prompt_ids: list[list[int]], seeds: list[
 def compare_policies(spec: PipelineSpec, model_dir: Path, models: dict[str, dict], reward_model_dir: str,
                      pairs: pd.DataFrame, preference_prompts: pd.DataFrame, sft_test: pd.DataFrame,
                      device: str = "cpu") -> dict:
-    """The report: `models` maps a policy name ("sft", "dpo", "ppo") to {model_dir, method, lineage_hash}."""
+    """The report: `models` maps a policy name ("sft", "dpo", "orpo", "kto", "ppo") to {model_dir, method,
+    lineage_hash}."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..formatting import generation_prompt_ids

@@ -23,7 +23,10 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator, model_
 from .preference import (
     CandidateGenerationConfig,
     DPOConfig,
+    KTOConfig,
+    ORPOConfig,
     PairGatesConfig,
+    Policy,
     PPOConfig,
     PreferenceSourceConfig,
     RankingConfig,
@@ -596,7 +599,7 @@ class PreferenceReportSpec(_Strict):
 class PreferencePromotionSpec(_Strict):
     """Promotion of a preference-tuned policy: the same registry and decision as SFT (`registry.promotion_decision`)."""
 
-    candidate: Literal["dpo", "ppo"] | None = "dpo"  # None: preference-tuned policies are never promoted
+    candidate: Policy | None = "dpo"  # None: preference-tuned policies are never promoted
     # The candidate may lose at most this much of the task's primary metric against the SFT adapter on the
     # SFT test split (0: it must not lose any).
     max_task_metric_drop: float = Field(0.0, ge=0)
@@ -618,8 +621,10 @@ class PreferenceSpec(_Strict):
     reward_model: RewardModelConfig = RewardModelConfig()
     # Blocking gate of the reward model: pairwise accuracy on the validation pairs at least this.
     min_reward_accuracy: float = Field(0.6, ge=0, le=1)
-    train: list[Literal["dpo", "ppo"]] = Field(default_factory=lambda: ["dpo"])  # which policies to train
+    train: list[Policy] = Field(default_factory=lambda: ["dpo"])  # which policies to train
     dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    kto: KTOConfig = KTOConfig()
     ppo: PPOConfig = PPOConfig()
     report: PreferenceReportSpec = PreferenceReportSpec()
     promotion: PreferencePromotionSpec = PreferencePromotionSpec()

@@ -12,6 +12,10 @@ from pydantic import Field, model_validator
 
 from ..strict import _Strict
 
+# The preference-tuned policies `preference.train` and `preference.promotion.candidate` may name: the
+# registry's policies (`training.objectives.policies()`, checked by tests/test_objectives.py).
+Policy = Literal["dpo", "ppo", "orpo", "kto"]
+
 
 class CandidateGenerationConfig(_Strict):
     """How candidate replies are sampled for ranking (`preference.generation.generate_candidates`)."""
@@ -96,6 +100,32 @@ class DPOConfig(_Strict):
     # without dropout, and a policy forward with it makes the log-ratio noise from the first step
     disable_dropout: bool = True
     # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
+
+
+class ORPOConfig(_Strict):
+    """ORPO (Hong et al. 2024): SFT on the chosen reply plus beta x the odds-ratio loss, no reference model."""
+
+    method: Literal["orpo"] = "orpo"
+    beta: float = Field(0.1, gt=0)  # the paper's lambda: weight of the odds-ratio term against the SFT loss
+    disable_dropout: bool = True  # as DPO's
+    # prompts per micro-batch, each with all its pairs (training.methods.pairs); None: training.batch_size
+    batch_size: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
+
+
+class KTOConfig(_Strict):
+    """KTO (Ethayarajh et al. 2024): unpaired good/bad replies against the SFT model as reference."""
+
+    method: Literal["kto"] = "kto"
+    beta: float = Field(0.1, gt=0)
+    # weights of the desirable and undesirable examples' losses; TRL advises desirable_weight x good /
+    # (undesirable_weight x bad) within [1, 4/3]
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
+    disable_dropout: bool = True  # as DPO's
+    # prompts per micro-batch, each with all its examples (training.methods.pairs); None: training.batch_size
     batch_size: int | None = Field(None, ge=1)
     learning_rate: float | None = Field(None, gt=0)  # None: training.learning_rate
 

@@ -5,6 +5,8 @@ registers each objective with its spec settings, method class, entry point and a
 from ..artefacts import merge_adapter
 from ..preference.scoring import TrainedRewardModel, load_trained_reward_model
 from .methods.dpo import train_dpo
+from .methods.kto import train_kto
+from .methods.orpo import train_orpo
 from .methods.ppo import train_ppo
 from .methods.reward_model import train_reward_model
 from .methods.sft import preflight, train
@@ -13,4 +15,4 @@ from .trainer import TrainingResult, latest_checkpoint, optimizer_steps, run_tra
 
 __all__ = ["OBJECTIVES", "Objective", "TrainedRewardModel", "TrainingResult", "latest_checkpoint",
            "load_trained_reward_model", "merge_adapter", "objective", "optimizer_steps", "preflight", "run_training",
-           "train", "train_dpo", "train_ppo", "train_reward_model"]
+           "train", "train_dpo", "train_kto", "train_orpo", "train_ppo", "train_reward_model"]

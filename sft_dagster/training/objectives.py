@@ -18,9 +18,11 @@ from dataclasses import dataclass
 
 from .. import artefacts
 from ..spec import PipelineSpec, TrainingSpec
-from ..spec.preference import DPOConfig, PPOConfig, RewardModelConfig
+from ..spec.preference import DPOConfig, KTOConfig, ORPOConfig, PPOConfig, RewardModelConfig
 from .methods.base import TrainingMethod
 from .methods.dpo import DPOMethod, train_dpo
+from .methods.kto import KTOMethod, train_kto
+from .methods.orpo import ORPOMethod, train_orpo
 from .methods.ppo import train_ppo
 from .methods.reward_model import RewardModelMethod, train_reward_model
 from .methods.sft import SFTMethod, train
@@ -46,6 +48,8 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               artefacts.REWARD_MODEL),
     Objective("dpo", "preference.dpo", DPOConfig, DPOMethod, train_dpo, artefacts.ADAPTER, policy=True),
     Objective("ppo", "preference.ppo", PPOConfig, None, train_ppo, artefacts.ADAPTER, policy=True),
+    Objective("orpo", "preference.orpo", ORPOConfig, ORPOMethod, train_orpo, artefacts.ADAPTER, policy=True),
+    Objective("kto", "preference.kto", KTOConfig, KTOMethod, train_kto, artefacts.ADAPTER, policy=True),
 )}
 
 

@@ -308,6 +308,9 @@ class _Recipe:
         piece_size = lambda piece: method.batch_tokens([self.train_set[i] for i in piece])
         pieces = [piece for micro in window[self.rank :: self.world]
                   for piece in split_by_token_budget(micro, self.lengths, cfg.max_tokens_per_micro_batch, piece_size)]
+        with autocast(self.device, self.amp):  # work on the whole window before its first micro-batch (KTO's KL)
+            method.begin_window(self.model, [self.train_set[i] for micro in window for i in micro], self.pad_id,
+                                self.device, self.amp)
         loss_sum = 0.0
         for piece in pieces:
             batch = method.collate([self.train_set[i] for i in piece], self.pad_id, self.device)

@@ -14,6 +14,7 @@ method answers what differs:
 - `encode_train`: the train split's items, where they differ from `encode` (SFT mixes replay
   examples in and varies prompt templates; validation rows are encoded as evaluated);
 - `prepare`: work done once before the first step (DPO's reference log-probabilities);
+- `begin_window`: work on a whole accumulation window before its first micro-batch (KTO's KL estimate);
 - `auxiliary_loss`: a term added once per optimizer step (SFT's distillation to a frozen teacher);
 - `finish`: undo training-only changes to the model (SFT's NEFTune hook) before it is saved;
 - `save`: what the run leaves in `output_dir`, and `extra_metrics` for `metrics.json`.
@@ -119,6 +120,11 @@ class TrainingMethod(ABC):
     @abstractmethod
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(summed loss over the batch, the weight it covers)."""
+
+    def begin_window(self, model, items: list, pad_id: int, device: str, autocast_precision: str) -> None:
+        """Called at the start of each optimizer step with every item of its accumulation window (all
+        ranks' micro-batches), before any of them runs: a statistic of the whole window the loss needs
+        (KTO's KL estimate), the same however the window is split into micro-batches or ranks."""
 
     def auxiliary_loss(self, model, step: int) -> torch.Tensor | None:
         """A loss term computed once per optimizer step, already weighted (None: none); the loop runs its

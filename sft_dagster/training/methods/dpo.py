@@ -22,12 +22,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ... import artefacts
-from ...preference.losses import collate_pair_groups, dpo_batch_loss, sequence_logprobs
+from ...preference.losses import collate_pair_groups, dpo_batch_loss
 from ...spec import PipelineSpec
-from ...torchkit import autocast
-from ..trainer import run_training
-from .pairs import PairMethod, disable_dropout, load_policy, pair_training_spec
+from .pairs import PolicyPairMethod, pair_training_spec, sequence_logprobs_of, train_pair_policy
 
 
 @dataclass
@@ -36,30 +33,14 @@ class ReferencedGroup:
     reference: list[float] | None = None  # the reference's log-prob of each of the group's sequences
 
 
-class DPOMethod(PairMethod):
+class DPOMethod(PolicyPairMethod):
     name = objective = "dpo"
-    output_name = artefacts.FOLDERS[artefacts.ADAPTER]
+    unit = "pairs"  # what an item's weight counts
 
     def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
-        super().__init__(spec)
-        self.config = config
-        self.sft_adapter_dir = Path(sft_adapter_dir) if sft_adapter_dir is not None else None
+        super().__init__(spec, config, sft_adapter_dir)
         self.reference_sequences = 0  # sequences the reference scored: each distinct reply once
         self.reference_seconds = 0.0
-
-    def identity(self) -> dict:
-        start = None
-        if self.sft_adapter_dir is not None:
-            files = sorted(self.sft_adapter_dir.glob("*.safetensors"))
-            start = [str(self.sft_adapter_dir.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                                                             for f in files]
-        return {"method": self.name, "config": self.config.model_dump(mode="json"), "start": start}
-
-    def load_model(self, model_dir: Path, device: str, precision: str):
-        model = load_policy(self.spec, model_dir, self.sft_adapter_dir, device)
-        if self.config.disable_dropout:
-            disable_dropout(model)
-        return model
 
     def encode(self, tokenizer, frame):
         return [ReferencedGroup(g) for g in super().encode(tokenizer, frame)]
@@ -72,29 +53,29 @@ class DPOMethod(PairMethod):
                                                 device=device)
         return batch
 
-    @torch.no_grad()
+    def reference_groups(self, item) -> list:
+        """The groups of an item whose sequences the reference scores (their log-probs fill `set_reference`)."""
+        return [item.group]
+
+    def set_reference(self, item, logps: list[list[float]]) -> None:
+        (item.reference,) = logps
+
     def prepare(self, model, train_items, val_items, pad_id, device, autocast_precision, log) -> None:
         """The reference log-prob of every distinct reply, once: the policy as loaded (the SFT model),
         dropout off."""
         start = time.perf_counter()
         items = train_items + val_items
-        order = sorted(range(len(items)), key=lambda i: self.length(items[i]))
-        was_training = model.training
-        model.eval()
-        size = self.spec.training.batch_size
-        for begin in range(0, len(order), size):
-            chunk = [items[i] for i in order[begin : begin + size]]
-            batch = collate_pair_groups([c.group for c in chunk], pad_id, device)
-            with autocast(device, autocast_precision):
-                logps = sequence_logprobs(model, batch).float().cpu().tolist()
-            self.reference_sequences += len(batch["sequence_last"])
-            for item in chunk:
-                item.reference, logps = logps[: len(item.group.sequences)], logps[len(item.group.sequences) :]
-        model.train(was_training)
+        groups = [self.reference_groups(i) for i in items]
+        logps = sequence_logprobs_of(model, [g for gs in groups for g in gs], self.spec.training.batch_size, pad_id,
+                                     device, autocast_precision)
+        for item, gs in zip(items, groups):
+            self.set_reference(item, logps[: len(gs)])
+            logps = logps[len(gs) :]
+        self.reference_sequences += sum(len(g.sequences) for gs in groups for g in gs)
         self.reference_seconds += time.perf_counter() - start
         pairs = sum(i.group.n_pairs for i in items)
-        log(f"dpo: reference log-probs of {self.reference_sequences} distinct replies ({pairs} pairs) computed "
-            f"once in {self.reference_seconds:.1f} s")
+        log(f"{self.name}: reference log-probs of {self.reference_sequences} distinct replies ({pairs} {self.unit}) "
+            f"computed once in {self.reference_seconds:.1f} s")
 
     def loss(self, model, batch):
         loss, stats = dpo_batch_loss(model, batch, self.config.beta, self.config.label_smoothing,
@@ -103,11 +84,11 @@ class DPOMethod(PairMethod):
         self.record({k: v for k, v in stats.items() if k != "loss"}, n)
         return loss * n, n
 
+    def reference_metrics(self) -> dict:
+        return {"reference_seconds": round(self.reference_seconds, 2), "reference_sequences": self.reference_sequences}
+
     def extra_metrics(self) -> dict:
-        return {"beta": self.config.beta, "label_smoothing": self.config.label_smoothing,
-                "sft_adapter_dir": str(self.sft_adapter_dir) if self.sft_adapter_dir else None,
-                "reference_seconds": round(self.reference_seconds, 2),
-                "reference_sequences": self.reference_sequences}
+        return {**super().extra_metrics(), "label_smoothing": self.config.label_smoothing, **self.reference_metrics()}
 
 
 def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path | None, train_pairs: pd.DataFrame,
@@ -117,7 +98,5 @@ def train_dpo(spec: PipelineSpec, config, model_dir: Path, sft_adapter_dir: Path
     adapter), with the SFT model as reference; epochs, LoRA and seed come from `spec.training`, the
     batch size (prompts, each with all its pairs) and learning rate from `config` where it sets them,
     else from `spec.training`. Saves `output_dir/adapter`, a peft adapter on `model_dir` like SFT's."""
-    spec = pair_training_spec(spec, config)
-    return run_training(DPOMethod(spec, config, sft_adapter_dir), spec, Path(model_dir), train_pairs, val_pairs,
-                        Path(output_dir), device=device, log=log, on_metrics=on_metrics,
-                        stop_after_steps=stop_after_steps)
+    return train_pair_policy(DPOMethod(pair_training_spec(spec, config), config, sft_adapter_dir), model_dir,
+                             train_pairs, val_pairs, output_dir, device, log, on_metrics, stop_after_steps)

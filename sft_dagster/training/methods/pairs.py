@@ -1,15 +1,21 @@
-"""What the pair-trained methods (reward model, DPO) share: encoding pairs and their sizes in the loop."""
+"""What the pair-trained methods (reward model, DPO, ORPO, KTO) share: encoding pairs and their sizes in the
+loop; and what the policies trained from the SFT adapter on pairs share (`PolicyPairMethod`,
+`train_pair_policy`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from ... import artefacts
 from ...preference import losses
 from ...spec import PipelineSpec
-from ...torchkit import shared_row_length
+from ...torchkit import autocast, shared_row_length
 from ..fast_lora import use_fast_lora
+from ..trainer import run_training
 from .base import TrainingMethod, lora_config
 
 
@@ -41,6 +47,68 @@ class PairMethod(TrainingMethod):
     def item_key(self, item) -> str:
         group = self._group(item)
         return f"{[s.input_ids for s in group.sequences]}|{group.chosen}|{group.rejected}"
+
+
+class PolicyPairMethod(PairMethod):
+    """A causal LM policy tuned on pairs from the SFT adapter (DPO, ORPO, KTO): it starts from the adapter
+    (`load_policy`), with dropout off unless its config says otherwise, the adapter's files in the run's
+    identity, and saves a LoRA adapter like SFT's (`output_dir/adapter`)."""
+
+    output_name = artefacts.FOLDERS[artefacts.ADAPTER]
+
+    def __init__(self, spec: PipelineSpec, config, sft_adapter_dir: Path | None = None):
+        super().__init__(spec)
+        self.config = config
+        self.sft_adapter_dir = Path(sft_adapter_dir) if sft_adapter_dir is not None else None
+
+    def identity(self) -> dict:
+        start = None
+        if self.sft_adapter_dir is not None:
+            files = sorted(self.sft_adapter_dir.glob("*.safetensors"))
+            start = [str(self.sft_adapter_dir.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                                             for f in files]
+        return {"method": self.name, "config": self.config.model_dump(mode="json"), "start": start}
+
+    def load_model(self, model_dir: Path, device: str, precision: str):
+        model = load_policy(self.spec, model_dir, self.sft_adapter_dir, device)
+        if self.config.disable_dropout:
+            disable_dropout(model)
+        return model
+
+    def extra_metrics(self) -> dict:
+        return {"beta": self.config.beta,
+                "sft_adapter_dir": str(self.sft_adapter_dir) if self.sft_adapter_dir else None}
+
+
+def train_pair_policy(method: PolicyPairMethod, model_dir: Path, train_pairs: pd.DataFrame, val_pairs: pd.DataFrame,
+                      output_dir: Path, device: str = "auto", log: Callable[[str], None] = print,
+                      on_metrics: Callable[[dict], None] | None = None, stop_after_steps: int | None = None):
+    """`method` (built on `pair_training_spec(spec, config)`) through the shared loop; the `train_<name>`
+    entry points of the pair-trained policies are this with their own method class."""
+    return run_training(method, method.spec, Path(model_dir), train_pairs, val_pairs, Path(output_dir), device=device,
+                        log=log, on_metrics=on_metrics, stop_after_steps=stop_after_steps)
+
+
+@torch.no_grad()
+def sequence_logprobs_of(model, groups: list, batch_size: int, pad_id: int, device: str,
+                         autocast_precision: str) -> list[list[float]]:
+    """log pi(reply | prompt) of every sequence of each `PairGroup` (one list per group, in its sequence
+    order), dropout off, in batches of `batch_size` groups sorted by length: the reference pass of DPO
+    and KTO, and KTO's estimate of the policy's KL."""
+    out: list[list[float] | None] = [None] * len(groups)
+    order = sorted(range(len(groups)), key=lambda i: shared_row_length([s.input_ids for s in groups[i].sequences]))
+    was_training = model.training
+    model.eval()
+    for begin in range(0, len(order), batch_size):
+        chunk = order[begin : begin + batch_size]
+        batch = losses.collate_pair_groups([groups[i] for i in chunk], pad_id, device)
+        with autocast(device, autocast_precision):
+            logps = losses.sequence_logprobs(model, batch).float().cpu().tolist()
+        for i in chunk:
+            n = len(groups[i].sequences)
+            out[i], logps = logps[:n], logps[n:]
+    model.train(was_training)
+    return out
 
 
 def pair_training_spec(spec: PipelineSpec, config) -> PipelineSpec:
