@@ -16,6 +16,7 @@ import dagster as dg
 import pandas as pd
 
 from ..quality import Suite
+from ..quality.check_registry import CheckDef
 from ..quality.pii import mask_pii
 from ..spec import PipelineSpec
 from ..storage import PipelinePaths
@@ -75,6 +76,12 @@ def jsonable(metadata: dict) -> dict:
 def severity(blocking: bool) -> dg.AssetCheckSeverity:
     """A check's severity follows its blocking flag, always: ERROR blocks, WARN warns."""
     return dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN
+
+
+def check_specs(asset_key: dg.AssetKey, defs: list[CheckDef], **kwargs) -> list[dg.AssetCheckSpec]:
+    """Declared checks (a suite's, the cleanlab or pair gates) as Dagster check specs on one asset."""
+    return [dg.AssetCheckSpec(d.name, asset=asset_key, blocking=d.blocking, description=d.description, **kwargs)
+            for d in defs]
 
 
 def outcome_to_check_result(outcome, asset_key: dg.AssetKey, previews: bool = True,

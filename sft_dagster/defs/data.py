@@ -9,7 +9,7 @@ import pandas as pd
 from .. import formatting, ingest, labels
 from ..quality import run_suite
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result
+from .common import PipelineDefs, check_specs, code_version, jsonable, outcome_to_check_result
 from .resources import SFTStorage
 from .shared import corrections_path, file_version, tokenizer_for
 
@@ -96,11 +96,7 @@ def build(p: PipelineDefs) -> None:
                                   "preview": p.preview(quarantined, ["example_id", "reason"])})
 
     # The suite as checks on the labelled examples (blocking ones stop training).
-    suite_specs = [
-        dg.AssetCheckSpec(check, asset=K("labelled_examples"), blocking=blocking, description=description,
-                          additional_deps=[K("base_model")])
-        for check, blocking, description in suite.check_names()
-    ]
+    suite_specs = check_specs(K("labelled_examples"), suite.check_names(), additional_deps=[K("base_model")])
     p.blocking_checks += [p.check_key("labelled_examples", s.name) for s in suite_specs if s.blocking]
 
     @dg.multi_asset_check(name=f"{spec.name}_data_quality_suite", specs=suite_specs, pool=p.pool,

@@ -35,6 +35,7 @@ from ..training.progress import Progress
 from .common import (
     JSON_IO,
     PipelineDefs,
+    check_specs,
     code_version,
     jsonable,
     outcome_to_check_result,
@@ -45,8 +46,6 @@ from .resources import ComputeResource, SFTStorage
 from .shared import file_version, registry_dir, tokenizer_for
 from .training import device_kind, library_versions
 
-PAIR_CHECKS = ("identical_sides", "empty_sides", "ties", "over_length", "duplicates", "split_leakage",
-               "inconsistent_rankings", "length_bias", "ranker_agreement")
 ACCOUNTED_CHECK = "pairs_accounted_for"
 REWARD_CHECK = "min_pairwise_accuracy"
 PROMOTION_CHECK = "keeps_task_metric"
@@ -210,8 +209,7 @@ def build(p: PipelineDefs) -> None:
         })
 
     gates = pref.gates
-    pair_checks = [dg.AssetCheckSpec(name, asset=K("preference_pairs"), blocking=getattr(gates, name).blocking,
-                                     description=pair_stage.DESCRIPTIONS[name]) for name in PAIR_CHECKS]
+    pair_checks = check_specs(K("preference_pairs"), pair_stage.pair_check_defs(gates))
     accounted = dg.AssetCheckSpec(ACCOUNTED_CHECK, asset=K("preference_pairs"), blocking=True,
                                   description="records in (rankings, imported rows, pairs) = pairs kept + records quarantined")
     p.preference_blocking_checks += [c.key for c in pair_checks if c.blocking] + [accounted.key]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..spec import CleanlabSpec, TaskSpec
-from .checks import CheckOutcome
+from .check_registry import CheckDef, CheckOutcome
 from .duplicates import near_duplicate_ids
 from .label_views import EMBEDDING_KNN_K, Timer, knn_label_probabilities, pool
 from .llm_probs import llm_label_probabilities
@@ -43,6 +43,14 @@ IVF_MAX_LISTS = 4096
 IVF_PROBES = 4
 N_JOBS = 2
 NON_IID_MIN_P = 0.01
+LABEL_GATE_CHECKS = [
+    CheckDef("label_issue_rate", True, "Share of rows cleanlab flags as label issues is within the spec's threshold"),
+    CheckDef("issue_types_evaluated", True, "Every expected cleanlab issue type was evaluated (a skipped type is a failure)"),
+    CheckDef("class_imbalance", False, "Class balance (warning)"),
+    CheckDef("non_iid", False, "Rows look independent and identically distributed (warning)"),
+]
+# Gates that need labels: a generation task (no labels) does not get them at all.
+LABEL_TASK_ONLY = {"label_issue_rate", "class_imbalance", "non_iid"}
 
 
 @dataclass
@@ -57,8 +65,7 @@ class LabelIssueReport:
         s = self.summary
         if s.get("enabled") is False:
             return [CheckOutcome(name, True, blocking, DISABLED, {"enabled": False})
-                    for name, blocking in (("label_issue_rate", True), ("issue_types_evaluated", True),
-                                           ("class_imbalance", False), ("non_iid", False))]
+                    for name, blocking, _ in LABEL_GATE_CHECKS]
         expected = s.get("issue_types_expected", [])
         missing = list(s.get("missing_issue_types", [])) if "missing_issue_types" in s else list(expected) or ["<unknown>"]
         label_flags = self.flags["is_label_issue"].astype(bool) if "is_label_issue" in self.flags else pd.Series(dtype=bool)
