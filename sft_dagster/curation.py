@@ -4,7 +4,8 @@ Rows are first grouped into duplicate clusters (`quality/duplicates.py`: exact d
 text up to case, punctuation and spacing, cleanlab's near-duplicate sets). Each cluster has one
 representative: a reviewed row first, else the first by source order (a row failing a blocking check
 only when no other row is left). `near_duplicates: drop` (step 4) keeps each cluster's representative
-and quarantines the other rows of train and validation, naming the id kept.
+and quarantines the other rows of train and validation, naming the id kept, and every train row that
+nearly repeats a validation or test row (`quality/leakage.py`), naming that row.
 
 Order of decisions, each recorded with its reason:
 1. exact duplicates: one row of identical content stays (the representative when it is one of
@@ -31,6 +32,7 @@ from collections.abc import Iterable
 import pandas as pd
 
 from .quality.duplicates import conflicting_clusters, describe_labels, duplicate_clusters, representatives
+from .quality.leakage import leaking_pairs
 from .schema import quarantine_rows
 from .spec import CurationPolicy, SplitSpec
 from .splits import assign_splits
@@ -130,6 +132,10 @@ def curate(
         kept_of = representatives(df, clusters, reason.isna())  # among the rows still in
         hit = trainable & (df["example_id"] != kept_of) & reason.isna()
         reason[hit] = "near duplicate of " + kept_of[hit]
+        # a train row nearly repeating a validation/test row (which stays: test is never cleaned)
+        leaks = leaking_pairs(df[reason.isna()], flags).drop_duplicates("train_id").set_index("train_id")["evaluation_id"]
+        hit = df["example_id"].isin(set(leaks.index)) & reason.isna()
+        reason[hit] = "near copy of evaluation row " + df.loc[hit, "example_id"].map(leaks).astype(str)
     if policy.outliers == "drop":
         hit = trainable & df["is_outlier"] & reason.isna()
         reason[hit] = "outlier (cleanlab)"

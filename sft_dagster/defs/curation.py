@@ -4,11 +4,16 @@
 import dagster as dg
 import pandas as pd
 
-from .. import atomic, curation, splits
+from .. import atomic, curation, quality, splits
+from ..quality import leakage
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, jsonable
+from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result
 from .data import suite_outcomes
 from .resources import SFTStorage
+
+LEAKAGE_CHECK = "no_leakage_across_splits"
+LEAKAGE_DESCRIPTION = ("No validation/test row nearly repeats a train row (cleanlab's near-duplicate sets, or TF-IDF "
+                       f"cosine similarity of the prompts >= {leakage.LEAKAGE_SIMILARITY}); train is not empty")
 
 
 def build(p: PipelineDefs) -> None:
@@ -18,7 +23,8 @@ def build(p: PipelineDefs) -> None:
     p.blocking_checks.append(curated_check.key)
 
     @dg.multi_asset(
-        name=f"{spec.name}__curation", pool=p.pool, ins=p.ins("labelled_examples", "label_issues"), check_specs=[curated_check],
+        name=f"{spec.name}__curation", pool=p.pool, ins=p.ins("labelled_examples", "label_issues", "suite_findings"),
+        check_specs=[curated_check],
         outs={
             "curated_examples": p.out("curated_examples", kinds={"pandas", "parquet"}, code_version=code_version(curation),
                                       description="What training may use, after the spec's curation policy."),
@@ -28,15 +34,15 @@ def build(p: PipelineDefs) -> None:
         },
     )
     def curated_examples(context: dg.AssetExecutionContext, storage: SFTStorage, labelled_examples: pd.DataFrame,
-                         label_issues: pd.DataFrame):
-        outcomes = suite_outcomes(p, p.suite, labelled_examples, storage)
-        failing = {o.name: o.failing_ids for o in outcomes if o.blocking and o.failing_ids}
+                         label_issues: pd.DataFrame, suite_findings: pd.DataFrame):
+        failing = quality.blocking_failures(suite_findings)  # the rows the suite's blocking checks failed
         curated, quarantined, stats = curation.curate(labelled_examples, failing, label_issues, spec.quality.policy, spec.splits,
                                                           label_task=spec.task.is_label_task)
         yield dg.Output(curated, output_name="curated_examples", data_version=dg.DataVersion(frame_hash(curated)),
                         metadata={"dagster/row_count": len(curated), **jsonable(stats)})
         yield dg.Output(quarantined, output_name="curation_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined), "preview": p.preview(quarantined, ["example_id", "reason"])})
+        # The suite once more, on what curation kept: the output itself must pass every blocking check.
         leftover = {o.name: len(o.failing_ids) for o in suite_outcomes(p, p.suite, curated, storage) if o.blocking and o.failing_ids}
         balanced = stats["rows_in"] == stats["rows_kept"] + stats["rows_quarantined"]
         yield dg.AssetCheckResult(
@@ -68,28 +74,25 @@ def build(p: PipelineDefs) -> None:
             metadata={"rows_read": rows_read, "rows_curated": len(curated_examples), "rows_quarantined": len(combined)},
         )
 
-    split_check = dg.AssetCheckSpec("no_leakage_across_splits", asset=K("dataset_splits"), blocking=True,
-                                    description="No prompt appears in more than one split; train is not empty")
-    p.blocking_checks.append(split_check.key)
-
     @dg.asset(**p.asset_args("dataset_splits", kinds={"pandas", "parquet"}, code_version=code_version(splits),
-                             check_specs=[split_check], ins=p.ins("curated_examples"),
+                             ins=p.ins("curated_examples"),
                              description="Deterministic train / validation / test splits (hash of the prompt)."))
     def dataset_splits(context: dg.AssetExecutionContext, storage: SFTStorage, curated_examples: pd.DataFrame):
         split_dir = p.paths(storage).splits_dir
         summary = splits.split_summary(curated_examples, "response" if spec.task.is_label_task else None)
         for split in splits.SPLITS:  # exported for people and for training in a separate process
             atomic.write_parquet(split_dir / f"{split}.parquet", curated_examples[curated_examples["split"] == split])
-        yield dg.Output(curated_examples, data_version=dg.DataVersion(frame_hash(curated_examples)),
-                        metadata={"dagster/row_count": len(curated_examples), "summary": dg.MetadataValue.json(summary),
-                                  "splits_dir": dg.MetadataValue.path(str(split_dir))})
-        keys = curated_examples["prompt"].map(splits.split_key)
-        leaking = curated_examples.groupby(keys)["split"].nunique()
-        leaking = leaking[leaking > 1]
-        yield dg.AssetCheckResult(
-            asset_key=K("dataset_splits"), check_name="no_leakage_across_splits",
-            passed=leaking.empty and summary["rows"]["train"] > 0,
-            metadata={"leaking_prompts": len(leaking), "train_rows": summary["rows"]["train"]},
-        )
+        return dg.Output(curated_examples, data_version=dg.DataVersion(frame_hash(curated_examples)),
+                         metadata={"dagster/row_count": len(curated_examples), "summary": dg.MetadataValue.json(summary),
+                                   "splits_dir": dg.MetadataValue.path(str(split_dir))})
 
+    @dg.asset_check(asset=K("dataset_splits"), name=LEAKAGE_CHECK, blocking=True, pool=p.pool,
+                    additional_ins={"label_issues": dg.AssetIn(K("label_issues"))}, description=LEAKAGE_DESCRIPTION)
+    def no_leakage_across_splits(context: dg.AssetCheckExecutionContext, dataset_splits: pd.DataFrame,
+                                 label_issues: pd.DataFrame) -> dg.AssetCheckResult:
+        outcome = leakage.check_split_neighbours(LEAKAGE_CHECK, dataset_splits, label_issues, description=LEAKAGE_DESCRIPTION)
+        return outcome_to_check_result(outcome, K("dataset_splits"), previews=spec.quality.previews)
+
+    p.blocking_checks.append(p.check_key("dataset_splits", LEAKAGE_CHECK))
+    p.checks.append(no_leakage_across_splits)
     p.assets += [curated_examples, quarantine, dataset_splits]

@@ -6,7 +6,7 @@ import time
 import dagster as dg
 import pandas as pd
 
-from .. import formatting, ingest, labels
+from .. import formatting, ingest, labels, quality
 from ..quality import run_suite
 from ..schema import frame_hash
 from .common import PipelineDefs, check_specs, code_version, jsonable, outcome_to_check_result
@@ -71,13 +71,22 @@ def build(p: PipelineDefs) -> None:
             },
         )
 
+    # The suite as checks on the labelled examples (blocking ones stop training), run with the labels:
+    # its row findings are an asset curation takes as an input.
+    suite_specs = check_specs(K("labelled_examples"), suite.check_names())
+    p.blocking_checks += [s.key for s in suite_specs if s.blocking]
+
     @dg.multi_asset(
         name=f"{spec.name}__labels", pool=p.pool, ins=p.ins("raw_examples", "label_corrections"),
+        deps=[K("base_model")], check_specs=suite_specs,  # the suite measures token lengths in its tokenizer
         outs={
             "labelled_examples": p.out("labelled_examples", kinds={"pandas", "parquet"}, code_version=code_version(labels),
                                        description="Raw examples with the corrections file applied, and each label's provenance."),
             "labels_quarantine": p.out("labels_quarantine", kinds={"pandas", "parquet"}, code_version=code_version(labels),
                                        description="Rows a data engineer dropped in the corrections file."),
+            "suite_findings": p.out("suite_findings", kinds={"pandas", "parquet"}, code_version=code_version(quality),
+                                    description=f"The rows each check of data_checks/{spec.quality.suite}.yaml failed "
+                                                "(check, example_id, blocking): what curation quarantines."),
         },
     )
     def labelled_examples(context: dg.AssetExecutionContext, storage: SFTStorage, raw_examples: pd.DataFrame,
@@ -94,19 +103,14 @@ def build(p: PipelineDefs) -> None:
         yield dg.Output(quarantined, output_name="labels_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined),
                                   "preview": p.preview(quarantined, ["example_id", "reason"])})
-
-    # The suite as checks on the labelled examples (blocking ones stop training).
-    suite_specs = check_specs(K("labelled_examples"), suite.check_names(), additional_deps=[K("base_model")])
-    p.blocking_checks += [p.check_key("labelled_examples", s.name) for s in suite_specs if s.blocking]
-
-    @dg.multi_asset_check(name=f"{spec.name}_data_quality_suite", specs=suite_specs, pool=p.pool,
-                          ins={"labelled": dg.AssetIn(K("labelled_examples"))},
-                          description=f"data_checks/{spec.quality.suite}.yaml run with great-expectations and SFT checks")
-    def data_quality_suite(context: dg.AssetCheckExecutionContext, storage: SFTStorage, labelled: pd.DataFrame):
         out_dir = p.paths(storage).quality_dir / "labelled_examples"
-        for outcome in suite_outcomes(p, suite, labelled, storage, out_dir):
+        outcomes = suite_outcomes(p, suite, labelled, storage, out_dir)
+        findings = quality.findings_frame(outcomes)
+        yield dg.Output(findings, output_name="suite_findings", data_version=dg.DataVersion(frame_hash(findings)),
+                        metadata={"dagster/row_count": len(findings),
+                                  "rows_by_check": dg.MetadataValue.json(findings["check"].value_counts().to_dict())})
+        for outcome in outcomes:
             yield outcome_to_check_result(outcome, K("labelled_examples"), previews=spec.quality.previews,
                                           failing_ids_file=out_dir / f"{outcome.name}.csv")
 
     p.assets += [raw_examples, label_corrections, labelled_examples]
-    p.checks.append(data_quality_suite)

@@ -95,3 +95,18 @@ def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: 
             else:
                 path.unlink(missing_ok=True)  # no list left over from an earlier run
     return ordered
+
+
+FINDING_COLUMNS = ["check", "example_id", "blocking"]
+
+
+def findings_frame(outcomes: list[CheckOutcome]) -> pd.DataFrame:
+    """The suite's row findings: one row per (check, failing example_id), with the check's blocking flag."""
+    rows = [(o.name, str(i), bool(o.blocking)) for o in outcomes for i in o.failing_ids]
+    return pd.DataFrame(rows, columns=FINDING_COLUMNS).astype({"check": str, "example_id": str, "blocking": bool})
+
+
+def blocking_failures(findings: pd.DataFrame) -> dict[str, list[str]]:
+    """check name -> the example_ids that failed it, for the blocking checks with failing rows."""
+    blocking = findings[findings["blocking"].astype(bool)]
+    return {str(check): group["example_id"].astype(str).tolist() for check, group in blocking.groupby("check", sort=False)}

@@ -124,18 +124,12 @@ def _fold_columns(sparse, dims: int):
     return folded
 
 
-def text_features(texts: pd.Series, seed: int = 0):
-    """Sparse TF-IDF over hashed word 1-2 grams and char 4-grams (within word boundaries), and a bounded dense projection.
-
-    Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
-    hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
-    on at most `SVD_FIT_ROWS` rows, so their cost is linear in the row count.
-    """
+def tfidf_vectors(texts: pd.Series):
+    """Sublinear TF-IDF over hashed word 1-2 grams and char 4-grams, rows L2-normalised (a dot product
+    of two rows is their cosine similarity)."""
     import scipy.sparse as sp
     from joblib import Parallel, delayed
-    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.preprocessing import normalize
 
     values = texts.fillna("").astype(str).tolist()
     chunks = [values[i:i + HASH_CHUNK] for i in range(0, len(values), HASH_CHUNK)] or [[]]
@@ -143,8 +137,20 @@ def text_features(texts: pd.Series, seed: int = 0):
              else [_hash_chunk(chunks[0])])
     counts = sp.vstack(parts, format="csr")
     del parts
-    sparse = TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32, copy=False)
-    del counts
+    return TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32, copy=False)
+
+
+def text_features(texts: pd.Series, seed: int = 0):
+    """Sparse TF-IDF over hashed word 1-2 grams and char 4-grams (within word boundaries), and a bounded dense projection.
+
+    Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
+    hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
+    on at most `SVD_FIT_ROWS` rows, so their cost is linear in the row count.
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    sparse = tfidf_vectors(texts)
     folded = _fold_columns(sparse, FOLD_DIMS)
     rng = np.random.default_rng(seed)
     fit_rows = rng.choice(sparse.shape[0], SVD_FIT_ROWS, replace=False) if sparse.shape[0] > SVD_FIT_ROWS else slice(None)
