@@ -8,6 +8,7 @@ artefacts as small JSON records through `JsonIOManager`), never by re-reading an
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -60,8 +61,28 @@ def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW
     return dg.MetadataValue.md(shown.to_markdown(index=False))
 
 
+SIGNIFICANT_DIGITS = 4  # of a float shown in the UI (which prints a float's full repr: 0.39574468085106385)
+
+
+def rounded(value):
+    """Floats to `SIGNIFICANT_DIGITS` significant places (never fewer than their integer digits), in
+    nested dicts and lists too; the rest as it is."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, max(0, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(value)))))
+    if type(value) is dict:
+        return {k: rounded(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # not a MetadataValue (a named tuple), which stays as it is
+        return [rounded(v) for v in value]
+    return value
+
+
+def numbers(metrics: dict) -> dict:
+    """The numeric entries of `metrics`, rounded for the UI."""
+    return {k: rounded(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def jsonable(metadata: dict) -> dict:
-    """Nested dicts/lists become JSON metadata; scalars stay scalars."""
+    """Nested dicts/lists become JSON metadata; scalars stay scalars, floats rounded for the UI."""
     out = {}
     for key, value in metadata.items():
         if isinstance(value, (dict, list)):
@@ -69,7 +90,7 @@ def jsonable(metadata: dict) -> dict:
         elif value is None:
             out[key] = dg.MetadataValue.null()
         else:
-            out[key] = value
+            out[key] = rounded(value)
     return out
 
 

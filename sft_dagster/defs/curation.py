@@ -17,14 +17,19 @@ LEAKAGE_DESCRIPTION = ("No validation/test row nearly repeats a train row (clean
 
 
 def build(p: PipelineDefs) -> None:
+    _build_curation(p)
+    _build_quarantine(p)
+    _build_splits(p)
+
+
+def _build_curation(p: PipelineDefs) -> None:
     spec, K = p.spec, p.key
     curated_check = dg.AssetCheckSpec("no_blocking_failures_left", asset=K("curated_examples"), blocking=True,
                                       description="No curated row fails a blocking check; rows in = kept + quarantined")
     p.blocking_checks.append(curated_check.key)
 
     @dg.multi_asset(
-        name=f"{spec.name}__curation", pool=p.pool, ins=p.ins("labelled_examples", "label_issues", "suite_findings"),
-        check_specs=[curated_check],
+        name=f"{spec.name}__curation", pool=p.pool, ins=p.ins("labelled_examples", "label_issues"), check_specs=[curated_check],
         outs={
             "curated_examples": p.out("curated_examples", kinds={"pandas", "parquet"}, code_version=code_version(curation),
                                       description="What training may use, after the spec's curation policy."),
@@ -34,9 +39,11 @@ def build(p: PipelineDefs) -> None:
         },
     )
     def curated_examples(context: dg.AssetExecutionContext, storage: SFTStorage, labelled_examples: pd.DataFrame,
-                         label_issues: pd.DataFrame, suite_findings: pd.DataFrame):
-        failing = quality.blocking_failures(suite_findings)  # the rows the suite's blocking checks failed
-        curated, quarantined, stats = curation.curate(labelled_examples, failing, label_issues, spec.quality.policy, spec.splits,
+                         label_issues: pd.DataFrame):
+        # The suite ran with the labels: each row names the blocking checks it failed.
+        failing = quality.blocking_failures(labelled_examples, [c.name for c in p.suite.checks])
+        labelled = labelled_examples.drop(columns=quality.FAILED_CHECKS)
+        curated, quarantined, stats = curation.curate(labelled, failing, label_issues, spec.quality.policy, spec.splits,
                                                           label_task=spec.task.is_label_task)
         yield dg.Output(curated, output_name="curated_examples", data_version=dg.DataVersion(frame_hash(curated)),
                         metadata={"dagster/row_count": len(curated), **jsonable(stats)})
@@ -50,6 +57,11 @@ def build(p: PipelineDefs) -> None:
             metadata={"failing_rows_by_check": dg.MetadataValue.json(leftover), "rows_balanced": balanced},
         )
 
+    p.assets.append(curated_examples)
+
+
+def _build_quarantine(p: PipelineDefs) -> None:
+    K = p.key
     accounted = dg.AssetCheckSpec("rows_accounted_for", asset=K("quarantine"), blocking=True,
                                   description="rows read = rows curated + rows quarantined, over every stage")
     p.blocking_checks.append(accounted.key)
@@ -74,6 +86,12 @@ def build(p: PipelineDefs) -> None:
             metadata={"rows_read": rows_read, "rows_curated": len(curated_examples), "rows_quarantined": len(combined)},
         )
 
+    p.assets.append(quarantine)
+
+
+def _build_splits(p: PipelineDefs) -> None:
+    spec, K = p.spec, p.key
+
     @dg.asset(**p.asset_args("dataset_splits", kinds={"pandas", "parquet"}, code_version=code_version(splits),
                              ins=p.ins("curated_examples"),
                              description="Deterministic train / validation / test splits (hash of the prompt)."))
@@ -94,5 +112,5 @@ def build(p: PipelineDefs) -> None:
         return outcome_to_check_result(outcome, K("dataset_splits"), previews=spec.quality.previews)
 
     p.blocking_checks.append(p.check_key("dataset_splits", LEAKAGE_CHECK))
+    p.assets.append(dataset_splits)
     p.checks.append(no_leakage_across_splits)
-    p.assets += [curated_examples, quarantine, dataset_splits]

@@ -23,7 +23,13 @@ def suite_outcomes(p: PipelineDefs, suite, df: pd.DataFrame, storage: SFTStorage
 
 
 def build(p: PipelineDefs) -> None:
-    spec, K, suite = p.spec, p.key, p.suite
+    _build_ingest(p)
+    _build_corrections(p)
+    _build_labels(p)
+
+
+def _build_ingest(p: PipelineDefs) -> None:
+    spec = p.spec
 
     @dg.multi_asset(
         name=f"{spec.name}__ingest", pool=p.pool,
@@ -55,6 +61,12 @@ def build(p: PipelineDefs) -> None:
                         metadata={"dagster/row_count": len(quarantined),
                                   "preview": p.preview(quarantined, ["reason", "source_file", "source_line"])})
 
+    p.assets.append(raw_examples)
+
+
+def _build_corrections(p: PipelineDefs) -> None:
+    spec = p.spec
+
     @dg.asset(**p.asset_args("label_corrections", kinds={"csv"}, code_version=code_version(labels),
                              description="The corrections file data engineers maintain; its content hash is its data version."))
     def label_corrections(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[pd.DataFrame]:
@@ -71,8 +83,13 @@ def build(p: PipelineDefs) -> None:
             },
         )
 
-    # The suite as checks on the labelled examples (blocking ones stop training), run with the labels:
-    # its row findings are an asset curation takes as an input.
+    p.assets.append(label_corrections)
+
+
+def _build_labels(p: PipelineDefs) -> None:
+    spec, K, suite = p.spec, p.key, p.suite
+    # The suite as checks on the labelled examples (blocking ones stop training), run with the labels: each
+    # row carries the blocking checks it failed (`failed_blocking_checks`), which curation quarantines.
     suite_specs = check_specs(K("labelled_examples"), suite.check_names())
     p.blocking_checks += [s.key for s in suite_specs if s.blocking]
 
@@ -84,9 +101,6 @@ def build(p: PipelineDefs) -> None:
                                        description="Raw examples with the corrections file applied, and each label's provenance."),
             "labels_quarantine": p.out("labels_quarantine", kinds={"pandas", "parquet"}, code_version=code_version(labels),
                                        description="Rows a data engineer dropped in the corrections file."),
-            "suite_findings": p.out("suite_findings", kinds={"pandas", "parquet"}, code_version=code_version(quality),
-                                    description=f"The rows each check of data_checks/{spec.quality.suite}.yaml failed "
-                                                "(check, example_id, blocking): what curation quarantines."),
         },
     )
     def labelled_examples(context: dg.AssetExecutionContext, storage: SFTStorage, raw_examples: pd.DataFrame,
@@ -95,6 +109,9 @@ def build(p: PipelineDefs) -> None:
             raw_examples, label_corrections, spec.task.labels if spec.task.is_label_task else None,
             source=str(corrections_path(spec, storage)),
         )
+        out_dir = p.paths(storage).quality_dir / "labelled_examples"
+        outcomes = suite_outcomes(p, suite, labelled, storage, out_dir)
+        labelled = quality.with_failed_checks(labelled, outcomes)
         yield dg.Output(
             labelled, output_name="labelled_examples", data_version=dg.DataVersion(frame_hash(labelled)),
             metadata={"dagster/row_count": len(labelled), "rows_in": len(raw_examples), **jsonable(stats),
@@ -103,14 +120,8 @@ def build(p: PipelineDefs) -> None:
         yield dg.Output(quarantined, output_name="labels_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined),
                                   "preview": p.preview(quarantined, ["example_id", "reason"])})
-        out_dir = p.paths(storage).quality_dir / "labelled_examples"
-        outcomes = suite_outcomes(p, suite, labelled, storage, out_dir)
-        findings = quality.findings_frame(outcomes)
-        yield dg.Output(findings, output_name="suite_findings", data_version=dg.DataVersion(frame_hash(findings)),
-                        metadata={"dagster/row_count": len(findings),
-                                  "rows_by_check": dg.MetadataValue.json(findings["check"].value_counts().to_dict())})
         for outcome in outcomes:
             yield outcome_to_check_result(outcome, K("labelled_examples"), previews=spec.quality.previews,
                                           failing_ids_file=out_dir / f"{outcome.name}.csv")
 
-    p.assets += [raw_examples, label_corrections, labelled_examples]
+    p.assets.append(labelled_examples)

@@ -97,16 +97,26 @@ def run_suite(df: pd.DataFrame, suite: Suite, *, task: TaskSpec, token_lengths: 
     return ordered
 
 
-FINDING_COLUMNS = ["check", "example_id", "blocking"]
+FAILED_CHECKS = "failed_blocking_checks"  # the column of the blocking suite checks a row failed
+SEPARATOR = "|"
 
 
-def findings_frame(outcomes: list[CheckOutcome]) -> pd.DataFrame:
-    """The suite's row findings: one row per (check, failing example_id), with the check's blocking flag."""
-    rows = [(o.name, str(i), bool(o.blocking)) for o in outcomes for i in o.failing_ids]
-    return pd.DataFrame(rows, columns=FINDING_COLUMNS).astype({"check": str, "example_id": str, "blocking": bool})
+def with_failed_checks(df: pd.DataFrame, outcomes: list[CheckOutcome]) -> pd.DataFrame:
+    """`df` with `failed_blocking_checks`: the blocking checks each row failed, in the suite's order
+    (`|`-joined, "" for none): the suite's row findings, which curation quarantines."""
+    failed: dict[str, list[str]] = {}
+    for outcome in outcomes:
+        if outcome.blocking:
+            for example_id in dict.fromkeys(outcome.failing_ids):
+                failed.setdefault(str(example_id), []).append(outcome.name)
+    names = df["example_id"].astype(str).map(lambda i: SEPARATOR.join(failed.get(i, [])))
+    return df.assign(**{FAILED_CHECKS: names.astype(str).to_numpy()})
 
 
-def blocking_failures(findings: pd.DataFrame) -> dict[str, list[str]]:
-    """check name -> the example_ids that failed it, for the blocking checks with failing rows."""
-    blocking = findings[findings["blocking"].astype(bool)]
-    return {str(check): group["example_id"].astype(str).tolist() for check, group in blocking.groupby("check", sort=False)}
+def blocking_failures(df: pd.DataFrame, order: list[str]) -> dict[str, list[str]]:
+    """check name -> the example_ids that failed it (from `with_failed_checks`), checks in `order`."""
+    rows = df[FAILED_CHECKS].fillna("").astype(str).str.split(SEPARATOR).explode()
+    rows = rows[rows != ""]
+    ids = df.loc[rows.index, "example_id"].astype(str).to_numpy()
+    by_check = pd.Series(ids, index=rows.to_numpy()).groupby(level=0).agg(list).to_dict() if len(rows) else {}
+    return {name: by_check[name] for name in order if name in by_check}
