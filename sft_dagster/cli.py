@@ -55,7 +55,7 @@ def stage_names(job_def) -> dict[str, list[str]]:
         if not assets_def.is_executable:
             continue
         names = sorted((k.path[-1] for k in assets_def.keys), key=lambda n: (n.endswith("quarantine"), n))
-        if not names:  # a step of checks only (the data-quality suite)
+        if not names:  # a step of checks only (the leakage check on the splits)
             names = [f"checks on {k}" for k in sorted({c.asset_key.path[-1] for c in assets_def.check_keys})]
         out[assets_def.node_def.name] = names
     return out

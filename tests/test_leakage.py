@@ -102,3 +102,17 @@ def test_no_train_rows_fails():
     df = reviews(30).assign(split="test")
     outcome = check_split_neighbours("leak", df)
     assert not outcome.passed and not outcome.failing_ids and outcome.metadata["train_rows"] == 0
+
+
+def test_prompts_that_state_other_numbers_are_other_questions():
+    """The TF-IDF drops one-character tokens: "... 3 hours?" and "... 8 hours?" have the same vector."""
+    rows = [("How many minutes are in 3 hours?", "train"), ("How many minutes are in 8 hours?", "test"),
+            ("Name a colour.", "train"), ("What is the capital of France?", "validation")]
+    df = pd.DataFrame(rows, columns=["prompt", "split"]).assign(example_id=lambda d: [f"q{i}" for i in range(len(d))])
+    assert check_split_neighbours("leak", df).passed
+    df.loc[0, "prompt"] = "So, how many minutes are in 8 hours?"
+    outcome = check_split_neighbours("leak", df)
+    assert not outcome.passed and outcome.failing_ids == ["q1"] and outcome.failing_rows["train_example_id"].tolist() == ["q0"]
+    flags = pd.DataFrame({"example_id": ["q0", "q1"], "near_duplicate_of": ["q1", "q0"]})  # cleanlab's sets alike
+    df.loc[0, "prompt"] = "How many minutes are in 3 hours?"
+    assert check_split_neighbours("leak", df, flags).passed
