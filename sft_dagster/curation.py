@@ -4,8 +4,7 @@ Rows are first grouped into duplicate clusters (`quality/duplicates.py`: exact d
 text up to case, punctuation and spacing, cleanlab's near-duplicate sets). Each cluster has one
 representative: a reviewed row first, else the first by source order (a row failing a blocking check
 only when no other row is left). `near_duplicates: drop` (step 4) keeps each cluster's representative
-and quarantines the other rows of train and validation, naming the id kept, and every train row that
-nearly repeats a validation or test row (`quality/leakage.py`), naming that row.
+and quarantines the other rows of train and validation, naming the id kept.
 
 Order of decisions, each recorded with its reason:
 1. exact duplicates: one row of identical content stays (the representative when it is one of
@@ -22,7 +21,11 @@ Order of decisions, each recorded with its reason:
    confidence reaches `relabel_min_confidence` (the old label kept in `relabelled_from`); the other
    flagged rows are quarantined until a person decides in the review queue. Generation tasks' response
    findings (misaligned, wrong language, copy ...; warnings such as boilerplate never) follow
-   `response_issues: drop | keep` the same way, train and validation only, reviewed rows never.
+   `response_issues: drop | keep` the same way, train and validation only, reviewed rows never;
+5. `leaking_train_rows: drop` (default) quarantines every train row still in that nearly repeats a
+   validation or test row (`quality/leakage.py`: cleanlab's near-duplicate sets, or TF-IDF cosine
+   >= 0.9 with the same numbers), naming that row; the evaluation row stays. With `keep`, the
+   blocking `no_leakage_across_splits` check on the splits fails on them.
 """
 
 from __future__ import annotations
@@ -73,7 +76,9 @@ def curate(
                                                                             "resolved_by_review": 0}
     _findings_policy(df, reason, policy)
     if policy.near_duplicates == "drop":
-        _drop_near_duplicates(df, clusters, reason, flags)
+        _drop_near_duplicates(df, clusters, reason)
+    if policy.leaking_train_rows == "drop":
+        _drop_leaking_train_rows(df, reason, flags)
     if policy.outliers == "drop":
         hit = (df["split"] != "test") & df["is_outlier"] & reason.isna()
         reason[hit] = "outlier (cleanlab)"
@@ -159,13 +164,17 @@ def _findings_policy(df: pd.DataFrame, reason: pd.Series, policy: CurationPolicy
                        + df.loc[hit, "response_issue_reason"].astype(str))
 
 
-def _drop_near_duplicates(df: pd.DataFrame, clusters: pd.Series, reason: pd.Series, flags: pd.DataFrame | None) -> None:
-    """Step 4 for near duplicates: each cluster keeps its representative in train and validation, and a
-    train row nearly repeating a validation/test row goes (the evaluation row stays: test is never
-    cleaned); `reason` is set in place."""
+def _drop_near_duplicates(df: pd.DataFrame, clusters: pd.Series, reason: pd.Series) -> None:
+    """Step 4 for near duplicates: each cluster keeps its representative in train and validation;
+    `reason` is set in place."""
     kept_of = representatives(df, clusters, reason.isna())  # among the rows still in
     hit = (df["split"] != "test") & (df["example_id"] != kept_of) & reason.isna()
     reason[hit] = "near duplicate of " + kept_of[hit]
+
+
+def _drop_leaking_train_rows(df: pd.DataFrame, reason: pd.Series, flags: pd.DataFrame | None) -> None:
+    """Step 5: a train row that nearly repeats a validation/test row still in goes (the evaluation row
+    stays: test is never cleaned); `reason` is set in place."""
     leaks = leaking_pairs(df[reason.isna()], flags).drop_duplicates("train_id").set_index("train_id")["evaluation_id"]
     hit = df["example_id"].isin(set(leaks.index)) & reason.isna()
     reason[hit] = "near copy of evaluation row " + df.loc[hit, "example_id"].map(leaks).astype(str)
