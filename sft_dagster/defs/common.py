@@ -77,8 +77,9 @@ def rounded(value):
 
 
 def numbers(metrics: dict) -> dict:
-    """The numeric entries of `metrics`, rounded for the UI."""
-    return {k: rounded(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric entries of `metrics` as metadata entries of their own. Not rounded: they stand beside
+    the metrics' JSON, which keeps the trainer's exact numbers (MLflow logs the same)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def jsonable(metadata: dict) -> dict:

@@ -142,7 +142,7 @@ def _trained_output(record: dict, skipped: bool, path_key: str, **counts) -> dg.
     """A preference training asset's value: the run's record, its lineage hash the data version."""
     return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
         path_key: dg.MetadataValue.path(record["model_dir"]),
-        "skipped_training": skipped, **counts, "metrics": dg.MetadataValue.json(rounded(record["metrics"])),
+        "skipped_training": skipped, **counts, "metrics": dg.MetadataValue.json(record["metrics"]),
         **numbers(record["metrics"])})
 
 
@@ -417,7 +417,7 @@ def _build_report(p: PipelineDefs, trained: list[str]) -> None:
         atomic.write_json(reports_dir / "preference_report.json", report, sort_keys=True)
         markdown = render_markdown(report)
         atomic.write_text(reports_dir / "preference_report.md", markdown)
-        summary = {f"{name}_{k}": v for name, row in report["policies"].items() for k, v in numbers(row).items()}
+        summary = {f"{name}_{k}": rounded(v) for name, row in report["policies"].items() for k, v in numbers(row).items()}
         yield dg.Output(report, data_version=dg.DataVersion(inputs_hash),
                         metadata={"report": dg.MetadataValue.md(markdown), **summary, "inputs_hash": inputs_hash,
                                   "skipped_report": skipped, "seconds": None if skipped else report.get("seconds"),

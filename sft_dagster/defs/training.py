@@ -22,7 +22,7 @@ from ..spec import TRAIN_ROWS
 from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
 from ..training.progress import Progress
-from .common import JSON_IO, PipelineDefs, code_version, numbers, preview, rounded
+from .common import JSON_IO, PipelineDefs, code_version, numbers, preview
 from .guards import require_checks_passed
 from .multitask import quarantine_assets, splits_asset
 from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
@@ -193,7 +193,7 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
         "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
         "skipped_training": skipped, "method": method, "lineage": dg.MetadataValue.json(lineage),
-        "metrics": dg.MetadataValue.json(rounded(metrics)), **numbers(metrics), **link,
+        "metrics": dg.MetadataValue.json(metrics), **numbers(metrics), **link,
     })
 
 
