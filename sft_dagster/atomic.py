@@ -173,17 +173,3 @@ def locked(path: str | Path, timeout: float = 60.0) -> Iterator[Path]:
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
-
-def remove_stale_temps(directory: str | Path) -> int:
-    """Delete temp files and folders a killed writer left behind in `directory` (not recursive)."""
-    removed = 0
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    for p in directory.glob(".*.tmp"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        removed += 1
-    for p in directory.glob(".*.old"):
-        shutil.rmtree(p, ignore_errors=True)
-        removed += 1
-    return removed

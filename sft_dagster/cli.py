@@ -55,7 +55,7 @@ def stage_names(job_def) -> dict[str, list[str]]:
         if not assets_def.is_executable:
             continue
         names = sorted((k.path[-1] for k in assets_def.keys), key=lambda n: (n.endswith("quarantine"), n))
-        if not names:  # a step of checks only (the data-quality suite)
+        if not names:  # a step of checks only (the leakage check on the splits)
             names = [f"checks on {k}" for k in sorted({c.asset_key.path[-1] for c in assets_def.check_keys})]
         out[assets_def.node_def.name] = names
     return out
@@ -73,77 +73,22 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
         "fine_tuned_adapter", "evaluation_report", "promoted_model")}
     run = instance.get_run_by_id(run_id)
     events = [e.dagster_event for e in instance.all_logs(run_id) if e.dagster_event is not None]
-    checks = []
-    for event in events:
-        if event.event_type_value == "ASSET_CHECK_EVALUATION":
-            data = event.event_specific_data
-            check_key = dg.AssetCheckKey(data.asset_key, data.check_name)
-            blocking = graph.get_check_spec(check_key).blocking if graph.has(check_key) else data.severity.value == "ERROR"
-            check_meta = {k: v.value for k, v in (data.metadata or {}).items()}
-            checks.append({"asset": data.asset_key.path[-1], "check": data.check_name, "passed": data.passed,
-                           "blocking": blocking, "severity": data.severity.value, "description": data.description,
-                           "failing_rows": check_meta.get("failing_rows_count"),
-                           "failing_ids": check_meta.get("failing_ids_file")})
+    checks = _check_evaluations(events, graph)
     materialized = sorted({e.asset_key.path[-1] for e in events if e.event_type_value == "ASSET_MATERIALIZATION" and e.asset_key})
     failed_blocking = [c for c in checks if not c["passed"] and c["blocking"]]
-    error = None
-    # A blocking check that fails inside its asset's step fails that step (Dagster's blocking=True):
-    # the reason is then the checks, reported below, not Dagster's wrapper error.
-    failures = [e for e in events if e.event_type_value == "STEP_FAILURE"
-                and not (failed_blocking and e.event_specific_data.error.cls_name == "DagsterAssetCheckFailedError")]
-    if failures:
-        first = failures[0]
-        kind, message = _user_error(first.event_specific_data.error)
-        names = steps.get(first.step_key, [first.step_key])
-        error = {"stage": names[0], "step": first.step_key, "type": kind, "message": message}
-    elif failed_blocking:
-        first = failed_blocking[0]
-        error = {"stage": first["asset"], "type": "BlockingCheckFailed",
-                 "message": f"{len(failed_blocking)} blocking check(s) failed; training and promotion are stopped "
-                            "until they pass"}
-    elif run is not None and run.status.value != "SUCCESS":
-        error = {"stage": None, "type": "RunFailed", "message": f"the run ended {run.status.value}"}
-    if error is not None and failed_blocking:
-        error["failed_checks"] = [{"check": f"{c['asset']}:{c['check']}", "failing_rows": c["failing_rows"],
-                                   "failing_ids": c["failing_ids"], "description": c["description"]}
-                                  for c in failed_blocking]
     meta = {name: (values if name in materialized else {}) for name, values in meta.items()}  # no stale numbers
     label_summary = meta["label_issues"].get("summary") or {}
     report_path = meta["evaluation_report"].get("report_path")
     evaluation = {}
     if report_path and Path(report_path).with_suffix(".json").exists():
         evaluation = evaluation_summary(json.loads(Path(report_path).with_suffix(".json").read_text()))
-    preference = {}
-    if spec.preference is not None:
-        pref = {n: _latest_metadata(instance, key(n)) if n in materialized else {}
-                for n in ("preference_pairs", "preference_quarantine", "reward_model", "preference_report",
-                          "preference_promoted_model")}
-        report_file = pref["preference_report"].get("report_path")
-        report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
-        preference = {"pairs_kept": pref["preference_pairs"].get("pairs_kept"),
-                      "pairs_quarantined": pref["preference_pairs"].get("pairs_quarantined"),
-                      # every record removed: pairs failing a gate, and rankings / imported rows that never
-                      # became pairs (unreadable, a side missing)
-                      "records_quarantined": pref["preference_quarantine"].get("dagster/row_count"),
-                      "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
-                      "policies": report.get("policies"), "vs_sft": report.get("vs_sft"),
-                      "promotion": report.get("promotion"), "report": report_file,
-                      "registry": pref["preference_promoted_model"].get("path")}
-    student = {}
-    if spec.student is not None and "student_report" in materialized:
-        report_file = _latest_metadata(instance, key("student_report")).get("report_path")
-        report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
-        student = {name: {"model": report[name]["model"], report["primary_metric"]: report[name]["metrics"][report["primary_metric"]],
-                          "parameters": report[name]["parameters"],
-                          "tokens_per_second": report[name]["speed"]["tokens_per_second"]}
-                   for name in ("teacher", "student") if name in report} | {"report": report_file}
     return {
         "pipeline": spec.name,
         "run_id": run_id,
-        "preference": preference,
-        "student": student,
+        "preference": _preference_summary(instance, spec, materialized, key),
+        "student": _student_summary(instance, spec, materialized, key),
         "success": bool(run is not None and run.status.value == "SUCCESS") and not failed_blocking,
-        "error": error,
+        "error": _stop_reason(events, failed_blocking, steps, run),
         "materialized": materialized,
         "warnings": list(meta["raw_examples"].get("warnings") or []),
         "rows": {
@@ -175,6 +120,80 @@ def run_summary(instance, spec, run_id: str, graph, steps: dict[str, list[str]])
             "review_queue": meta["label_issues"].get("review_queue_csv"),
         },
     }
+
+
+def _check_evaluations(events, graph) -> list[dict]:
+    """Every asset check evaluated in the run, with its blocking flag and where its failing ids are."""
+    import dagster as dg
+
+    checks = []
+    for event in events:
+        if event.event_type_value == "ASSET_CHECK_EVALUATION":
+            data = event.event_specific_data
+            check_key = dg.AssetCheckKey(data.asset_key, data.check_name)
+            blocking = graph.get_check_spec(check_key).blocking if graph.has(check_key) else data.severity.value == "ERROR"
+            check_meta = {k: v.value for k, v in (data.metadata or {}).items()}
+            checks.append({"asset": data.asset_key.path[-1], "check": data.check_name, "passed": data.passed,
+                           "blocking": blocking, "severity": data.severity.value, "description": data.description,
+                           "failing_rows": check_meta.get("failing_rows_count"),
+                           "failing_ids": check_meta.get("failing_ids_file")})
+    return checks
+
+
+def _stop_reason(events, failed_blocking: list[dict], steps: dict[str, list[str]], run) -> dict | None:
+    """Why the run stopped: the first failed step, else the blocking checks that failed, else the run's status."""
+    error = None
+    # A blocking check that fails inside its asset's step fails that step (Dagster's blocking=True):
+    # the reason is then the checks, reported below, not Dagster's wrapper error.
+    failures = [e for e in events if e.event_type_value == "STEP_FAILURE"
+                and not (failed_blocking and e.event_specific_data.error.cls_name == "DagsterAssetCheckFailedError")]
+    if failures:
+        first = failures[0]
+        kind, message = _user_error(first.event_specific_data.error)
+        names = steps.get(first.step_key, [first.step_key])
+        error = {"stage": names[0], "step": first.step_key, "type": kind, "message": message}
+    elif failed_blocking:
+        first = failed_blocking[0]
+        error = {"stage": first["asset"], "type": "BlockingCheckFailed",
+                 "message": f"{len(failed_blocking)} blocking check(s) failed; training and promotion are stopped "
+                            "until they pass"}
+    elif run is not None and run.status.value != "SUCCESS":
+        error = {"stage": None, "type": "RunFailed", "message": f"the run ended {run.status.value}"}
+    if error is not None and failed_blocking:
+        error["failed_checks"] = [{"check": f"{c['asset']}:{c['check']}", "failing_rows": c["failing_rows"],
+                                   "failing_ids": c["failing_ids"], "description": c["description"]}
+                                  for c in failed_blocking]
+    return error
+
+
+def _preference_summary(instance, spec, materialized: list[str], key) -> dict:
+    if spec.preference is None:
+        return {}
+    pref = {n: _latest_metadata(instance, key(n)) if n in materialized else {}
+            for n in ("preference_pairs", "preference_quarantine", "reward_model", "preference_report",
+                      "preference_promoted_model")}
+    report_file = pref["preference_report"].get("report_path")
+    report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
+    return {"pairs_kept": pref["preference_pairs"].get("pairs_kept"),
+            "pairs_quarantined": pref["preference_pairs"].get("pairs_quarantined"),
+            # every record removed: pairs failing a gate, and rankings / imported rows that never
+            # became pairs (unreadable, a side missing)
+            "records_quarantined": pref["preference_quarantine"].get("dagster/row_count"),
+            "reward_model_pairwise_accuracy": pref["reward_model"].get("pairwise_accuracy"),
+            "policies": report.get("policies"), "vs_sft": report.get("vs_sft"),
+            "promotion": report.get("promotion"), "report": report_file,
+            "registry": pref["preference_promoted_model"].get("path")}
+
+
+def _student_summary(instance, spec, materialized: list[str], key) -> dict:
+    if spec.student is None or "student_report" not in materialized:
+        return {}
+    report_file = _latest_metadata(instance, key("student_report")).get("report_path")
+    report = json.loads(Path(report_file).with_suffix(".json").read_text()) if report_file else {}
+    return {name: {"model": report[name]["model"], report["primary_metric"]: report[name]["metrics"][report["primary_metric"]],
+                   "parameters": report[name]["parameters"],
+                   "tokens_per_second": report[name]["speed"]["tokens_per_second"]}
+            for name in ("teacher", "student") if name in report} | {"report": report_file}
 
 
 def evaluation_summary(report: dict) -> dict:

@@ -54,6 +54,11 @@ def assign_splits(df: pd.DataFrame, cfg: SplitSpec) -> pd.DataFrame:
     return df.assign(split=pd.Series(split, index=df.index, dtype="string"))
 
 
+def in_split_order(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of train, then validation, then test, each in their own order (as the split files hold them)."""
+    return pd.concat([df[df["split"] == s] for s in SPLITS], ignore_index=True)
+
+
 def split_summary(df: pd.DataFrame, label_column: str | None = "response") -> dict:
     """Row counts per split, and label counts per split for label tasks."""
     summary: dict = {"rows": {s: int((df["split"] == s).sum()) for s in SPLITS}}

@@ -8,15 +8,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+from pair_batches import collate_pairs, collate_reward_pairs, dpo_batch_loss
 from preference_fixtures import one_torch_thread  # noqa: F401
 
 from sft_dagster.formatting import IGNORE_INDEX
 from sft_dagster.preference.losses import (
     bradley_terry_loss,
     collate_pair_groups,
-    collate_pairs,
-    collate_reward_pairs,
-    dpo_batch_loss,
     dpo_loss,
     encode_pair,
     encode_pairs,

@@ -8,6 +8,7 @@ artefacts as small JSON records through `JsonIOManager`), never by re-reading an
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -16,6 +17,7 @@ import dagster as dg
 import pandas as pd
 
 from ..quality import Suite
+from ..quality.check_registry import CheckDef
 from ..quality.pii import mask_pii
 from ..spec import PipelineSpec
 from ..storage import PipelinePaths
@@ -59,8 +61,29 @@ def preview(df: pd.DataFrame, columns: list[str] | None = None, n: int = PREVIEW
     return dg.MetadataValue.md(shown.to_markdown(index=False))
 
 
+SIGNIFICANT_DIGITS = 4  # of a float shown in the UI (which prints a float's full repr: 0.39574468085106385)
+
+
+def rounded(value):
+    """Floats to `SIGNIFICANT_DIGITS` significant places (never fewer than their integer digits), in
+    nested dicts and lists too; the rest as it is."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return round(value, max(0, SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(abs(value)))))
+    if type(value) is dict:
+        return {k: rounded(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # not a MetadataValue (a named tuple), which stays as it is
+        return [rounded(v) for v in value]
+    return value
+
+
+def numbers(metrics: dict) -> dict:
+    """The numeric entries of `metrics` as metadata entries of their own. Not rounded: they stand beside
+    the metrics' JSON, which keeps the trainer's exact numbers (MLflow logs the same)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def jsonable(metadata: dict) -> dict:
-    """Nested dicts/lists become JSON metadata; scalars stay scalars."""
+    """Nested dicts/lists become JSON metadata; scalars stay scalars, floats rounded for the UI."""
     out = {}
     for key, value in metadata.items():
         if isinstance(value, (dict, list)):
@@ -68,13 +91,19 @@ def jsonable(metadata: dict) -> dict:
         elif value is None:
             out[key] = dg.MetadataValue.null()
         else:
-            out[key] = value
+            out[key] = rounded(value)
     return out
 
 
 def severity(blocking: bool) -> dg.AssetCheckSeverity:
     """A check's severity follows its blocking flag, always: ERROR blocks, WARN warns."""
     return dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN
+
+
+def check_specs(asset_key: dg.AssetKey, defs: list[CheckDef], **kwargs) -> list[dg.AssetCheckSpec]:
+    """Declared checks (a suite's, the cleanlab or pair gates) as Dagster check specs on one asset."""
+    return [dg.AssetCheckSpec(d.name, asset=asset_key, blocking=d.blocking, description=d.description, **kwargs)
+            for d in defs]
 
 
 def outcome_to_check_result(outcome, asset_key: dg.AssetKey, previews: bool = True,

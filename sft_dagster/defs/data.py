@@ -6,10 +6,10 @@ import time
 import dagster as dg
 import pandas as pd
 
-from .. import formatting, ingest, labels
+from .. import formatting, ingest, labels, quality
 from ..quality import run_suite
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, jsonable, outcome_to_check_result
+from .common import PipelineDefs, check_specs, code_version, jsonable, outcome_to_check_result
 from .resources import SFTStorage
 from .shared import corrections_path, file_version, tokenizer_for
 
@@ -23,7 +23,13 @@ def suite_outcomes(p: PipelineDefs, suite, df: pd.DataFrame, storage: SFTStorage
 
 
 def build(p: PipelineDefs) -> None:
-    spec, K, suite = p.spec, p.key, p.suite
+    _build_ingest(p)
+    _build_corrections(p)
+    _build_labels(p)
+
+
+def _build_ingest(p: PipelineDefs) -> None:
+    spec = p.spec
 
     @dg.multi_asset(
         name=f"{spec.name}__ingest", pool=p.pool,
@@ -55,6 +61,12 @@ def build(p: PipelineDefs) -> None:
                         metadata={"dagster/row_count": len(quarantined),
                                   "preview": p.preview(quarantined, ["reason", "source_file", "source_line"])})
 
+    p.assets.append(raw_examples)
+
+
+def _build_corrections(p: PipelineDefs) -> None:
+    spec = p.spec
+
     @dg.asset(**p.asset_args("label_corrections", kinds={"csv"}, code_version=code_version(labels),
                              description="The corrections file data engineers maintain; its content hash is its data version."))
     def label_corrections(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[pd.DataFrame]:
@@ -71,8 +83,19 @@ def build(p: PipelineDefs) -> None:
             },
         )
 
+    p.assets.append(label_corrections)
+
+
+def _build_labels(p: PipelineDefs) -> None:
+    spec, K, suite = p.spec, p.key, p.suite
+    # The suite as checks on the labelled examples (blocking ones stop training), run with the labels: each
+    # row carries the blocking checks it failed (`failed_blocking_checks`), which curation quarantines.
+    suite_specs = check_specs(K("labelled_examples"), suite.check_names())
+    p.blocking_checks += [s.key for s in suite_specs if s.blocking]
+
     @dg.multi_asset(
         name=f"{spec.name}__labels", pool=p.pool, ins=p.ins("raw_examples", "label_corrections"),
+        deps=[K("base_model")], check_specs=suite_specs,  # the suite measures token lengths in its tokenizer
         outs={
             "labelled_examples": p.out("labelled_examples", kinds={"pandas", "parquet"}, code_version=code_version(labels),
                                        description="Raw examples with the corrections file applied, and each label's provenance."),
@@ -86,6 +109,9 @@ def build(p: PipelineDefs) -> None:
             raw_examples, label_corrections, spec.task.labels if spec.task.is_label_task else None,
             source=str(corrections_path(spec, storage)),
         )
+        out_dir = p.paths(storage).quality_dir / "labelled_examples"
+        outcomes = suite_outcomes(p, suite, labelled, storage, out_dir)
+        labelled = quality.with_failed_checks(labelled, outcomes)
         yield dg.Output(
             labelled, output_name="labelled_examples", data_version=dg.DataVersion(frame_hash(labelled)),
             metadata={"dagster/row_count": len(labelled), "rows_in": len(raw_examples), **jsonable(stats),
@@ -94,23 +120,8 @@ def build(p: PipelineDefs) -> None:
         yield dg.Output(quarantined, output_name="labels_quarantine", data_version=dg.DataVersion(frame_hash(quarantined)),
                         metadata={"dagster/row_count": len(quarantined),
                                   "preview": p.preview(quarantined, ["example_id", "reason"])})
-
-    # The suite as checks on the labelled examples (blocking ones stop training).
-    suite_specs = [
-        dg.AssetCheckSpec(check, asset=K("labelled_examples"), blocking=blocking, description=description,
-                          additional_deps=[K("base_model")])
-        for check, blocking, description in suite.check_names()
-    ]
-    p.blocking_checks += [p.check_key("labelled_examples", s.name) for s in suite_specs if s.blocking]
-
-    @dg.multi_asset_check(name=f"{spec.name}_data_quality_suite", specs=suite_specs, pool=p.pool,
-                          ins={"labelled": dg.AssetIn(K("labelled_examples"))},
-                          description=f"data_checks/{spec.quality.suite}.yaml run with great-expectations and SFT checks")
-    def data_quality_suite(context: dg.AssetCheckExecutionContext, storage: SFTStorage, labelled: pd.DataFrame):
-        out_dir = p.paths(storage).quality_dir / "labelled_examples"
-        for outcome in suite_outcomes(p, suite, labelled, storage, out_dir):
+        for outcome in outcomes:
             yield outcome_to_check_result(outcome, K("labelled_examples"), previews=spec.quality.previews,
                                           failing_ids_file=out_dir / f"{outcome.name}.csv")
 
-    p.assets += [raw_examples, label_corrections, labelled_examples]
-    p.checks.append(data_quality_suite)
+    p.assets.append(labelled_examples)

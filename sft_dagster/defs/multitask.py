@@ -14,10 +14,9 @@ from .. import multitask
 from ..quality import load_suite
 from ..schema import frame_hash
 from ..spec import MAIN_TASK
-from ..splits import SPLITS
+from ..splits import in_split_order
 from .common import PipelineDefs, code_version
 from .guards import require_checks_passed
-from .resources import SFTStorage
 
 
 def build_task_pipelines(p: PipelineDefs, checks_dir, data_stages) -> None:
@@ -48,17 +47,18 @@ def build(p: PipelineDefs) -> None:
         return
     pipelines = {MAIN_TASK: p, **p.task_pipelines}
 
+    # Each task's splits as an input, named by the task's position (task names need not be identifiers).
+    inputs = {f"task_{i}": name for i, name in enumerate(pipelines)}
+
     @dg.asset(**p.asset_args("task_mix", kinds={"pandas"}, code_version=code_version(multitask),
-                             deps=[sub.key("dataset_splits") for sub in pipelines.values()],
+                             ins={arg: dg.AssetIn(pipelines[name].key("dataset_splits")) for arg, name in inputs.items()},
                              description=f"The train rows of {len(pipelines)} tasks sampled into one train set "
                                          f"({spec.mixing.strategy}); every task's validation and test rows kept."))
-    def task_mix(context: dg.AssetExecutionContext, storage: SFTStorage) -> dg.Output[pd.DataFrame]:
-        # Every task's gates (they are all in p.blocking_checks) before any task's splits are read: the
-        # splits on disk may be from an earlier run whose gates have failed since.
+    def task_mix(context: dg.AssetExecutionContext, **task_splits: pd.DataFrame) -> dg.Output[pd.DataFrame]:
+        # Every task's gates (they are all in p.blocking_checks) before any task's splits are used: a
+        # task's splits may be from an earlier run whose gates have failed since.
         require_checks_passed(context, p.blocking_checks)
-        splits = {name: pd.concat([pd.read_parquet(sub.paths(storage).splits_dir / f"{split}.parquet")
-                                   for split in SPLITS], ignore_index=True)
-                  for name, sub in pipelines.items()}
+        splits = {name: in_split_order(task_splits[arg]) for arg, name in inputs.items()}
         mixed = multitask.mix_splits(splits, spec.mixing_weights(), spec.mixing.seed, spec.mixing.strategy,
                                      spec.mixing.temperature)
         counts = mixed.groupby([multitask.TASK_COLUMN, "split"]).size().unstack(fill_value=0)

@@ -36,18 +36,19 @@ from ..progress import Progress
 from .common import (
     JSON_IO,
     PipelineDefs,
+    check_specs,
     code_version,
     jsonable,
+    numbers,
     outcome_to_check_result,
+    rounded,
 )
-from .evaluation import StaleEvaluation
 from .guards import require_checks_passed
 from .resources import ComputeResource, SFTStorage
+from .runs import cached_report, promotion, reuse_or_run
 from .shared import file_version, registry_dir, tokenizer_for
 from .training import device_kind, library_versions
 
-PAIR_CHECKS = ("identical_sides", "empty_sides", "ties", "over_length", "duplicates", "split_leakage",
-               "inconsistent_rankings", "length_bias", "ranker_agreement")
 ACCOUNTED_CHECK = "pairs_accounted_for"
 REWARD_CHECK = "min_pairwise_accuracy"
 PROMOTION_CHECK = "keeps_task_metric"
@@ -112,60 +113,74 @@ def _generator(spec, storage: SFTStorage, adapter: dict, base_model: dict) -> tu
     return adapter["adapter_dir"], adapter["method"], f"SFT adapter {adapter['lineage_hash']}"
 
 
+def _finished_record(run_dir: Path) -> dict | None:
+    record_file = run_dir / RECORD_FILE
+    return json.loads(record_file.read_text()) if record_file.exists() else None
+
+
 def _run_training(context, run_dir: Path, lineage: dict, train) -> tuple[dict, bool]:
     """A preference training run in `run_dir` (named by its lineage hash): the finished run's record, or
     `train()` -> TrainingResult, recorded once complete. Returns (record, skipped)."""
-    record_file = run_dir / RECORD_FILE
-    if record_file.exists():
-        context.log.info(f"inputs unchanged since training run {run_dir.name}: keeping its model")
-        return json.loads(record_file.read_text()), True
-    result = train()
-    record = {"model_dir": str(result.adapter_dir), "method": result.method, "lineage_hash": run_dir.name,
-              "lineage": lineage, "metrics": result.metrics}
-    atomic.write_json(run_dir / RECORD_FILE, record, sort_keys=True)
-    return record, False
+    def run() -> dict:
+        result = train()
+        record = {"model_dir": str(result.adapter_dir), "method": result.method, "lineage_hash": run_dir.name,
+                  "lineage": lineage, "metrics": result.metrics}
+        atomic.write_json(run_dir / RECORD_FILE, record, sort_keys=True)
+        return record
+
+    return reuse_or_run(context, run_dir, _finished_record, run)
 
 
-def _numbers(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+def _code() -> str:
+    return code_version(preference_pkg, ingest)
 
 
-def pair_policy_asset(p: PipelineDefs, name: str, train_code: str, lineage_of):
-    """`<name>_adapter`: the policy objective `name` (`training.objectives`: DPO, ORPO, ...) trained from the
-    SFT adapter on the train pairs by its `train_<name>`, in a run folder named by its lineage."""
-    spec, entry = p.spec, training.objective(name)
-    config = getattr(spec.preference, name)
+def _train_code() -> str:
+    return code_version(training, preference_pkg, formatting)
 
-    @dg.asset(**p.asset_args(f"{name}_adapter", kinds={"pytorch", "peft"}, code_version=train_code,
-                             io_manager_key=JSON_IO, ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter"),
-                             description=f"{name.upper()} ({json.dumps(config.model_dump(exclude_none=True))}) from "
-                                         "the SFT adapter on the train pairs."))
-    def policy_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
-                       preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict):
-        require_checks_passed(context, p.preference_blocking_checks)
-        device = compute.resolved_device()
-        train, val = _pairs_of(preference_pairs, "train"), _pairs_of(preference_pairs, "validation")
-        lineage, run_dir = lineage_of(context, storage, name, config, base_model,
-                                      {"train": frame_hash(train), "validation": frame_hash(val)}, device,
-                                      sft_adapter=fine_tuned_adapter["lineage_hash"])
-        progress = Progress(context.log.info)
-        record, skipped = _run_training(context, run_dir, lineage, lambda: entry.train(
-            spec, config, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), train, val, run_dir,
-            device=device, log=context.log.info, on_metrics=progress))
-        return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
-            "adapter_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
-            "train_pairs": len(train), "metrics": dg.MetadataValue.json(record["metrics"]),
-            **_numbers(record["metrics"])})
 
-    return policy_adapter
+def _trained_output(record: dict, skipped: bool, path_key: str, **counts) -> dg.Output[dict]:
+    """A preference training asset's value: the run's record, its lineage hash the data version."""
+    return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
+        path_key: dg.MetadataValue.path(record["model_dir"]),
+        "skipped_training": skipped, **counts, "metrics": dg.MetadataValue.json(record["metrics"]),
+        **numbers(record["metrics"])})
+
+
+def _lineage(context, p: PipelineDefs, storage: SFTStorage, kind: str, config, base_model: dict, data: dict, device: str,
+             **extra) -> tuple[dict, Path]:
+    """Everything that shapes a preference-trained model, and the run folder named by its hash."""
+    spec = p.spec
+    lineage = {"method": kind, "config": config.model_dump(mode="json"), "data": data,
+               "base_model_hash": base_model["model_hash"], "tokenizer_hash": base_model["tokenizer_hash"],
+               "base_model": base_model["source"], "training": spec.training.model_dump(mode="json"),
+               "max_length": spec.model.max_length, "task": spec.task.model_dump(mode="json"),
+               "code_version": context.assets_def.code_versions_by_key[context.asset_key],
+               "libraries": library_versions(), "device": device_kind(device), **extra}
+    return lineage, p.paths(storage).preference_dir / kind / lineage_hash_of(lineage)
 
 
 def build(p: PipelineDefs) -> None:
-    spec, K = p.spec, p.key
-    pref = spec.preference
+    pref = p.spec.preference
     if pref is None:
         return
-    code = code_version(preference_pkg, ingest)
+    _build_candidates(p)
+    _build_ranking_queue(p)
+    _build_pairs(p)
+    _build_reward_model(p)
+    assets = policy_assets(pref)
+    for name in assets:
+        if name == "ppo":
+            _build_ppo(p)
+        else:
+            p.assets.append(pair_policy_asset(p, name))
+    _build_report(p, assets)
+    if pref.promotion.candidate:
+        _build_promotion(p, assets)
+
+
+def _build_candidates(p: PipelineDefs) -> None:
+    spec, pref, code = p.spec, p.spec.preference, _code()
 
     @dg.multi_asset(
         name=f"{spec.name}__candidates", pool=p.pool, ins=p.ins("base_model", "fine_tuned_adapter"),
@@ -223,6 +238,12 @@ def build(p: PipelineDefs) -> None:
                         metadata={"dagster/row_count": len(quarantine),
                                   "preview": p.preview(quarantine, ["reason", "source_file", "source_line"])})
 
+    p.assets.append(candidate_generations)
+
+
+def _build_ranking_queue(p: PipelineDefs) -> None:
+    spec, pref, code = p.spec, p.spec.preference, _code()
+
     @dg.asset(**p.asset_args("ranking_queue", kinds={"pandas"}, code_version=code, ins=p.ins("candidate_generations"),
                              description="Candidates of the prompts still to rank, the rankings file, and the command "
                                          "that ranks them (`sft-dagster rank`)."))
@@ -240,9 +261,13 @@ def build(p: PipelineDefs) -> None:
             "preview": p.preview(queue, ["prompt_id", "prompt", "response"]),
         })
 
+    p.assets.append(ranking_queue)
+
+
+def _build_pairs(p: PipelineDefs) -> None:
+    spec, K, pref, code = p.spec, p.key, p.spec.preference, _code()
     gates = pref.gates
-    pair_checks = [dg.AssetCheckSpec(name, asset=K("preference_pairs"), blocking=getattr(gates, name).blocking,
-                                     description=pair_stage.DESCRIPTIONS[name]) for name in PAIR_CHECKS]
+    pair_checks = check_specs(K("preference_pairs"), pair_stage.pair_check_defs(gates))
     accounted = dg.AssetCheckSpec(ACCOUNTED_CHECK, asset=K("preference_pairs"), blocking=True,
                                   description="records in (rankings, imported rows, pairs) = pairs kept + records quarantined")
     p.preference_blocking_checks += [c.key for c in pair_checks if c.blocking] + [accounted.key]
@@ -285,22 +310,17 @@ def build(p: PipelineDefs) -> None:
                                   metadata={"records_in": records_in, "pairs_kept": len(kept),
                                             "records_quarantined": len(quarantine)})
 
-    def lineage_of(context, storage: SFTStorage, kind: str, config, base_model: dict, data: dict, device: str,
-                   **extra) -> tuple[dict, Path]:
-        lineage = {"method": kind, "config": config.model_dump(mode="json"), "data": data,
-                   "base_model_hash": base_model["model_hash"], "tokenizer_hash": base_model["tokenizer_hash"],
-                   "base_model": base_model["source"], "training": spec.training.model_dump(mode="json"),
-                   "max_length": spec.model.max_length, "task": spec.task.model_dump(mode="json"),
-                   "code_version": context.assets_def.code_versions_by_key[context.asset_key],
-                   "libraries": library_versions(), "device": device_kind(device), **extra}
-        return lineage, p.paths(storage).preference_dir / kind / lineage_hash_of(lineage)
+    p.assets.append(preference_pairs)
 
-    train_code = code_version(training, preference_pkg, formatting)
+
+
+def _build_reward_model(p: PipelineDefs) -> None:
+    spec, K, pref = p.spec, p.key, p.spec.preference
     reward_check = dg.AssetCheckSpec(REWARD_CHECK, asset=K("reward_model"), blocking=True,
                                      description=f"pairwise accuracy on the validation pairs is at least "
                                                  f"{pref.min_reward_accuracy} (preference.min_reward_accuracy)")
 
-    @dg.asset(**p.asset_args("reward_model", kinds={"pytorch", "peft"}, code_version=train_code, io_manager_key=JSON_IO,
+    @dg.asset(**p.asset_args("reward_model", kinds={"pytorch", "peft"}, code_version=_train_code(), io_manager_key=JSON_IO,
                              ins=p.ins("preference_pairs", "base_model"), check_specs=[reward_check],
                              description="Bradley-Terry reward model (LoRA + score head) on the train pairs; "
                                          "pairwise accuracy on the validation pairs."))
@@ -309,57 +329,85 @@ def build(p: PipelineDefs) -> None:
         require_checks_passed(context, p.preference_blocking_checks)
         device = compute.resolved_device()
         train, val = _pairs_of(preference_pairs, "train"), _pairs_of(preference_pairs, "validation")
-        lineage, run_dir = lineage_of(context, storage, "reward_model", pref.reward_model, base_model,
-                                      {"train": frame_hash(train), "validation": frame_hash(val)}, device)
+        lineage, run_dir = _lineage(context, p, storage, "reward_model", pref.reward_model, base_model,
+                                    {"train": frame_hash(train), "validation": frame_hash(val)}, device)
         progress = Progress(context.log.info)
         record, skipped = _run_training(context, run_dir, lineage, lambda: training.train_reward_model(
             spec, pref.reward_model, Path(base_model["path"]), train, val, run_dir, device=device,
             log=context.log.info, on_metrics=progress))
         accuracy = record["metrics"].get("pairwise_accuracy")
-        yield dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
-            "model_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
-            "train_pairs": len(train), "validation_pairs": len(val), "metrics": dg.MetadataValue.json(record["metrics"]),
-            **_numbers(record["metrics"])})
+        yield _trained_output(record, skipped, "model_dir", train_pairs=len(train), validation_pairs=len(val))
         yield dg.AssetCheckResult(asset_key=K("reward_model"), check_name=REWARD_CHECK,
                                   passed=accuracy is not None and accuracy >= pref.min_reward_accuracy,
                                   metadata={"pairwise_accuracy": accuracy, "min_accuracy": pref.min_reward_accuracy,
                                             "validation_pairs": len(val)})
 
-    p.assets += [candidate_generations, ranking_queue, preference_pairs, reward_model]
-    policies = ["sft"]
+    p.assets.append(reward_model)
 
-    policy_assets = {"ppo": "ppo_policy"}
-    for name in pref.train:
-        if training.objective(name).method is not None:  # trained from the SFT adapter on the pairs (DPO, ORPO)
-            policies.append(name)
-            policy_assets[name] = f"{name}_adapter"
-            p.assets.append(pair_policy_asset(p, name, train_code, lineage_of))
 
-    if "ppo" in pref.train:
-        policies.append("ppo")
+def policy_assets(pref) -> dict[str, str]:
+    """The policies of `preference.train` tuned from the SFT adapter, each with its asset: `<name>_adapter`
+    for each pair-trained objective of the registry (DPO, ORPO, KTO: a method class the shared loop runs),
+    in `preference.train`'s order, then `ppo_policy` (its own loop, against the reward model)."""
+    assets = {name: f"{name}_adapter" for name in pref.train if training.objective(name).method is not None}
+    return assets | ({"ppo": "ppo_policy"} if "ppo" in pref.train else {})
 
-        @dg.asset(**p.asset_args("ppo_policy", kinds={"pytorch", "peft"}, code_version=train_code, io_manager_key=JSON_IO,
-                                 ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter", "reward_model"),
-                                 description="PPO from the SFT adapter against reward_model, KL-penalised towards the SFT "
-                                             "model, on the train pairs' prompts."))
-        def ppo_policy(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
-                       preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict, reward_model: dict):
-            require_checks_passed(context, [*p.preference_blocking_checks, p.check_key("reward_model", REWARD_CHECK)])
-            device = compute.resolved_device()
-            train, val = _prompts_of(preference_pairs, "train"), _prompts_of(preference_pairs, "validation")
-            lineage, run_dir = lineage_of(context, storage, "ppo", pref.ppo, base_model,
-                                          {"train": frame_hash(train), "validation": frame_hash(val)}, device,
-                                          sft_adapter=fine_tuned_adapter["lineage_hash"], reward_model=reward_model["lineage_hash"])
-            record, skipped = _run_training(context, run_dir, lineage, lambda: training.train_ppo(
-                spec, pref.ppo, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]),
-                Path(reward_model["model_dir"]), train, val, run_dir, device=device, log=context.log.info))
-            return dg.Output(record, data_version=dg.DataVersion(record["lineage_hash"]), metadata={
-                "adapter_dir": dg.MetadataValue.path(record["model_dir"]), "skipped_training": skipped,
-                "train_prompts": len(train), "metrics": dg.MetadataValue.json(record["metrics"]), **_numbers(record["metrics"])})
 
-        p.assets.append(ppo_policy)
+def pair_policy_asset(p: PipelineDefs, name: str) -> dg.AssetsDefinition:
+    """`<name>_adapter`: the policy objective `name` (`training.objectives`: DPO, ORPO, KTO, ...) trained from
+    the SFT adapter on the train pairs by its entry point, in a run folder named by its lineage."""
+    spec, entry = p.spec, training.objective(name)
+    config = getattr(spec.preference, name)
 
-    trained = [name for name in policies if name != "sft"]
+    @dg.asset(**p.asset_args(f"{name}_adapter", kinds={"pytorch", "peft"}, code_version=_train_code(),
+                             io_manager_key=JSON_IO, ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter"),
+                             description=f"{name.upper()} ({json.dumps(config.model_dump(exclude_none=True))}) from "
+                                         "the SFT adapter on the train pairs."))
+    def policy_adapter(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                       preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict) -> dg.Output[dict]:
+        require_checks_passed(context, p.preference_blocking_checks)
+        device = compute.resolved_device()
+        train, val = _pairs_of(preference_pairs, "train"), _pairs_of(preference_pairs, "validation")
+        lineage, run_dir = _lineage(context, p, storage, name, config, base_model,
+                                    {"train": frame_hash(train), "validation": frame_hash(val)}, device,
+                                    sft_adapter=fine_tuned_adapter["lineage_hash"])
+        progress = Progress(context.log.info)
+        record, skipped = _run_training(context, run_dir, lineage, lambda: entry.train(
+            spec, config, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]), train, val, run_dir,
+            device=device, log=context.log.info, on_metrics=progress))
+        return _trained_output(record, skipped, "adapter_dir", train_pairs=len(train))
+
+    return policy_adapter
+
+
+def _build_ppo(p: PipelineDefs) -> None:
+    """`ppo_policy`: PPO from the SFT adapter on the train pairs' prompts, against the reward model."""
+    spec, pref = p.spec, p.spec.preference
+
+    @dg.asset(**p.asset_args("ppo_policy", kinds={"pytorch", "peft"}, code_version=_train_code(), io_manager_key=JSON_IO,
+                             ins=p.ins("preference_pairs", "base_model", "fine_tuned_adapter", "reward_model"),
+                             description="PPO from the SFT adapter against reward_model, KL-penalised towards the SFT "
+                                         "model, on the train pairs' prompts."))
+    def ppo_policy(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                   preference_pairs: pd.DataFrame, base_model: dict, fine_tuned_adapter: dict,
+                   reward_model: dict) -> dg.Output[dict]:
+        require_checks_passed(context, [*p.preference_blocking_checks, p.check_key("reward_model", REWARD_CHECK)])
+        device = compute.resolved_device()
+        train, val = _prompts_of(preference_pairs, "train"), _prompts_of(preference_pairs, "validation")
+        lineage, run_dir = _lineage(context, p, storage, "ppo", pref.ppo, base_model,
+                                    {"train": frame_hash(train), "validation": frame_hash(val)}, device,
+                                    sft_adapter=fine_tuned_adapter["lineage_hash"], reward_model=reward_model["lineage_hash"])
+        record, skipped = _run_training(context, run_dir, lineage, lambda: training.train_ppo(
+            spec, pref.ppo, Path(base_model["path"]), Path(fine_tuned_adapter["adapter_dir"]),
+            Path(reward_model["model_dir"]), train, val, run_dir, device=device, log=context.log.info))
+        return _trained_output(record, skipped, "adapter_dir", train_prompts=len(train))
+
+    p.assets.append(ppo_policy)
+
+
+def _build_report(p: PipelineDefs, assets: dict[str, str]) -> None:
+    """`preference_report`: SFT and every policy of `assets` ({objective: its asset}) compared."""
+    spec, K, pref = p.spec, p.key, p.spec.preference
     candidate = pref.promotion.candidate
     promotion_check = dg.AssetCheckSpec(
         PROMOTION_CHECK, asset=K("preference_report"), blocking=True,
@@ -369,7 +417,7 @@ def build(p: PipelineDefs) -> None:
     @dg.asset(**p.asset_args("preference_report", kinds={"pytorch", "markdown"}, code_version=code_version(preference_pkg, evaluation, decoding, metrics),
                              io_manager_key=JSON_IO, check_specs=[promotion_check] if candidate else [],
                              ins=p.ins("preference_pairs", "preference_prompts", "base_model", "fine_tuned_adapter",
-                                       "reward_model", "dataset_splits", *(policy_assets[t] for t in trained)),
+                                       "reward_model", "dataset_splits", *assets.values()),
                              description="SFT vs DPO vs PPO on held-out prompts: reward-model score, win rate over SFT, "
                                          "pairwise accuracy of log-probs on held-out human pairs, task metric, rule rates "
                                          "of sampled replies with their change from SFT, samples; kept while its inputs "
@@ -378,46 +426,19 @@ def build(p: PipelineDefs) -> None:
                           preference_pairs: pd.DataFrame, preference_prompts: pd.DataFrame, base_model: dict,
                           fine_tuned_adapter: dict, reward_model: dict, dataset_splits: pd.DataFrame, **tuned):
         require_checks_passed(context, p.preference_blocking_checks)
-        from ..preference.report import compare_policies, render_markdown
+        from ..preference.report import render_markdown
 
         models = {"sft": {"model_dir": fine_tuned_adapter["adapter_dir"], "method": fine_tuned_adapter["method"],
                           "lineage_hash": fine_tuned_adapter["lineage_hash"]}}
-        models |= {t: tuned[policy_assets[t]] for t in trained}
-        sft_test = dataset_splits[dataset_splits["split"] == "test"]
-        # Everything the report is computed from: unchanged inputs keep the report (as evaluation_report does).
-        inputs_hash = lineage_hash_of({
-            "policies": {k: v["lineage_hash"] for k, v in models.items()}, "reward_model": reward_model["lineage_hash"],
-            "pairs": frame_hash(preference_pairs), "prompts": frame_hash(preference_prompts),
-            "sft_test": frame_hash(sft_test), "report": pref.report.model_dump(mode="json"),
-            "generation": pref.generation.model_dump(mode="json"), "promotion": pref.promotion.model_dump(mode="json"),
-            "evaluation": spec.evaluation.model_dump(mode="json"), "task": spec.task.model_dump(mode="json"),
-            "max_length": spec.model.max_length, "base_model": base_model["model_hash"],
-            "code_version": context.assets_def.code_versions_by_key[context.asset_key]})
+        models |= {t: tuned[asset] for t, asset in assets.items()}
         reports_dir = p.paths(storage).preference_dir / "report"
-        cached = reports_dir / inputs_hash / "preference_report.json"
-        skipped = cached.exists()
-        if skipped:
-            context.log.info("policies, reward model, pairs and settings unchanged since the last preference report: "
-                             "keeping it")
-            report = json.loads(cached.read_text())
-        else:
-            start = time.perf_counter()
-            report = compare_policies(spec, Path(base_model["path"]), models, reward_model["model_dir"], preference_pairs,
-                                      preference_prompts, sft_test, device=compute.resolved_device())
-            report["seconds"] = round(time.perf_counter() - start, 1)
-            report["inputs_hash"] = inputs_hash
-            if candidate:
-                report["promotion"] = registry.promotion_decision(report["task_report"][candidate],
-                                                                  report["primary_metric"],
-                                                                  -pref.promotion.max_task_metric_drop)
-                report["promotion"]["candidate_policy"] = candidate
-            atomic.write_json(cached, report, sort_keys=True)
+        report, inputs_hash, skipped = _compared_policies(context, spec, compute, reports_dir, models, reward_model,
+                                                          preference_pairs, preference_prompts, dataset_splits, base_model)
         # The latest report, where people look for it.
         atomic.write_json(reports_dir / "preference_report.json", report, sort_keys=True)
         markdown = render_markdown(report)
         atomic.write_text(reports_dir / "preference_report.md", markdown)
-        summary = {f"{name}_{k}": v for name, row in report["policies"].items() for k, v in row.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        summary = {f"{name}_{k}": rounded(v) for name, row in report["policies"].items() for k, v in numbers(row).items()}
         yield dg.Output(report, data_version=dg.DataVersion(inputs_hash),
                         metadata={"report": dg.MetadataValue.md(markdown), **summary, "inputs_hash": inputs_hash,
                                   "skipped_report": skipped, "seconds": None if skipped else report.get("seconds"),
@@ -430,36 +451,69 @@ def build(p: PipelineDefs) -> None:
 
     p.assets.append(preference_report)
 
-    if candidate:
-        # After SFT's own promotion (`deps`, no data): the policy is tuned from the SFT adapter, so within one
-        # run the registry takes SFT's version first and the policy's last (LATEST ends on the policy); and
-        # when SFT's promotion gate fails, the policy tuned from that adapter is not promoted either (it was
-        # never compared with the champion the adapter lost to).
-        @dg.asset(**p.asset_args("preference_promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
-                                 io_manager_key=JSON_IO, ins=p.ins("preference_report", policy_assets[candidate]),
-                                 deps=[K("promoted_model")],
-                                 description=f"The {candidate} policy copied with its model card into the pipeline's registry "
-                                             "(the new champion), only when it keeps the SFT task metric and after "
-                                             "SFT's promoted_model."))
-        def preference_promoted_model(context: dg.AssetExecutionContext, storage: SFTStorage, preference_report: dict,
-                                      **policy) -> dg.Output[dict]:
-            require_checks_passed(context, [*p.preference_blocking_checks, p.check_key("preference_report", PROMOTION_CHECK)])
-            record = policy[policy_assets[candidate]]
-            if preference_report["policies"][candidate]["lineage_hash"] != record["lineage_hash"]:
-                raise StaleEvaluation(f"refusing to promote: the preference report is for {candidate} "
-                                      f"{preference_report['policies'][candidate]['lineage_hash']}, the current one is "
-                                      f"{record['lineage_hash']}; materialize {spec.name}/preference_report first")
-            decision = preference_report["promotion"]
-            if not decision["promote"]:
-                raise StaleEvaluation(f"refusing to promote: {decision['reason']}")
-            # `method` is the saved format (a LoRA adapter over the base, as SFT's), what loaders look at.
-            lineage = {**record["lineage"], "method": "lora", "preference_method": candidate}
-            version_dir = registry.promote(Path(record["model_dir"]), registry_dir(spec, storage),
-                                           preference_report["task_report"][candidate], lineage, decision)
-            out = {"version": version_dir.name, "path": str(version_dir), "lineage_hash": record["lineage_hash"]}
-            return dg.Output(out, data_version=dg.DataVersion(f"{version_dir.name}-{record['lineage_hash']}"),
-                             metadata={"version": version_dir.name, "path": dg.MetadataValue.path(str(version_dir)),
-                                       "decision": decision["reason"],
-                                       "model_card": dg.MetadataValue.md((version_dir / "MODEL_CARD.md").read_text())})
 
-        p.assets.append(preference_promoted_model)
+def _compared_policies(context, spec, compute: ComputeResource, reports_dir: Path, models: dict, reward_model: dict,
+                       pairs: pd.DataFrame, prompts: pd.DataFrame, dataset_splits: pd.DataFrame,
+                       base_model: dict) -> tuple[dict, str, bool]:
+    """The policies compared (`preference.report.compare_policies`), with the promotion decision; kept
+    while the policies, reward model, pairs and settings are unchanged. (report, inputs_hash, skipped)."""
+    from ..preference.report import compare_policies
+
+    pref, candidate = spec.preference, spec.preference.promotion.candidate
+    sft_test = dataset_splits[dataset_splits["split"] == "test"]
+    inputs = {
+        "policies": {k: v["lineage_hash"] for k, v in models.items()}, "reward_model": reward_model["lineage_hash"],
+        "pairs": frame_hash(pairs), "prompts": frame_hash(prompts),
+        "sft_test": frame_hash(sft_test), "report": pref.report.model_dump(mode="json"),
+        "generation": pref.generation.model_dump(mode="json"), "promotion": pref.promotion.model_dump(mode="json"),
+        "evaluation": spec.evaluation.model_dump(mode="json"), "task": spec.task.model_dump(mode="json"),
+        "max_length": spec.model.max_length, "base_model": base_model["model_hash"],
+        "code_version": context.assets_def.code_versions_by_key[context.asset_key]}
+
+    def compare(inputs_hash: str) -> dict:
+        start = time.perf_counter()
+        report = compare_policies(spec, Path(base_model["path"]), models, reward_model["model_dir"], pairs, prompts,
+                                  sft_test, device=compute.resolved_device())
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["inputs_hash"] = inputs_hash
+        if candidate:
+            report["promotion"] = registry.promotion_decision(report["task_report"][candidate], report["primary_metric"],
+                                                              -pref.promotion.max_task_metric_drop)
+            report["promotion"]["candidate_policy"] = candidate
+        return report
+
+    return cached_report(context, reports_dir, "preference_report.json", inputs, compare,
+                         read=lambda path: json.loads(path.read_text()),
+                         write=lambda folder, report: atomic.write_json(folder / "preference_report.json", report,
+                                                                        sort_keys=True),
+                         unchanged="policies, reward model, pairs and settings unchanged since the last preference report")
+
+
+def _build_promotion(p: PipelineDefs, assets: dict[str, str]) -> None:
+    # After SFT's own promotion (`deps`, no data): the policy is tuned from the SFT adapter, so within one
+    # run the registry takes SFT's version first and the policy's last (LATEST ends on the policy); and
+    # when SFT's promotion gate fails, the policy tuned from that adapter is not promoted either (it was
+    # never compared with the champion the adapter lost to).
+    spec, K, candidate = p.spec, p.key, p.spec.preference.promotion.candidate
+
+    @dg.asset(**p.asset_args("preference_promoted_model", kinds={"peft", "safetensors"}, code_version=code_version(registry),
+                             io_manager_key=JSON_IO, ins=p.ins("preference_report", assets[candidate]),
+                             deps=[K("promoted_model")],
+                             description=f"The {candidate} policy copied with its model card into the pipeline's registry "
+                                         "(the new champion), only when it keeps the SFT task metric and after "
+                                         "SFT's promoted_model."))
+    def preference_promoted_model(context: dg.AssetExecutionContext, storage: SFTStorage, preference_report: dict,
+                                  **policy) -> dg.Output[dict]:
+        require_checks_passed(context, [*p.preference_blocking_checks, p.check_key("preference_report", PROMOTION_CHECK)])
+        record = policy[assets[candidate]]
+        judged = preference_report["policies"][candidate]["lineage_hash"]
+        # `method` is the saved format (a LoRA adapter over the base, as SFT's), what loaders look at.
+        return promotion(spec, storage, model_dir=Path(record["model_dir"]), report=preference_report["task_report"][candidate],
+                         decision=preference_report["promotion"],
+                         lineage={**record["lineage"], "method": "lora", "preference_method": candidate},
+                         lineage_hash=record["lineage_hash"],
+                         stale=None if judged == record["lineage_hash"] else
+                         f"the preference report is for {candidate} {judged}, the current one is {record['lineage_hash']}; "
+                         f"materialize {spec.name}/preference_report first")
+
+    p.assets.append(preference_promoted_model)

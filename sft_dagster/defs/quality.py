@@ -10,35 +10,27 @@ import pandas as pd
 
 from .. import atomic, labels, langid, quality
 from ..quality import duplicates, find_label_issues
-from ..quality.label_issues import label_issue_preflight, with_response_issues
+from ..quality.label_issues import LABEL_GATE_CHECKS, LABEL_TASK_ONLY, label_issue_preflight, with_response_issues
 from ..quality.response_issues import RESPONSE_GATE_CHECKS, needs_base_model, response_issue_report, response_preflight
 from ..console import LABEL_PREFLIGHT
+from ..quality.check_registry import CheckDef
 from ..schema import frame_hash
-from .common import PipelineDefs, code_version, outcome_to_check_result, severity
+from .common import PipelineDefs, check_specs, code_version, outcome_to_check_result, severity
 from .resources import SFTStorage
 from .shared import resolve_base_model, review_queue_path
 
-LABEL_GATE_CHECKS = [
-    ("label_issue_rate", True, "Share of rows cleanlab flags as label issues is within the spec's threshold"),
-    ("issue_types_evaluated", True, "Every expected cleanlab issue type was evaluated (a skipped type is a failure)"),
-    ("class_imbalance", False, "Class balance (warning)"),
-    ("non_iid", False, "Rows look independent and identically distributed (warning)"),
-]
-# Gates that need labels: a generation task (no labels) does not get them at all.
-LABEL_TASK_ONLY = {"label_issue_rate", "class_imbalance", "non_iid"}
 
-
-def gate_checks(spec) -> list[tuple[str, bool, str]]:
+def gate_checks(spec) -> list[CheckDef]:
     """The cleanlab gates that apply to the spec's task; a generation task's response-finding gates."""
-    cleanlab = [c for c in LABEL_GATE_CHECKS if spec.task.is_label_task or c[0] not in LABEL_TASK_ONLY]
+    cleanlab = [c for c in LABEL_GATE_CHECKS if spec.task.is_label_task or c.name not in LABEL_TASK_ONLY]
     return cleanlab if spec.task.is_label_task else cleanlab + RESPONSE_GATE_CHECKS
 
 
 def build(p: PipelineDefs) -> None:
     spec, K = p.spec, p.key
     gates = gate_checks(spec)
-    gate_specs = [dg.AssetCheckSpec(c, asset=K("label_issues"), blocking=b, description=d) for c, b, d in gates]
-    p.blocking_checks += [p.check_key("label_issues", c) for c, b, _ in gates if b]
+    gate_specs = check_specs(K("label_issues"), gates)
+    p.blocking_checks += [s.key for s in gate_specs if s.blocking]
 
     uses_llm = spec.quality.cleanlab.enabled and "llm" in spec.quality.cleanlab.views
     uses_fit = needs_base_model(spec.task, spec.quality.response)  # the `misaligned` response finding

@@ -25,13 +25,14 @@ import pandas as pd
 from .. import artefacts, decoding, evaluation, formatting, metrics, models, registry, training
 from .. import student as student_stage
 from ..preference import generation
-from ..schema import frame_hash, lineage_hash_of
+from ..schema import frame_hash
 from ..spec import STUDENT_TEACHERS
 from ..torchkit import pick_precision
-from .common import JSON_IO, PipelineDefs, code_version, jsonable
+from .common import JSON_IO, PipelineDefs, code_version, jsonable, rounded
 from .guards import require_checks_passed
 from .multitask import quarantine_assets
 from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
+from .runs import cached_report
 from .shared import registry_dir
 from .training import adapter_lineage, model_output, trained_adapter
 
@@ -86,13 +87,29 @@ def resolve_teacher(spec, storage: SFTStorage, base_model: dict | None, fine_tun
 
 
 def build(p: PipelineDefs) -> None:
-    spec, K = p.spec, p.key
-    student = spec.student
+    student = p.spec.student
     if student is None:
         return
-    code = code_version(student_stage, evaluation, decoding, metrics, formatting, generation)  # answers are sampled by generation.py
-    answers_check = p.check_key("student_teacher_answers", ANSWERS_CHECK)
-    guarded = [*p.blocking_checks, answers_check] if student.uses_answers else list(p.blocking_checks)
+    _build_models(p)
+    if student.uses_answers:
+        _build_answers(p)
+    _build_student_model(p)
+    _build_report(p)
+
+
+def _code() -> str:
+    return code_version(student_stage, evaluation, decoding, metrics, formatting, generation)  # answers are sampled by generation.py
+
+
+def _guarded(p: PipelineDefs) -> list[dg.AssetCheckKey]:
+    """The checks the student's training and report need passed: the data's, and the teacher answers'."""
+    if p.spec.student.uses_answers:
+        return [*p.blocking_checks, p.check_key("student_teacher_answers", ANSWERS_CHECK)]
+    return list(p.blocking_checks)
+
+
+def _build_models(p: PipelineDefs) -> None:
+    spec, K, student = p.spec, p.key, p.spec.student
 
     @dg.asset(**p.asset_args("student_base_model", kinds={"transformers", "safetensors"}, code_version=code_version(models),
                              io_manager_key=JSON_IO,
@@ -113,57 +130,62 @@ def build(p: PipelineDefs) -> None:
 
     p.assets += [student_base_model, student_teacher]
 
-    if student.uses_answers:
-        cfg = student.generation
 
-        @dg.multi_asset(
-            name=f"{spec.name}__student_answers", pool=p.pool,
-            ins={**p.ins("dataset_splits", "student_teacher", "student_base_model")}, deps=quarantine_assets(p),
-            outs={
-                "student_teacher_answers": p.out(
-                    "student_teacher_answers", kinds={"pandas", "parquet"}, code_version=code,
-                    description="The train and validation rows with the teacher's answer as `response` (the "
-                                "row's own in `gold_response`): what the student is trained on."),
-                "student_answers_quarantine": p.out(
-                    "student_answers_quarantine", kinds={"pandas", "parquet"}, code_version=code,
-                    description="Rows without a usable teacher answer (unfinished, empty, too long), with reasons."),
-            },
-            check_specs=[dg.AssetCheckSpec(
-                ANSWERS_CHECK, asset=K("student_teacher_answers"), blocking=True,
-                description=f"at most {cfg.max_refused_rate:.0%} of the rows lack a usable teacher answer "
-                            "(student.generation.max_refused_rate)")],
-        )
-        def student_teacher_answers(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
-                                    dataset_splits: pd.DataFrame, student_teacher: dict, student_base_model: dict):
-            require_checks_passed(context, p.blocking_checks)
-            start = time.perf_counter()
-            device = compute.resolved_device()
-            rows = dataset_splits[dataset_splits["split"].isin(["train", "validation"])].reset_index(drop=True)
-            answers, quarantine, stats = student_stage.teacher_answers(
-                rows, Path(student_teacher["path"]), student_teacher["model_hash"], spec.task, cfg, spec.model.max_length,
-                Path(student_base_model["path"]), spec.student_model().max_length,
-                p.paths(storage).student_dir / "answers" / f"{student_teacher['model_hash']}.parquet", device,
-                pick_precision(spec.training.precision, device))
-            stats |= {"teacher": student_teacher["source"], "seconds": round(time.perf_counter() - start, 2)}
-            yield dg.Output(answers, output_name="student_teacher_answers", data_version=dg.DataVersion(frame_hash(answers)),
-                            metadata={"dagster/row_count": len(answers), **jsonable(stats),
-                                      "by_split": dg.MetadataValue.json({str(k): int(v) for k, v in
-                                                                         answers["split"].value_counts().items()}),
-                                      "preview": p.preview(answers, ["split", "prompt", "response", "gold_response"])})
-            yield dg.Output(quarantine, output_name="student_answers_quarantine",
-                            data_version=dg.DataVersion(frame_hash(quarantine)),
-                            metadata={"dagster/row_count": len(quarantine),
-                                      "preview": p.preview(quarantine, ["example_id", "reason"], n=20)})
-            rate = len(quarantine) / max(1, len(rows))
-            yield dg.AssetCheckResult(asset_key=K("student_teacher_answers"), check_name=ANSWERS_CHECK,
-                                      passed=bool(len(answers)) and rate <= cfg.max_refused_rate,
-                                      description=f"{len(quarantine)} of {len(rows)} rows without a usable teacher answer "
-                                                  f"({rate:.1%}; at most {cfg.max_refused_rate:.0%})",
-                                      metadata={"rows_in": len(rows), "rows_answered": len(answers),
-                                                "rows_quarantined": len(quarantine), "refused_rate": rate})
+def _build_answers(p: PipelineDefs) -> None:
+    spec, K, cfg, code = p.spec, p.key, p.spec.student.generation, _code()
 
-        p.assets.append(student_teacher_answers)
+    @dg.multi_asset(
+        name=f"{spec.name}__student_answers", pool=p.pool,
+        ins={**p.ins("dataset_splits", "student_teacher", "student_base_model")}, deps=quarantine_assets(p),
+        outs={
+            "student_teacher_answers": p.out(
+                "student_teacher_answers", kinds={"pandas", "parquet"}, code_version=code,
+                description="The train and validation rows with the teacher's answer as `response` (the "
+                            "row's own in `gold_response`): what the student is trained on."),
+            "student_answers_quarantine": p.out(
+                "student_answers_quarantine", kinds={"pandas", "parquet"}, code_version=code,
+                description="Rows without a usable teacher answer (unfinished, empty, too long), with reasons."),
+        },
+        check_specs=[dg.AssetCheckSpec(
+            ANSWERS_CHECK, asset=K("student_teacher_answers"), blocking=True,
+            description=f"at most {cfg.max_refused_rate:.0%} of the rows lack a usable teacher answer "
+                        "(student.generation.max_refused_rate)")],
+    )
+    def student_teacher_answers(context: dg.AssetExecutionContext, storage: SFTStorage, compute: ComputeResource,
+                                dataset_splits: pd.DataFrame, student_teacher: dict, student_base_model: dict):
+        require_checks_passed(context, p.blocking_checks)
+        start = time.perf_counter()
+        device = compute.resolved_device()
+        rows = dataset_splits[dataset_splits["split"].isin(["train", "validation"])].reset_index(drop=True)
+        answers, quarantine, stats = student_stage.teacher_answers(
+            rows, Path(student_teacher["path"]), student_teacher["model_hash"], spec.task, cfg, spec.model.max_length,
+            Path(student_base_model["path"]), spec.student_model().max_length,
+            p.paths(storage).student_dir / "answers" / f"{student_teacher['model_hash']}.parquet", device,
+            pick_precision(spec.training.precision, device))
+        stats |= {"teacher": student_teacher["source"], "seconds": round(time.perf_counter() - start, 2)}
+        yield dg.Output(answers, output_name="student_teacher_answers", data_version=dg.DataVersion(frame_hash(answers)),
+                        metadata={"dagster/row_count": len(answers), **jsonable(stats),
+                                  "by_split": dg.MetadataValue.json({str(k): int(v) for k, v in
+                                                                     answers["split"].value_counts().items()}),
+                                  "preview": p.preview(answers, ["split", "prompt", "response", "gold_response"])})
+        yield dg.Output(quarantine, output_name="student_answers_quarantine",
+                        data_version=dg.DataVersion(frame_hash(quarantine)),
+                        metadata={"dagster/row_count": len(quarantine),
+                                  "preview": p.preview(quarantine, ["example_id", "reason"], n=20)})
+        rate = len(quarantine) / max(1, len(rows))
+        yield dg.AssetCheckResult(asset_key=K("student_teacher_answers"), check_name=ANSWERS_CHECK,
+                                  passed=bool(len(answers)) and rate <= cfg.max_refused_rate,
+                                  description=f"{len(quarantine)} of {len(rows)} rows without a usable teacher answer "
+                                              f"({rate:.1%}; at most {cfg.max_refused_rate:.0%})",
+                                  metadata={"rows_in": len(rows), "rows_answered": len(answers),
+                                            "rows_quarantined": len(quarantine), "refused_rate": rate})
 
+    p.assets.append(student_teacher_answers)
+
+
+def _build_student_model(p: PipelineDefs) -> None:
+    spec, K, student = p.spec, p.key, p.spec.student
+    guarded = _guarded(p)
     rows_asset = "student_teacher_answers" if student.uses_answers else "dataset_splits"
 
     @dg.asset(**p.asset_args("student_model", kinds={"pytorch", "peft"}, code_version=code_version(training, formatting),
@@ -194,7 +216,14 @@ def build(p: PipelineDefs) -> None:
             **out.metadata, "teacher": student_teacher["source"], "student": student_base_model["source"],
             "train_rows": len(train_df), "training_rows": p.preview(train_df, shown)})
 
-    @dg.asset(**p.asset_args("student_report", kinds={"pytorch", "markdown"}, code_version=code, io_manager_key=JSON_IO,
+    p.assets.append(student_model)
+
+
+def _build_report(p: PipelineDefs) -> None:
+    spec, student = p.spec, p.spec.student
+    guarded = _guarded(p)
+
+    @dg.asset(**p.asset_args("student_report", kinds={"pytorch", "markdown"}, code_version=_code(), io_manager_key=JSON_IO,
                              ins=p.ins("student_model", "student_teacher", "student_base_model", "dataset_splits"),
                              description="Teacher vs student on the test split: task metric, parameters, generation "
                                          "tokens/s (measured in the run)."))
@@ -202,41 +231,20 @@ def build(p: PipelineDefs) -> None:
                        student_model: dict, student_teacher: dict, student_base_model: dict,
                        dataset_splits: pd.DataFrame) -> dg.Output[dict]:
         require_checks_passed(context, guarded)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         test = dataset_splits[dataset_splits["split"] == "test"].reset_index(drop=True)
         directory = p.paths(storage).student_dir / "reports"
-        inputs_hash = lineage_hash_of({"student": student_model["lineage_hash"], "teacher": student_teacher["model_hash"],
-                                       "test": frame_hash(test), "evaluation": spec.evaluation.model_dump(mode="json"),
-                                       "report": student.report.model_dump(mode="json"),
-                                       "code_version": context.assets_def.code_versions_by_key[context.asset_key]})
-        if (directory / inputs_hash / "student_report.json").exists():
-            context.log.info("student, teacher and test split unchanged since the last report: keeping it")
-            report, skipped = evaluation.read_report(directory / inputs_hash / "student_report.json"), True
-        else:
-            import torch
-
-            device = compute.resolved_device()
-            start = time.perf_counter()
-            teacher_dir, model_dir = Path(student_teacher["path"]), Path(student_base_model["path"])
-            teacher = (AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device).eval(),
-                       AutoTokenizer.from_pretrained(teacher_dir))
-            tuned = (evaluation.load_tuned_model(model_dir, Path(student_model["adapter_dir"]), student_model["method"],
-                                                 device), AutoTokenizer.from_pretrained(model_dir))
-            student_spec = spec.student_pipeline(str(teacher_dir) if student.uses_logits else None)
-            report = student_stage.compare(spec, student_spec, test, teacher, tuned, device,
-                                           pick_precision(spec.training.precision, device),
-                                           {"teacher": student_teacher["source"],
-                                            "student": f"{student_model['method']} of {student_base_model['source']}"})
-            report |= {"student_lineage_hash": student_model["lineage_hash"],
-                       "student_training": {k: student_model["metrics"].get(k) for k in
-                                            ("steps", "seconds", "tokens_per_second", "trainable_parameters", "val_loss")},
-                       "seconds": round(time.perf_counter() - start, 1)}
-            student_stage.write_report(directory / inputs_hash, report)
-            skipped = False
+        inputs = {"student": student_model["lineage_hash"], "teacher": student_teacher["model_hash"],
+                  "test": frame_hash(test), "evaluation": spec.evaluation.model_dump(mode="json"),
+                  "report": student.report.model_dump(mode="json"),
+                  "code_version": context.assets_def.code_versions_by_key[context.asset_key]}
+        report, inputs_hash, skipped = cached_report(
+            context, directory, "student_report.json", inputs,
+            lambda _: _compared(spec, compute, test, student_model, student_teacher, student_base_model),
+            read=evaluation.read_report, write=student_stage.write_report,
+            unchanged="student, teacher and test split unchanged since the last report")
         student_stage.write_report(directory, report)  # the latest, where people look for it
         metric, d = report["primary_metric"], report["student_vs_teacher"]
-        return dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata={
+        return dg.Output(report, data_version=dg.DataVersion(inputs_hash), metadata=rounded({
             "report": dg.MetadataValue.md(student_stage.render_markdown(report)),
             "report_path": dg.MetadataValue.path(str(directory / "student_report.md")),
             f"teacher_{metric}": report["teacher"]["metrics"][metric], f"student_{metric}": report["student"]["metrics"][metric],
@@ -244,6 +252,30 @@ def build(p: PipelineDefs) -> None:
             "teacher_tokens_per_second": report["teacher"]["speed"]["tokens_per_second"],
             "student_tokens_per_second": report["student"]["speed"]["tokens_per_second"],
             "speedup": d["speedup"], "parameters_ratio": d["parameters_ratio"], "n_test": report["n_test"],
-            "skipped_evaluation": skipped, "inputs_hash": inputs_hash})
+            "skipped_evaluation": skipped, "inputs_hash": inputs_hash}))
 
-    p.assets += [student_model, student_report]
+    p.assets.append(student_report)
+
+
+def _compared(spec, compute: ComputeResource, test: pd.DataFrame, student_model: dict, student_teacher: dict,
+              student_base_model: dict) -> dict:
+    """Teacher and student scored here on the same test rows (`student.compare`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = compute.resolved_device()
+    start = time.perf_counter()
+    teacher_dir, model_dir = Path(student_teacher["path"]), Path(student_base_model["path"])
+    teacher = (AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(device).eval(),
+               AutoTokenizer.from_pretrained(teacher_dir))
+    tuned = (evaluation.load_tuned_model(model_dir, Path(student_model["adapter_dir"]), student_model["method"],
+                                         device), AutoTokenizer.from_pretrained(model_dir))
+    student_spec = spec.student_pipeline(str(teacher_dir) if spec.student.uses_logits else None)
+    report = student_stage.compare(spec, student_spec, test, teacher, tuned, device,
+                                   pick_precision(spec.training.precision, device),
+                                   {"teacher": student_teacher["source"],
+                                    "student": f"{student_model['method']} of {student_base_model['source']}"})
+    return report | {"student_lineage_hash": student_model["lineage_hash"],
+                     "student_training": {k: student_model["metrics"].get(k) for k in
+                                          ("steps", "seconds", "tokens_per_second", "trainable_parameters", "val_loss")},
+                     "seconds": round(time.perf_counter() - start, 1)}

@@ -22,10 +22,11 @@ from ..spec import TRAIN_ROWS
 from ..tracking import StepLogger, TrackedRun
 from ..training.k8s import device_kind as k8s_device_kind
 from ..progress import Progress
-from .common import JSON_IO, PipelineDefs, code_version, preview
+from .common import JSON_IO, PipelineDefs, code_version, numbers, preview
 from .guards import require_checks_passed
 from .multitask import quarantine_assets, splits_asset
 from .resources import ComputeResource, K8sTraining, MLflowTracking, SFTStorage
+from .runs import reuse_or_run
 from .shared import resolve_base_model
 
 LINEAGE_FILE = "lineage.json"  # written last: its presence marks a complete training run
@@ -147,34 +148,34 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     lineage_hash = lineage_hash_of(lineage)
     run_dir = training_dir / lineage_hash
     method = prompt_model.METHOD if prompt is not None else spec.training.adapter
-    done = completed_run(run_dir)
-    if done is not None:
-        context.log.info(f"inputs unchanged since training run {lineage_hash}: keeping its "
-                         f"{'prompt' if prompt is not None else 'adapter'}")
-        metrics, skipped = done["metrics"], True
-    elif prompt is not None:
-        prompt_model.write(run_dir, prompt)
-        metrics = {"method": method, "train_rows": len(train_df), "min_rows_to_train": spec.training.min_rows_to_train,
-                   "k": prompt["k"], "few_shot_seed": prompt["seed"]}
-        atomic.write_json(run_dir / "metrics.json", metrics)
-    else:
-        params = {"lineage": lineage, "lineage_hash": lineage_hash,
-                  "data_versions": input_data_versions(context, data_version_keys)}
-        tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.adapter,
-                "dagster_run_id": context.run_id}
-        launchers = {"pipes": resources["pipes_subprocess_client"], "k8s": resources["k8s_training"],
-                     "storage_root": storage.root}
-        metrics = _train(context, spec, resources["compute"], launchers, model_dir, train_df, val_df, run_dir, device,
-                         start_tracking=lambda train_spec: mlflow.start_run(
-                             storage.root, spec.name, f"{run_name}-{lineage_hash[:8]}",
-                             {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
-    if done is None:  # a new run (training or a prompt): complete it
+
+    def run() -> dict:
+        """Write the prompt or train, then complete the run (its lineage written last)."""
+        if prompt is not None:
+            prompt_model.write(run_dir, prompt)
+            metrics = {"method": method, "train_rows": len(train_df), "min_rows_to_train": spec.training.min_rows_to_train,
+                       "k": prompt["k"], "few_shot_seed": prompt["seed"]}
+            atomic.write_json(run_dir / "metrics.json", metrics)
+        else:
+            params = {"lineage": lineage, "lineage_hash": lineage_hash,
+                      "data_versions": input_data_versions(context, data_version_keys)}
+            tags = {"pipeline": spec.name, "lineage_hash": lineage_hash, "method": spec.training.adapter,
+                    "dagster_run_id": context.run_id}
+            launchers = {"pipes": resources["pipes_subprocess_client"], "k8s": resources["k8s_training"],
+                         "storage_root": storage.root}
+            metrics = _train(context, spec, resources["compute"], launchers, model_dir, train_df, val_df, run_dir, device,
+                             start_tracking=lambda train_spec: mlflow.start_run(
+                                 storage.root, spec.name, f"{run_name}-{lineage_hash[:8]}",
+                                 {"training": train_spec.training.model_dump(mode="json"), **params}, tags))
         atomic.write_json(run_dir / LINEAGE_FILE, lineage, sort_keys=True)
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the run is complete: resume state is spent
         pruned = prune_training_runs(training_dir, run_dir)
         if pruned:
             context.log.info(f"removed {len(pruned)} older training run folder(s): {[d.name for d in pruned]}")
-        done, skipped = completed_run(run_dir), False
+        return {**completed_run(run_dir), "metrics": metrics}
+
+    done, skipped = reuse_or_run(context, run_dir, completed_run, run, "prompt" if prompt is not None else "adapter")
+    metrics = done["metrics"]
     record = {"adapter_dir": done["adapter_dir"], "lineage_hash": lineage_hash, "lineage": lineage,
               "method": method, "metrics": metrics}
     if prompt is not None:
@@ -182,7 +183,6 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
             pd.DataFrame(prompt_model.read(Path(done["adapter_dir"]))["examples"]), enabled=spec.quality.previews)})
     elif spec.training.export_merged and not artefacts.is_whole_model(spec.training.adapter):
         record["merged_model_dir"] = str(run_dir / "merged")
-    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     link = {}
     if done["mlflow"]:
         record["mlflow"] = done["mlflow"]
@@ -192,7 +192,7 @@ def trained_adapter(context: dg.AssetExecutionContext, spec, lineage: dict, trai
     return dg.Output(record, data_version=dg.DataVersion(lineage_hash), metadata={
         "lineage_hash": lineage_hash, "adapter_dir": dg.MetadataValue.path(done["adapter_dir"]),
         "skipped_training": skipped, "method": method, "lineage": dg.MetadataValue.json(lineage),
-        "metrics": dg.MetadataValue.json(metrics), **numbers, **link,
+        "metrics": dg.MetadataValue.json(metrics), **numbers(metrics), **link,
     })
 
 

@@ -125,19 +125,6 @@ def collate_pair_groups(groups: list[PairGroup], pad_id: int, device: str, cut=N
     return batch
 
 
-def _side_by_side(pairs: list[EncodedPair]) -> PairGroup:
-    """Pairs as one group without sharing: chosen sides in rows [0, n), rejected sides in rows [n, 2n)."""
-    n = len(pairs)
-    return PairGroup([p.pair_id for p in pairs], [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                     list(range(n)), list(range(n, 2 * n)))
-
-
-def collate_pairs(pairs: list[EncodedPair], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """The pairs as one `collate_pair_groups` group: chosen sides are sequences [0, n), rejected sides
-    [n, 2n); the tokens all of them share (the template's system turn) are computed once."""
-    return collate_pair_groups([_side_by_side(pairs)], pad_id, device)
-
-
 def pair_sides(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) per pair of a per-sequence tensor of a `collate_pair_groups` batch."""
     return values[batch["chosen_index"]], values[batch["rejected_index"]]
@@ -175,18 +162,6 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.index_add(0, batch["token_sequence"], picked)
 
 
-@torch.no_grad()
-def reference_logprobs(policy, batch: dict[str, torch.Tensor], reference=None) -> torch.Tensor:
-    """Sequence log-probs under the reference: `reference` if given, else the policy with its peft
-    adapter switched off (the base model, without a second copy in memory)."""
-    if reference is not None:
-        return sequence_logprobs(reference, batch)
-    if not hasattr(policy, "disable_adapter"):
-        raise ValueError("a reference model is needed: the policy has no adapter to switch off")
-    with policy.disable_adapter():
-        return sequence_logprobs(policy, batch)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
              reference_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The DPO sigmoid loss (mean over pairs) and its statistics.
@@ -211,16 +186,13 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     return losses.mean(), stats
 
 
-def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float, label_smoothing: float = 0.0,
-                   reference=None, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """DPO on a `collate_pair_groups` (or `collate_pairs`) batch: one policy forward over its sequences.
-
-    `reference_logps` (the reference's sequence log-probs of the same rows, e.g. precomputed once per
-    data set) saves the reference forward pass.
-    """
+def dpo_batch_loss(policy, batch: dict[str, torch.Tensor], beta: float, label_smoothing: float = 0.0, *,
+                   reference_logps: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """DPO on a `collate_pair_groups` batch: one policy forward over its sequences. `reference_logps`:
+    the reference's sequence log-probs of the same rows, computed once per data set (the SFT model,
+    `training.methods.dpo`)."""
     logps = sequence_logprobs(policy, batch)
-    ref = reference_logps if reference_logps is not None else reference_logprobs(policy, batch, reference)
-    return dpo_loss(*pair_sides(logps, batch), *pair_sides(ref, batch), beta, label_smoothing)
+    return dpo_loss(*pair_sides(logps, batch), *pair_sides(reference_logps, batch), beta, label_smoothing)
 
 
 def pairwise_accuracy(chosen_scores, rejected_scores) -> float:
@@ -271,11 +243,6 @@ def reward_scores(reward_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(dim=-1)
         rows = torch.arange(len(last), device=mask.device)
     return head(hidden[rows, last]).float().squeeze(-1)
-
-
-def collate_reward_pairs(pairs: list[EncodedPair], pad_id: int, device: str) -> dict[str, torch.Tensor]:
-    """Like `collate_pairs`, each side cut after its reply (`reward_input`)."""
-    return collate_pair_groups([_side_by_side(pairs)], pad_id, device, cut=reward_input)
 
 
 def reward_batch_loss(reward_model, batch: dict[str, torch.Tensor], margin: torch.Tensor | None = None,

@@ -22,27 +22,29 @@ from pathlib import Path
 import pandas as pd
 
 from ..ingest import IngestError, _as_text, _csv_header, _from_messages, _iter_csv, _iter_jsonl
-from ..quality.checks import FAILING_ROWS_SHOWN, CheckOutcome, normalized_text, run_sft_check
+from ..quality.check_registry import FAILING_ROWS_SHOWN, CheckDef, CheckOutcome, CheckRegistry
+from ..quality.sft_checks import SFT_CHECKS, run_sft_check
 from ..quality.suite import CheckEntry
 from ..schema import QUARANTINE_COLUMNS, quarantine_rows
 from ..spec import SplitSpec, TaskSpec
-from ..splits import assign_splits
+from ..splits import assign_splits, normalized_text
 from .columns import PAIR_COLUMNS, pair_id_of, prompt_id_of
 from ..spec.preference import AgreementGate, InconsistencyGate, LengthBiasGate, PairGatesConfig, RowGate
 from .rankings import RankingsError, candidates_by_prompt, check_against_candidates
 
-ROW_GATES = ("identical_sides", "empty_sides", "ties", "over_length", "duplicates", "split_leakage")
-DESCRIPTIONS = {
-    "identical_sides": "chosen and rejected differ (after trimming whitespace)",
-    "empty_sides": "neither side is empty or whitespace only",
-    "ties": "the pair states a preference (not a tie)",
-    "over_length": "prompt + each side fit the training max_length in the base model's tokenizer (never truncated)",
-    "duplicates": "no pair repeats an earlier one (same prompt, chosen and rejected)",
-    "split_leakage": "no validation/test prompt also appears (normalised) in an earlier split",
-    "inconsistent_rankings": "a person's repeated judgements of the same two replies agree",
-    "length_bias": "the longer reply does not win too often",
-    "ranker_agreement": "people who judged the same two replies agree often enough",
-}
+# Every pair gate, registered below with its description and its gate's config model. Row gates
+# (a `RowGate`: identical or empty sides, ties, over-length, duplicates, split leakage) name failing
+# pairs, which `curate_pairs` quarantines; the other gates measure the data and remove nothing.
+PAIR_CHECKS = CheckRegistry("pair gate")
+
+
+def row_gates() -> list[str]:
+    return [name for name in PAIR_CHECKS.names() if PAIR_CHECKS[name].args is RowGate]
+
+
+def pair_check_defs(gates: PairGatesConfig) -> list[CheckDef]:
+    """Every pair gate as its asset check declares it, blocking as `gates` says."""
+    return PAIR_CHECKS.definitions(lambda name: getattr(gates, name).blocking)
 
 
 def _unique_ids(ids: list[str]) -> list[str]:
@@ -226,11 +228,13 @@ def _outcome(name: str, gate, pairs: pd.DataFrame, failing: pd.Series, extra: di
     if isinstance(gate, RowGate):
         metadata["max_rate"] = gate.max_rate
         passed = rate <= gate.max_rate + 1e-12 if passed is None else passed
-    return CheckOutcome(name=name, passed=bool(passed), blocking=gate.blocking, description=DESCRIPTIONS[name],
+    return CheckOutcome(name=name, passed=bool(passed), blocking=gate.blocking,
+                        description=PAIR_CHECKS.description(name),
                         metadata=metadata | (extra or {}), failing_ids=pairs.loc[failing, "pair_id"].astype(str).tolist(),
                         failing_rows=pairs.loc[failing, shown].head(FAILING_ROWS_SHOWN))
 
 
+@PAIR_CHECKS.register("identical_sides", "chosen and rejected differ (after trimming whitespace)", RowGate)
 def check_identical_sides(pairs: pd.DataFrame, gate: RowGate) -> CheckOutcome:
     chosen, rejected = pairs["chosen"].astype(str).str.strip(), pairs["rejected"].astype(str).str.strip()
     near = (normalized_text(pairs["chosen"]) == normalized_text(pairs["rejected"])) & (chosen != rejected)
@@ -238,12 +242,14 @@ def check_identical_sides(pairs: pd.DataFrame, gate: RowGate) -> CheckOutcome:
                     {"equal_up_to_case_and_punctuation": int(near.sum())})
 
 
+@PAIR_CHECKS.register("empty_sides", "neither side is empty or whitespace only", RowGate)
 def check_empty_sides(pairs: pd.DataFrame, gate: RowGate) -> CheckOutcome:
     empty = pairs["chosen"].astype(str).str.strip().eq("") | pairs["rejected"].astype(str).str.strip().eq("")
     empty |= pairs["prompt"].astype(str).str.strip().eq("")
     return _outcome("empty_sides", gate, pairs, empty)
 
 
+@PAIR_CHECKS.register("ties", "the pair states a preference (not a tie)", RowGate)
 def check_ties(pairs: pd.DataFrame, gate: RowGate) -> CheckOutcome:
     return _outcome("ties", gate, pairs, pairs["tie"].astype(bool))
 
@@ -262,6 +268,8 @@ def pair_token_lengths(pairs: pd.DataFrame, tokenizer, task: TaskSpec) -> pd.Dat
                          "n_tokens_rejected": lengths["rejected"]})
 
 
+@PAIR_CHECKS.register("over_length", "prompt + each side fit the training max_length in the base model's tokenizer "
+                                     "(never truncated)", RowGate)
 def check_over_length(pairs: pd.DataFrame, gate: RowGate, tokenizer, task: TaskSpec, max_length: int) -> CheckOutcome:
     lengths = pair_token_lengths(pairs, tokenizer, task)
     longest = lengths[["n_tokens_chosen", "n_tokens_rejected"]].max(axis=1)
@@ -272,6 +280,7 @@ def check_over_length(pairs: pd.DataFrame, gate: RowGate, tokenizer, task: TaskS
     return outcome
 
 
+@PAIR_CHECKS.register("duplicates", "no pair repeats an earlier one (same prompt, chosen and rejected)", RowGate)
 def check_duplicate_pairs(pairs: pd.DataFrame, gate: RowGate) -> CheckOutcome:
     """A pair repeating an earlier one's prompt, chosen and rejected text (by anyone); the first stays."""
     key = pairs["prompt_id"].astype(str) + "\x1f" + pairs["chosen"].astype(str) + "\x1f" + pairs["rejected"].astype(str)
@@ -286,6 +295,7 @@ def assign_pair_splits(pairs: pd.DataFrame, cfg: SplitSpec) -> pd.DataFrame:
     return pairs.assign(split=given.fillna(assigned))
 
 
+@PAIR_CHECKS.register("split_leakage", SFT_CHECKS.description("split_leakage"), RowGate)
 def check_split_leakage(pairs: pd.DataFrame, gate: RowGate, task: TaskSpec) -> CheckOutcome:
     """The SFT split_leakage check (`quality.checks`) on the pairs' prompts: a validation/test prompt
     whose normalised text is also in an earlier split."""
@@ -310,6 +320,7 @@ def _judgements(pairs: pd.DataFrame) -> pd.DataFrame:
                          "key": judged["prompt_id"].astype(str) + "\x1f" + low + "\x1f" + high, "vote": vote})
 
 
+@PAIR_CHECKS.register("inconsistent_rankings", "a person's repeated judgements of the same two replies agree", InconsistencyGate)
 def check_inconsistent_rankings(pairs: pd.DataFrame, gate: InconsistencyGate) -> CheckOutcome:
     """Among the two replies a person judged more than once, the share judged both ways (A>B and B>A)."""
     j = _judgements(pairs)
@@ -330,6 +341,7 @@ def check_inconsistent_rankings(pairs: pd.DataFrame, gate: InconsistencyGate) ->
     return _outcome("inconsistent_rankings", gate, pairs, failing, extra, passed=rate <= gate.max_rate + 1e-12)
 
 
+@PAIR_CHECKS.register("length_bias", "the longer reply does not win too often", LengthBiasGate)
 def length_bias(pairs: pd.DataFrame, gate: LengthBiasGate, tokenizer=None) -> CheckOutcome:
     """How often the longer reply is the chosen one, over non-tie pairs whose sides differ in length
     (tokens when a tokenizer is given, else characters)."""
@@ -361,6 +373,7 @@ def length_bias(pairs: pd.DataFrame, gate: LengthBiasGate, tokenizer=None) -> Ch
     return _outcome("length_bias", gate, pairs, pd.Series(False, index=pairs.index), extra, passed=passed)
 
 
+@PAIR_CHECKS.register("ranker_agreement", "people who judged the same two replies agree often enough", AgreementGate)
 def ranker_agreement(pairs: pd.DataFrame, gate: AgreementGate) -> CheckOutcome:
     """Pairwise agreement: over every two people who judged the same two replies of a prompt, the share
     who gave the same verdict (same winner, or both a tie). Each person's last judgement counts."""
@@ -394,7 +407,7 @@ def run_pair_checks(pairs: pd.DataFrame, gates: PairGatesConfig, *, task: TaskSp
     outcomes = [check_identical_sides(pairs, gates.identical_sides), check_empty_sides(pairs, gates.empty_sides),
                 check_ties(pairs, gates.ties)]
     if tokenizer is None or max_length is None:
-        outcomes.append(CheckOutcome("over_length", False, gates.over_length.blocking, DESCRIPTIONS["over_length"],
+        outcomes.append(CheckOutcome("over_length", False, gates.over_length.blocking, PAIR_CHECKS.description("over_length"),
                                      {"error": "token lengths were not computed (no tokenizer)"}))
     else:
         outcomes.append(check_over_length(pairs, gates.over_length, tokenizer, task, max_length))
@@ -405,11 +418,12 @@ def run_pair_checks(pairs: pd.DataFrame, gates: PairGatesConfig, *, task: TaskSp
 
 
 def curate_pairs(pairs: pd.DataFrame, outcomes: list[CheckOutcome]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Pairs training may use, and the quarantine: a pair failing a row gate (ROW_GATES) goes, with the
+    """Pairs training may use, and the quarantine: a pair failing a row gate (`row_gates`) goes, with the
     first such check as its reason; report gates remove nothing. rows in = kept + quarantined."""
     reason = pd.Series(pd.NA, index=pairs.index, dtype="string")
+    row_level = set(row_gates())
     for outcome in outcomes:
-        if outcome.name in ROW_GATES and outcome.failing_ids:
+        if outcome.name in row_level and outcome.failing_ids:
             hit = pairs["pair_id"].isin(set(outcome.failing_ids)) & reason.isna()
             reason[hit] = f"failed pair check {outcome.name}"
     removed = reason.notna()

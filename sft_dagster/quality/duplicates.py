@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .checks import normalized_text
+from ..splits import normalized_text
 
 CONFLICT_ISSUE = "label_conflict"
 SEPARATOR = "|"  # between example ids in `near_duplicate_of`, and between labels in `conflict_labels`

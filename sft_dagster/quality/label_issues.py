@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..spec import CleanlabSpec, TaskSpec
-from .checks import CheckOutcome
+from .check_registry import CheckDef, CheckOutcome
 from .duplicates import near_duplicate_ids
 from .label_views import EMBEDDING_KNN_K, Timer, knn_label_probabilities, pool
 from .llm_probs import llm_label_probabilities
@@ -43,6 +43,14 @@ IVF_MAX_LISTS = 4096
 IVF_PROBES = 4
 N_JOBS = 2
 NON_IID_MIN_P = 0.01
+LABEL_GATE_CHECKS = [
+    CheckDef("label_issue_rate", True, "Share of rows cleanlab flags as label issues is within the spec's threshold"),
+    CheckDef("issue_types_evaluated", True, "Every expected cleanlab issue type was evaluated (a skipped type is a failure)"),
+    CheckDef("class_imbalance", False, "Class balance (warning)"),
+    CheckDef("non_iid", False, "Rows look independent and identically distributed (warning)"),
+]
+# Gates that need labels: a generation task (no labels) does not get them at all.
+LABEL_TASK_ONLY = {"label_issue_rate", "class_imbalance", "non_iid"}
 
 
 @dataclass
@@ -57,8 +65,7 @@ class LabelIssueReport:
         s = self.summary
         if s.get("enabled") is False:
             return [CheckOutcome(name, True, blocking, DISABLED, {"enabled": False})
-                    for name, blocking in (("label_issue_rate", True), ("issue_types_evaluated", True),
-                                           ("class_imbalance", False), ("non_iid", False))]
+                    for name, blocking, _ in LABEL_GATE_CHECKS]
         expected = s.get("issue_types_expected", [])
         missing = list(s.get("missing_issue_types", [])) if "missing_issue_types" in s else list(expected) or ["<unknown>"]
         label_flags = self.flags["is_label_issue"].astype(bool) if "is_label_issue" in self.flags else pd.Series(dtype=bool)
@@ -117,18 +124,12 @@ def _fold_columns(sparse, dims: int):
     return folded
 
 
-def text_features(texts: pd.Series, seed: int = 0):
-    """Sparse TF-IDF over hashed word 1-2 grams and char 4-grams (within word boundaries), and a bounded dense projection.
-
-    Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
-    hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
-    on at most `SVD_FIT_ROWS` rows, so their cost is linear in the row count.
-    """
+def tfidf_vectors(texts: pd.Series):
+    """Sublinear TF-IDF over hashed word 1-2 grams and char 4-grams, rows L2-normalised (a dot product
+    of two rows is their cosine similarity)."""
     import scipy.sparse as sp
     from joblib import Parallel, delayed
-    from sklearn.decomposition import TruncatedSVD
     from sklearn.feature_extraction.text import TfidfTransformer
-    from sklearn.preprocessing import normalize
 
     values = texts.fillna("").astype(str).tolist()
     chunks = [values[i:i + HASH_CHUNK] for i in range(0, len(values), HASH_CHUNK)] or [[]]
@@ -136,8 +137,20 @@ def text_features(texts: pd.Series, seed: int = 0):
              else [_hash_chunk(chunks[0])])
     counts = sp.vstack(parts, format="csr")
     del parts
-    sparse = TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32, copy=False)
-    del counts
+    return TfidfTransformer(sublinear_tf=True).fit_transform(counts).astype(np.float32, copy=False)
+
+
+def text_features(texts: pd.Series, seed: int = 0):
+    """Sparse TF-IDF over hashed word 1-2 grams and char 4-grams (within word boundaries), and a bounded dense projection.
+
+    Hashing keeps the vocabulary out of memory and the width fixed at any row count; chunks are
+    hashed on 2 cores. The dense features (L2-normalised, `SVD_DIMS` wide) come from an SVD fitted
+    on at most `SVD_FIT_ROWS` rows, so their cost is linear in the row count.
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.preprocessing import normalize
+
+    sparse = tfidf_vectors(texts)
     folded = _fold_columns(sparse, FOLD_DIMS)
     rng = np.random.default_rng(seed)
     fit_rows = rng.choice(sparse.shape[0], SVD_FIT_ROWS, replace=False) if sparse.shape[0] > SVD_FIT_ROWS else slice(None)
@@ -336,118 +349,149 @@ def find_label_issues(df: pd.DataFrame, task: TaskSpec, cfg: CleanlabSpec, seed:
 
     model_dir: the base model's directory, needed by the `llm` view (features: llm, or ensemble with llm).
     """
-    from cleanlab import Datalab
-
     if not cfg.enabled:
         return disabled_report(df, task)
     frame = df.reset_index(drop=True)
     label_task = task.is_label_task
-    flags = pd.DataFrame({"example_id": frame["example_id"].astype(str)})
     views = cfg.views if label_task else []
     summary: dict = {"enabled": True, "n_rows": len(frame), "features": cfg.features, "views": views}
     timer = Timer()
     # Label tasks: the label is predicted from the prompt. Generation: the whole example is the item.
     texts = frame["prompt"] if label_task else (frame["prompt"].fillna("").astype(str) + "\n" + frame["response"].fillna("").astype(str))
-    features: dict = {}
     use_embeddings = "embeddings" in views or (not label_task and cfg.features in ("embeddings", "ensemble"))
-    if use_embeddings:
-        with timer("embeddings"):
-            features["embeddings"] = embedding_features(texts)
-    if "tfidf" in views or not use_embeddings:
-        with timer("tfidf"):
-            features["sparse"], features["svd"] = text_features(texts, seed)
-    dense = features["embeddings"] if use_embeddings else features["svd"]
-
+    features = _features(texts, use_embeddings, "tfidf" in views, seed, timer)
     if label_task:
-        # Rows with a label outside the task's set cannot be scored; the label_in_set check handles them.
-        valid = frame["response"].isin(task.labels).to_numpy()
-        labels = frame.loc[valid, "response"].astype(str).to_numpy()
-        classes = sorted(set(labels.tolist()))
-        if len(classes) < 2:
-            raise ValueError(f"cleanlab needs at least two distinct labels, got {classes}")
-        expected = list(LABEL_ISSUE_TYPES)
-        with timer("knn_graph"):
-            wide = knn_graph(dense[valid], max(KNN_K, EMBEDDING_KNN_K) if use_embeddings else KNN_K, seed)
-            graph = _narrow(wide, KNN_K)
-        features["embedding_graph"] = wide if use_embeddings else None
-        per_view, info = {}, {}
-        for view in views:
-            per_view[view], info[view] = _view_probabilities(
-                view, texts=texts, frame=frame, valid=valid, labels=labels, classes=classes, cfg=cfg, task=task,
-                seed=seed, model_dir=model_dir, features=features, timer=timer)
-        with timer("pool"):
-            probs, weights, nll = pool(per_view, labels, classes, seed)
-        summary["view_info"] = {v: {**info[v], "weight": weights[v],
-                                    "accuracy_vs_given": round(float((np.array(classes)[per_view[v].argmax(1)] == labels).mean()), 4)}
-                                for v in views}
-        summary["pooled_nll"] = round(nll, 4)
-        lab = Datalab(data=pd.DataFrame({"label": labels}), label_name="label", verbosity=0)
-        if list(lab.class_names) != classes:  # never score against shifted columns
-            raise RuntimeError(f"pred_probs columns {classes} do not match Datalab's class order {list(lab.class_names)}")
-        issue_types = {t: {} for t in expected} | {"label": _label_issue_options()}
-        with timer("cleanlab"):
-            lab.find_issues(pred_probs=probs, knn_graph=graph, issue_types=issue_types)
-        issue_frame = lab.get_issues()
-        summary["class_order"] = classes
-        issue_frame.index = np.flatnonzero(valid)
+        found = _label_task_issues(frame, texts, task, cfg, seed, model_dir, features, use_embeddings, summary, timer)
     else:
-        valid = np.ones(len(frame), dtype=bool)
-        expected = list(GENERATION_ISSUE_TYPES)
-        lab = Datalab(data=pd.DataFrame({"text": texts.astype(str)}), verbosity=0)
-        with timer("cleanlab"):
-            lab.find_issues(knn_graph=knn_graph(dense, KNN_K, seed), issue_types={t: {} for t in expected})
-        issue_frame = lab.get_issues()
-        issue_frame.index = frame.index
-
+        found = _generation_issues(frame, texts, features, seed, timer)
+    lab, issue_frame, valid, expected = found["lab"], found["issues"], found["valid"], found["expected"]
     checked = sorted(set(lab.get_issue_summary()["issue_type"]))
     summary["issue_types_expected"] = expected
     summary["issue_types_checked"] = checked
     summary["missing_issue_types"] = sorted(set(expected) - set(checked))
-
-    def column(name: str, default) -> pd.Series:
-        if name in issue_frame:
-            return issue_frame[name].reindex(frame.index)
-        return pd.Series(default, index=frame.index)
-
     reviewed = frame["reviewed"].fillna(False).astype(bool) if "reviewed" in frame else pd.Series(False, index=frame.index)
-    flags["is_label_issue"] = column("is_label_issue", False).fillna(False).astype(bool) & ~reviewed
-    flags["label_score"] = column("label_score", np.nan).astype(float)
-    flags["is_outlier"] = column("is_outlier_issue", False).fillna(False).astype(bool)
-    flags["outlier_score"] = column("outlier_score", np.nan).astype(float)
-    flags["is_near_duplicate"] = column("is_near_duplicate_issue", False).fillna(False).astype(bool)
-    flags["near_duplicate_of"] = near_duplicate_ids(lab, np.flatnonzero(valid), frame["example_id"])  # curation's clusters
-    suggested = pd.Series(pd.NA, index=frame.index, dtype="string")
-    confidence = pd.Series(np.nan, index=frame.index, dtype=float)
-    error_probability = pd.Series(np.nan, index=frame.index, dtype=float)
+    flags = _flags(frame, lab, issue_frame, valid, reviewed)
     if label_task:
-        rows = np.flatnonzero(valid)
-        info = lab.get_info("label")
-        predicted = np.asarray(info["predicted_label"]).astype(str)
-        suggested.iloc[rows] = predicted
-        column_of = {c: i for i, c in enumerate(classes)}
-        confidence.iloc[rows] = probs[np.arange(len(rows)), [column_of[c] for c in predicted]]
-        error_probability.iloc[rows] = 1.0 - probs[np.arange(len(rows)), [column_of[c] for c in labels]]
-        imbalance = lab.get_info("class_imbalance") or {}
-        summary["class_imbalance_issue"] = bool(column("is_class_imbalance_issue", False).fillna(False).any())
-        summary["rarest_class"] = str(imbalance.get("Rarest Class", "NA"))
-        p_value = (lab.get_info("non_iid") or {}).get("p-value")
-        summary["non_iid_p_value"] = None if p_value is None else float(p_value)
-    flags["suggested_label"] = suggested
-    flags["suggested_confidence"] = confidence.round(6)
-    flags["error_probability"] = error_probability.round(6)
-
+        _label_columns(flags, summary, lab, issue_frame, frame, valid, found["probs"], found["labels"], found["classes"])
+    flags["suggested_confidence"] = flags["suggested_confidence"].round(6)
+    flags["error_probability"] = flags["error_probability"].round(6)
     summary["label_issue_count"] = int(flags["is_label_issue"].sum())
     summary["label_issue_rate"] = round(summary["label_issue_count"] / max(1, len(frame)), 6)
     summary["outlier_count"] = int(flags["is_outlier"].sum())
     summary["near_duplicate_count"] = int(flags["is_near_duplicate"].sum())
     summary["reviewed_rows_not_flagged"] = int(reviewed.sum())
-
     queue = build_review_queue(frame, flags)
     if label_task:
         summary["label_score_method"] = LABEL_SCORE_METHOD
         summary["estimated_precision_top"], summary["review_depth_for_precision"] = estimated_precision(queue)
     summary["seconds"] = timer.seconds
     return LabelIssueReport(review_queue=queue, flags=flags, summary=summary)
+
+
+def _features(texts: pd.Series, use_embeddings: bool, tfidf_view: bool, seed: int, timer) -> dict:
+    """The rows' features: sentence embeddings and/or the TF-IDF (sparse, and its dense projection);
+    `dense` is what the kNN graph is built on."""
+    features: dict = {}
+    if use_embeddings:
+        with timer("embeddings"):
+            features["embeddings"] = embedding_features(texts)
+    if tfidf_view or not use_embeddings:
+        with timer("tfidf"):
+            features["sparse"], features["svd"] = text_features(texts, seed)
+    features["dense"] = features["embeddings"] if use_embeddings else features["svd"]
+    return features
+
+
+def _label_task_issues(frame: pd.DataFrame, texts: pd.Series, task: TaskSpec, cfg: CleanlabSpec, seed: int, model_dir,
+                       features: dict, use_embeddings: bool, summary: dict, timer) -> dict:
+    """Pooled out-of-fold label probabilities of the spec's views, then Datalab on them and the kNN graph."""
+    from cleanlab import Datalab
+
+    # Rows with a label outside the task's set cannot be scored; the label_in_set check handles them.
+    valid = frame["response"].isin(task.labels).to_numpy()
+    labels = frame.loc[valid, "response"].astype(str).to_numpy()
+    classes = sorted(set(labels.tolist()))
+    if len(classes) < 2:
+        raise ValueError(f"cleanlab needs at least two distinct labels, got {classes}")
+    with timer("knn_graph"):
+        wide = knn_graph(features["dense"][valid], max(KNN_K, EMBEDDING_KNN_K) if use_embeddings else KNN_K, seed)
+        graph = _narrow(wide, KNN_K)
+    features["embedding_graph"] = wide if use_embeddings else None
+    per_view, info = {}, {}
+    for view in cfg.views:
+        per_view[view], info[view] = _view_probabilities(
+            view, texts=texts, frame=frame, valid=valid, labels=labels, classes=classes, cfg=cfg, task=task,
+            seed=seed, model_dir=model_dir, features=features, timer=timer)
+    with timer("pool"):
+        probs, weights, nll = pool(per_view, labels, classes, seed)
+    summary["view_info"] = {v: {**info[v], "weight": weights[v],
+                                "accuracy_vs_given": round(float((np.array(classes)[per_view[v].argmax(1)] == labels).mean()), 4)}
+                            for v in cfg.views}
+    summary["pooled_nll"] = round(nll, 4)
+    lab = Datalab(data=pd.DataFrame({"label": labels}), label_name="label", verbosity=0)
+    if list(lab.class_names) != classes:  # never score against shifted columns
+        raise RuntimeError(f"pred_probs columns {classes} do not match Datalab's class order {list(lab.class_names)}")
+    expected = list(LABEL_ISSUE_TYPES)
+    issue_types = {t: {} for t in expected} | {"label": _label_issue_options()}
+    with timer("cleanlab"):
+        lab.find_issues(pred_probs=probs, knn_graph=graph, issue_types=issue_types)
+    issues = lab.get_issues()
+    summary["class_order"] = classes
+    issues.index = np.flatnonzero(valid)
+    return {"lab": lab, "issues": issues, "valid": valid, "expected": expected, "probs": probs, "labels": labels,
+            "classes": classes}
+
+
+def _generation_issues(frame: pd.DataFrame, texts: pd.Series, features: dict, seed: int, timer) -> dict:
+    """Outliers and near duplicates of whole examples (prompt + response) on the kNN graph."""
+    from cleanlab import Datalab
+
+    expected = list(GENERATION_ISSUE_TYPES)
+    lab = Datalab(data=pd.DataFrame({"text": texts.astype(str)}), verbosity=0)
+    with timer("cleanlab"):
+        lab.find_issues(knn_graph=knn_graph(features["dense"], KNN_K, seed), issue_types={t: {} for t in expected})
+    issues = lab.get_issues()
+    issues.index = frame.index
+    return {"lab": lab, "issues": issues, "valid": np.ones(len(frame), dtype=bool), "expected": expected}
+
+
+def _flags(frame: pd.DataFrame, lab, issue_frame: pd.DataFrame, valid: np.ndarray, reviewed: pd.Series) -> pd.DataFrame:
+    """Each row's findings; the label columns (suggested label, confidence, error probability) empty."""
+    def column(name: str, default) -> pd.Series:
+        if name in issue_frame:
+            return issue_frame[name].reindex(frame.index)
+        return pd.Series(default, index=frame.index)
+
+    flags = pd.DataFrame({"example_id": frame["example_id"].astype(str)})
+    flags["is_label_issue"] = column("is_label_issue", False).fillna(False).astype(bool) & ~reviewed
+    flags["label_score"] = column("label_score", np.nan).astype(float)
+    flags["is_outlier"] = column("is_outlier_issue", False).fillna(False).astype(bool)
+    flags["outlier_score"] = column("outlier_score", np.nan).astype(float)
+    flags["is_near_duplicate"] = column("is_near_duplicate_issue", False).fillna(False).astype(bool)
+    flags["near_duplicate_of"] = near_duplicate_ids(lab, np.flatnonzero(valid), frame["example_id"])  # curation's clusters
+    flags["suggested_label"] = pd.Series(pd.NA, index=frame.index, dtype="string")
+    flags["suggested_confidence"] = pd.Series(np.nan, index=frame.index, dtype=float)
+    flags["error_probability"] = pd.Series(np.nan, index=frame.index, dtype=float)
+    return flags
+
+
+def _label_columns(flags: pd.DataFrame, summary: dict, lab, issue_frame: pd.DataFrame, frame: pd.DataFrame,
+                   valid: np.ndarray, probs: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+    """A label task's suggested label, its confidence and the given label's error probability (in
+    `flags`), and the class imbalance and non-iid findings (in `summary`)."""
+    rows = np.flatnonzero(valid)
+    info = lab.get_info("label")
+    predicted = np.asarray(info["predicted_label"]).astype(str)
+    column_of = {c: i for i, c in enumerate(classes)}
+    flags.loc[rows, "suggested_label"] = predicted
+    flags.loc[rows, "suggested_confidence"] = probs[np.arange(len(rows)), [column_of[c] for c in predicted]]
+    flags.loc[rows, "error_probability"] = 1.0 - probs[np.arange(len(rows)), [column_of[c] for c in labels]]
+    imbalance = lab.get_info("class_imbalance") or {}
+    flagged = issue_frame["is_class_imbalance_issue"] if "is_class_imbalance_issue" in issue_frame else pd.Series(False)
+    summary["class_imbalance_issue"] = bool(flagged.reindex(frame.index).fillna(False).any())
+    summary["rarest_class"] = str(imbalance.get("Rarest Class", "NA"))
+    p_value = (lab.get_info("non_iid") or {}).get("p-value")
+    summary["non_iid_p_value"] = None if p_value is None else float(p_value)
 
 
 def with_response_issues(report: LabelIssueReport, df: pd.DataFrame, response) -> LabelIssueReport:

@@ -101,7 +101,7 @@ import numpy as np
 import pandas as pd
 
 from ..spec import ResponseQualitySpec, TaskSpec
-from .checks import CheckOutcome
+from .check_registry import CheckDef, CheckOutcome
 
 MAD_SCALE = 1.4826  # MAD of a normal sample times this estimates its standard deviation
 DISABLED = "not run: disabled in the spec (quality.response.enabled: false)"
@@ -783,8 +783,8 @@ def response_gate_outcomes(flags: pd.DataFrame, summary: dict, cfg: ResponseQual
 
 
 RESPONSE_GATE_CHECKS = [
-    ("response_issue_rate", True, "Share of rows with a blocking response finding (misaligned, wrong language, copy, "
+    CheckDef("response_issue_rate", True, "Share of rows with a blocking response finding (misaligned, wrong language, copy, "
                                   "length, truncated) is within quality.response.max_issue_rate"),
-    ("response_findings_evaluated", True, "Every enabled response finding was evaluated (a skipped one is a failure)"),
-    ("response_warnings", False, "Warning findings (boilerplate) and findings that could not decide on this data"),
+    CheckDef("response_findings_evaluated", True, "Every enabled response finding was evaluated (a skipped one is a failure)"),
+    CheckDef("response_warnings", False, "Warning findings (boilerplate) and findings that could not decide on this data"),
 ]

@@ -26,32 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..spec import SUITE_NAME, _yaml_line
-
-SFT_CHECKS = {
-    "token_length": "prompt + response fit the training max_length in the base model's tokenizer (nothing is truncated silently)",
-    "empty_text": "no empty or whitespace-only text in `columns`",
-    "control_tokens": "no chat control tokens (e.g. <|im_start|>) inside the data",
-    "label_in_set": "every label is one of the task's labels",
-    "class_balance": "the rarest label has at least `min_share` of the rows, or `min_share_of_uniform` x 1/K for K labels",
-    "exact_duplicates": "at most `max_rate` of rows repeat an earlier row exactly",
-    "near_duplicates": "at most `max_rate` of rows repeat an earlier row up to case, punctuation and spacing",
-    "split_leakage": "no validation/test prompt also appears (normalised) in an earlier split",
-    "pii": "no e-mail addresses, phone numbers (libphonenumber, national formats of `regions`) or Luhn-valid card numbers",
-}
-ROW_LEVEL_SFT_CHECKS = {"token_length", "empty_text", "control_tokens", "label_in_set", "exact_duplicates",
-                        "near_duplicates", "split_leakage", "pii"}
-# Arguments each SFT check accepts (unknown ones fail at load time, like GX's).
-SFT_CHECK_KWARGS = {
-    "token_length": {"mostly"},
-    "empty_text": {"columns", "mostly"},
-    "control_tokens": {"columns", "mostly", "tokens", "tokenizer_special_tokens"},
-    "label_in_set": {"mostly"},
-    "class_balance": {"min_share", "min_share_of_uniform"},
-    "exact_duplicates": {"max_rate"},
-    "near_duplicates": {"columns", "max_rate", "ignore_digits"},
-    "split_leakage": {"column", "ignore_digits", "mostly"},
-    "pii": {"columns", "mostly", "regions"},
-}
+from .check_registry import CheckDef
+from .sft_checks import SFT_CHECKS
 
 
 class SuiteError(ValueError):
@@ -80,13 +56,7 @@ class CheckEntry(BaseModel):
         if (self.expectation is None) == (self.sft_check is None):
             raise ValueError("give exactly one of `expectation` or `sft_check`")
         if self.sft_check is not None:
-            if self.sft_check not in SFT_CHECKS:
-                raise ValueError(f"unknown sft_check {self.sft_check!r}; known: {sorted(SFT_CHECKS)}")
-            unknown = sorted(set(self.kwargs) - SFT_CHECK_KWARGS[self.sft_check])
-            if unknown:
-                raise ValueError(f"bad arguments for {self.sft_check}: unknown {unknown}; "
-                                 f"accepted: {sorted(SFT_CHECK_KWARGS[self.sft_check])}")
-            _check_sft_values(self.sft_check, self.kwargs)
+            SFT_CHECKS[self.sft_check].parse(self.kwargs)  # raises on unknown names or bad arguments
         if self.expectation is not None:
             build_expectation(self)  # raises on unknown names or bad arguments
         return self
@@ -95,26 +65,9 @@ class CheckEntry(BaseModel):
         if self.description:
             return self.description
         if self.sft_check:
-            return SFT_CHECKS[self.sft_check]
+            return SFT_CHECKS.description(self.sft_check)
         args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
         return f"{self.expectation}({args})"
-
-
-def _check_sft_values(kind: str, kwargs: dict[str, Any]) -> None:
-    for key in ("mostly", "max_rate", "min_share", "min_share_of_uniform"):
-        if key in kwargs:
-            value = kwargs[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"bad arguments for {kind}: {key} must be a number in [0, 1], got {value!r}")
-    for key in ("columns", "tokens", "regions"):
-        if key in kwargs and (not isinstance(kwargs[key], list) or not kwargs[key]
-                              or not all(isinstance(v, str) and v for v in kwargs[key])):
-            raise ValueError(f"bad arguments for {kind}: {key} must be a non-empty list of strings")
-    for key in ("ignore_digits", "tokenizer_special_tokens"):
-        if key in kwargs and not isinstance(kwargs[key], bool):
-            raise ValueError(f"bad arguments for {kind}: {key} must be true or false")
-    if "column" in kwargs and not isinstance(kwargs["column"], str):
-        raise ValueError(f"bad arguments for {kind}: column must be a column name")
 
 
 def build_expectation(entry: CheckEntry):
@@ -139,8 +92,8 @@ class Suite(BaseModel):
     include: list[str] = Field(default_factory=list)
     source: Path | None = Field(default=None, exclude=True)
 
-    def check_names(self) -> list[tuple[str, bool, str]]:
-        return [(c.name, c.blocking, c.describe()) for c in self.checks]
+    def check_names(self) -> list[CheckDef]:
+        return [CheckDef(c.name, c.blocking, c.describe()) for c in self.checks]
 
 
 def load_suite(name: str, checks_dir: Path, _seen: tuple[str, ...] = ()) -> Suite:

@@ -213,6 +213,10 @@ class CurationPolicy(_Strict):
     label_issues: Literal["drop", "keep", "relabel"] = "drop"
     relabel_min_confidence: float = Field(0.8, gt=0, le=1)
     near_duplicates: Literal["drop", "keep"] = "drop"
+    # Train rows that nearly repeat a validation/test row (quality/leakage.py): quarantined (drop; the
+    # evaluation row stays) or kept, and the blocking `no_leakage_across_splits` gate then fails.
+    # Left out of dumps at its default, so specs written before it keep their fingerprint.
+    leaking_train_rows: Literal["drop", "keep"] = Field("drop", exclude_if=lambda v: v == "drop")
     outliers: Literal["drop", "keep"] = "keep"
     # Generation tasks: rows with a blocking response finding (quality.response) in train and validation
     # are quarantined (drop) or trained on (keep); test rows stay, with their flags, either way.
