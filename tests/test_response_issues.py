@@ -451,3 +451,21 @@ def test_the_preflight_counts_the_fit_tokens_and_skips_cached_rows(tiny_model_di
     again = response_preflight(None, df, TASK, cfg, tiny_model_dir, tmp_path)["views"]["response_fit"]
     assert again["rows_to_score"] == 0 and again["estimated_seconds"] == 0.0
     assert response_preflight(None, df, TASK, ResponseQualitySpec(findings=["copy"]), tiny_model_dir, tmp_path) is None
+
+
+def test_flag_threshold_lowers_the_cut_until_the_estimate_reaches_the_floor():
+    """600 clean rows (relative gain 1 +- 0.45) and 30 misaligned (0 +- 0.15), seed 2: the 0.3 cut's
+    candidates are estimated below 0.5; the cut falls by 0.05 steps to the first one estimated at 0.5 or
+    more, whose measured precision is higher too. A floor no cut reaches flags nothing (None)."""
+    from sft_dagster.quality.response_issues import decoy_precision, flag_threshold
+
+    rng = np.random.default_rng(2)
+    decoys = rng.normal(0.0, 0.15, 128)
+    gain = np.concatenate([rng.normal(1.0, 0.45, 600), rng.normal(0.0, 0.15, 30)])
+    eligible = np.ones(len(gain), dtype=bool)
+    measured = lambda cut: (gain[600:] <= cut).sum() / (gain <= cut).sum()  # noqa: E731
+    assert decoy_precision(gain, eligible, int((gain <= 0.3).sum()), decoys, 0.3)[0] < 0.5
+    cut, precision, info = flag_threshold(gain, eligible, decoys, 0.3, 0.5)
+    assert cut is not None and cut < 0.3 and precision >= 0.5 and info["flagged_candidates"] == (gain <= cut).sum()
+    assert measured(cut) > measured(0.3)
+    assert flag_threshold(gain, eligible, decoys, 0.3, 0.99)[0] is None

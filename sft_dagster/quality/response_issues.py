@@ -305,6 +305,23 @@ def decoy_precision(relative_gain: np.ndarray, eligible: np.ndarray, candidates:
         "estimated_misaligned_rows": _r(misaligned, 1), "decoy_share_flagged": _r(share)}
 
 
+def flag_threshold(relative_gain: np.ndarray, eligible: np.ndarray, decoy_gain: np.ndarray, max_gain: float,
+                   min_precision: float) -> tuple[float | None, float, dict]:
+    """The largest relative-gain cut in `max_gain`, `max_gain` - 0.05, ..., 0 whose candidates' estimated
+    precision (`decoy_precision`) reaches `min_precision`: (cut, its precision, the estimate's figures);
+    (None, the precision at `max_gain`, ...) when none does. Clean rows thin out faster than misaligned
+    ones as the cut falls: Multi30k seed 1 (5% planted), 77 candidates at 0.3 estimated 0.49 (measured
+    0.52); a lower cut trades a little recall for precision instead of flagging nothing."""
+    first = None
+    for cut in np.round(np.arange(max_gain, -1e-9, -0.05), 4):
+        n = int((eligible & (np.nan_to_num(relative_gain, nan=np.inf) <= cut)).sum())
+        precision, info = decoy_precision(relative_gain, eligible, n, decoy_gain, float(cut))
+        first = first or (precision, info)
+        if n and precision >= min_precision:
+            return float(cut), precision, {**info, "flag_relative_gain": float(cut), "flagged_candidates": n}
+    return None, first[0], first[1]
+
+
 def running_precision(flagged: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     """In the given (worst-first) order: the mean estimate over the flagged rows down to each flagged row
     (rows without an estimate are skipped); NaN on rows not flagged or before any estimate."""
@@ -367,20 +384,28 @@ def misaligned(rows: Rows) -> FindingResult:
         without_of = np.array([without[i] for i, _ in pairs], dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
             decoy_gain = (1.0 - decoy / without_of) / (1.0 - median_ifd)
-        precision, more = decoy_precision(relative_gain, eligible, candidates, decoy_gain, fit.max_relative_gain)
+        gain_cut, precision, more = flag_threshold(relative_gain, eligible, decoy_gain, fit.max_relative_gain,
+                                                   fit.min_estimated_precision)
         estimate |= more
+        if gain_cut is not None:
+            hit &= np.nan_to_num(relative_gain, nan=np.inf) <= gain_cut
     if candidates and not precision >= fit.min_estimated_precision:  # (NaN: no estimate, nothing flagged)
         hit[:] = False
     warn = ~hit & informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
     reasons = _none(len(rows))
     for i in np.flatnonzero(hit | warn):
-        reasons[i] = (("" if hit[i] else f"possibly misaligned, not flagged (estimated precision {precision:.2f} < "
-                                         f"{fit.min_estimated_precision}): ")
+        cut = estimate.get("flag_relative_gain")
+        why_not = ("" if hit[i] else f"possibly misaligned, not flagged (estimated precision {precision:.2f} < "
+                   f"{fit.min_estimated_precision}): " if cut is None else
+                   f"possibly misaligned, not flagged (flags stop at {cut:.0%} of the median row's gain, where the "
+                   f"estimated precision reaches {fit.min_estimated_precision}): ")
+        reasons[i] = (why_not
                       + f"the response barely follows from its prompt: the base model's loss on it is {with_p[i]:.2f} "
                       f"nats/token with the prompt and {without[i]:.2f} without (IFD {ifd[i]:.2f}; the dataset's median "
                       f"row {median_ifd:.2f}: this row gains {max(relative_gain[i], 0):.0%} of its gain)")
     info = {"max_relative_gain": fit.max_relative_gain, "median_ifd": _r(median_ifd),
             "ifd_threshold": _r(1 - fit.max_relative_gain * (1 - median_ifd)) if informative else None,
+            "flagged_below_relative_gain": estimate.get("flag_relative_gain"),
             "rows_explained_by_other_findings": int(explained.sum()), "candidates": candidates,
             "estimated_precision": _r(precision), "min_estimated_precision": fit.min_estimated_precision, "cost": cost,
             "decoy_estimate": estimate,
