@@ -193,6 +193,52 @@ def test_fit_losses_are_the_mean_reply_loss_of_a_direct_forward_pass_and_are_cac
     flags = find_response_issues(df, task, ResponseQualitySpec(findings=["misaligned"]), model_dir=tiny_model_dir,
                                  cache_dir=tmp_path)
     assert np.allclose(flags["fit_ifd"], again["loss_with_prompt"] / again["loss_without_prompt"])
+    # decoys: row i's response after row j's prompt (and system), cached per pair
+    decoys, info = response_fit.decoy_losses(df, task, tiny_model_dir, [(0, 2), (3, 1)], cache_dir=tmp_path)
+    for (i, j), loss in zip([(0, 2), (3, 1)], decoys):
+        system = df.loc[j, "system"] if isinstance(df.loc[j, "system"], str) else None
+        assert loss == pytest.approx(direct(build_messages(df.loc[j, "prompt"], df.loc[i, "response"], system, task)),
+                                     abs=1e-4)
+    assert info["pairs_scored"] == 2
+    assert response_fit.decoy_losses(df, task, tiny_model_dir, [(3, 1)], cache_dir=tmp_path)[1]["pairs_scored"] == 0
+
+
+def test_decoy_pairs_are_stable_when_rows_are_added():
+    keys = [f"k{i}" for i in range(40)]
+    pairs = response_fit.decoy_pairs(keys, np.ones(40, dtype=bool), 40)
+    assert all(i != j for i, j in pairs) and sorted(i for i, _ in pairs) == list(range(40))
+    more = response_fit.decoy_pairs(keys + ["new"], np.ones(41, dtype=bool), 41)
+    assert len(set(pairs) - set(more)) <= 1  # only the new row's predecessor changes partner
+    assert response_fit.decoy_pairs(keys, np.arange(40) < 10, 128) and all(
+        i < 10 and j < 10 for i, j in response_fit.decoy_pairs(keys, np.arange(40) < 10, 128))
+
+
+def test_decoy_precision_counts_the_rows_that_look_like_decoys():
+    """300 clean rows (relative gain 1 +- 0.3) and 30 misaligned ones that look like the decoys (0 +- 0.15):
+    the rows below the decoys' lower quartile estimate the misaligned count, so the candidates' estimated
+    precision is near the true one; with no misaligned rows it is near 0."""
+    from sft_dagster.quality.response_issues import decoy_precision
+
+    rng = np.random.default_rng(0)
+    decoys = rng.normal(0.0, 0.15, 128)
+    clean, bad = rng.normal(1.0, 0.3, 300), rng.normal(0.0, 0.15, 30)
+    gain = np.concatenate([clean, bad])
+    candidates = gain <= 0.3
+    precision, info = decoy_precision(gain, np.ones(len(gain), dtype=bool), int(candidates.sum()), decoys, 0.3)
+    true = candidates[300:].sum() / candidates.sum()
+    assert 15 <= info["estimated_misaligned_rows"] <= 45 and abs(precision - true) <= 0.35 and precision >= 0.5
+    only_clean, info = decoy_precision(clean, np.ones(300, dtype=bool), int((clean <= 0.3).sum()), decoys, 0.3)
+    assert info["rows_below_reference"] == 1 and only_clean == 0.0  # one stray row is taken as clean
+    assert np.isnan(decoy_precision(gain, np.ones(len(gain), dtype=bool), 5, decoys[:8], 0.3)[0])  # too few decoys
+
+
+def fake_decoys(monkeypatch, seed: int = 1):
+    """Decoys as a misaligned pair scores: IFD 1.00 +- 0.03 (loss without the prompt 4.0, as `fake_losses`)."""
+    rng = np.random.default_rng(seed)
+
+    def decoys(frame, task, model_dir, pairs, cache_dir=None, **kw):
+        return 4.0 * rng.normal(1.0, 0.03, len(pairs)), {"pairs": len(pairs), "pairs_scored": len(pairs)}
+    monkeypatch.setattr(response_fit, "decoy_losses", decoys)
 
 
 def fake_losses(ifd: dict[int, float], n: int, seed: int = 0, spread: float = 0.05):
@@ -212,13 +258,16 @@ def test_misaligned_pairs_are_flagged_from_their_losses(monkeypatch, tmp_path):
     df, planted = translation_rows()
     misaligned = {3: 1.02, 13: 0.99, 17: 0.97, 21: 1.05, 25: 0.98}  # 5 of 30 rows gain (almost) nothing
     monkeypatch.setattr(response_fit, "response_losses", fake_losses(misaligned, len(df)))
+    fake_decoys(monkeypatch)
     report = response_issue_report(df, TASK, ResponseQualitySpec(findings=["misaligned"]), model_dir=tmp_path)
     assert flagged(report.flags, "misaligned") == {f"id{i}" for i in misaligned}
     reason = report.flags.set_index("example_id").loc["id3", "response_issue_reason"]
     assert "barely follows from its prompt" in reason and "IFD 1.02" in reason
-    info = report.summary["findings"]["misaligned"]  # clean rows 0.80 +- 0.05: none expected near 0.94
-    assert info["status"] == "run" and info["estimated_precision"] > 0.95 and info["ifd_threshold"] < 0.97
-    assert report.flags.loc[report.flags["is_response_issue"], "estimated_precision_at_rank"].between(0.95, 1).all()
+    info = report.summary["findings"]["misaligned"]  # rows at IFD >= 1.02 look like the decoys (1.00 +- 0.03)
+    assert info["status"] == "run" and info["ifd_threshold"] < 0.97
+    assert 0.5 <= info["estimated_precision"] <= 1 and info["decoy_estimate"]["rows_below_reference"] >= 2
+    at_rank = report.flags.loc[report.flags["is_response_issue"], "estimated_precision_at_rank"]
+    assert np.allclose(at_rank, info["estimated_precision"])
     # the row German explains is neither flagged nor in the reference median
     both = response_issue_report(df, TASK, ResponseQualitySpec(findings=["wrong_language", "misaligned"]),
                                  model_dir=tmp_path)
@@ -226,11 +275,12 @@ def test_misaligned_pairs_are_flagged_from_their_losses(monkeypatch, tmp_path):
 
 
 def test_candidates_no_more_than_the_clean_tail_are_warnings_with_a_precision_floor(monkeypatch, tmp_path):
-    """Clean rows only, widely spread (IFD 0.80 +- 0.12): the few that gain little from their prompt are
-    about as many as a clean distribution that wide puts there. With `fit.min_estimated_precision: 0.5`
-    none is flagged; they are warnings, ranked first."""
+    """Clean rows only (IFD 0.80 +- 0.08; seed 2: two rows at 0.944 and 0.965 gain under 30% of the median
+    row's gain), but none looks like a decoy (a response after another row's prompt: IFD 1.00 +- 0.03).
+    With `fit.min_estimated_precision: 0.5` none is flagged; they are warnings, ranked first."""
     df, _ = translation_rows()
-    monkeypatch.setattr(response_fit, "response_losses", fake_losses({}, len(df), seed=6, spread=0.12))
+    monkeypatch.setattr(response_fit, "response_losses", fake_losses({}, len(df), seed=2, spread=0.08))
+    fake_decoys(monkeypatch)
     cfg = ResponseQualitySpec(findings=["misaligned"], fit={"min_estimated_precision": 0.5})
     report = response_issue_report(df, TASK, cfg, model_dir=tmp_path)
     assert not report.flags["is_response_issue"].any()
@@ -401,3 +451,21 @@ def test_the_preflight_counts_the_fit_tokens_and_skips_cached_rows(tiny_model_di
     again = response_preflight(None, df, TASK, cfg, tiny_model_dir, tmp_path)["views"]["response_fit"]
     assert again["rows_to_score"] == 0 and again["estimated_seconds"] == 0.0
     assert response_preflight(None, df, TASK, ResponseQualitySpec(findings=["copy"]), tiny_model_dir, tmp_path) is None
+
+
+def test_flag_threshold_lowers_the_cut_until_the_estimate_reaches_the_floor():
+    """600 clean rows (relative gain 1 +- 0.45) and 30 misaligned (0 +- 0.15), seed 2: the 0.3 cut's
+    candidates are estimated below 0.5; the cut falls by 0.05 steps to the first one estimated at 0.5 or
+    more, whose measured precision is higher too. A floor no cut reaches flags nothing (None)."""
+    from sft_dagster.quality.response_issues import decoy_precision, flag_threshold
+
+    rng = np.random.default_rng(2)
+    decoys = rng.normal(0.0, 0.15, 128)
+    gain = np.concatenate([rng.normal(1.0, 0.45, 600), rng.normal(0.0, 0.15, 30)])
+    eligible = np.ones(len(gain), dtype=bool)
+    measured = lambda cut: (gain[600:] <= cut).sum() / (gain <= cut).sum()  # noqa: E731
+    assert decoy_precision(gain, eligible, int((gain <= 0.3).sum()), decoys, 0.3)[0] < 0.5
+    cut, precision, info = flag_threshold(gain, eligible, decoys, 0.3, 0.5)
+    assert cut is not None and cut < 0.3 and precision >= 0.5 and info["flagged_candidates"] == (gain <= cut).sum()
+    assert measured(cut) > measured(0.3)
+    assert flag_threshold(gain, eligible, decoys, 0.3, 0.99)[0] is None

@@ -216,6 +216,52 @@ def response_losses(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, cache_
     return pd.DataFrame({"loss_with_prompt": pairs[:, 0], "loss_without_prompt": pairs[:, 1]}, index=frame.index), info
 
 
+DECOY_FILE = "response_fit_decoys.json"
+
+
+def decoy_pairs(keys: list[str], eligible: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Up to `n` (row, decoy row) index pairs among the `eligible` rows: the rows in the order of a hash of
+    their cache keys, each paired with the next one's prompt, the first `n` of that order taken. The
+    order is the rows' own (a new row moves only its neighbours' pairs), so the cache serves re-runs."""
+    rows = [i for i in np.flatnonzero(eligible)]
+    if len(rows) < 2:
+        return []
+    rows.sort(key=lambda i: hashlib.sha256(("decoy:" + keys[i]).encode()).hexdigest())
+    return [(rows[j], rows[(j + 1) % len(rows)]) for j in range(min(n, len(rows)))]
+
+
+def decoy_losses(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, pairs: list[tuple[int, int]],
+                 cache_dir: Path | None = None, batch_size: int = 16, batch_tokens: int = 8192,
+                 max_tokens: int = 1024) -> tuple[np.ndarray, dict]:
+    """The base model's mean reply loss (nats per token) on row i's response after row j's prompt (its
+    system, history and prompt: a pairing that is misaligned by construction) for each (i, j) of `pairs`;
+    cached per pair content in `<cache_dir>/response_fit_decoys.json`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    model_dir = Path(model_dir)
+    keys = row_keys(frame, task, model_identity(model_dir))
+    pair_keys = [f"{keys[i]}:{keys[j]}" for i, j in pairs]
+    cache_path = Path(cache_dir) / DECOY_FILE if cache_dir is not None else None
+    cache = _read_cache(cache_path)
+    todo = [k for k, key in enumerate(pair_keys) if key not in cache]
+    info = {"pairs": len(pairs), "pairs_scored": len(todo)}
+    if todo:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        decoy = frame.iloc[[pairs[k][1] for k in todo]].reset_index(drop=True)
+        decoy = decoy.assign(response=frame["response"].iloc[[pairs[k][0] for k in todo]].to_numpy())
+        sequences = _sequences(tokenizer, decoy, task, max_tokens)[::2]  # with (the decoy's) prompt only
+        losses = score_sequences(model, sequences, pad_id(tokenizer), batch_tokens, batch_size)
+        for k, loss in zip(todo, losses):
+            cache[pair_keys[k]] = _round(loss)
+        if cache_path is not None:
+            atomic.write_json(cache_path, {"version": CACHE_VERSION, "rows": {k: cache[k] for k in pair_keys}}, indent=None)
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    return np.array([np.nan if cache[k] is None else cache[k] for k in pair_keys], dtype=float), info
+
+
 def fit_preflight(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, cache_dir: Path | None = None,
                   batch_size: int = 16, batch_tokens: int = 8192, max_tokens: int = 1024, timed_rows: int = 16) -> dict:
     """Before `response_losses`: the rows it will score (those not cached), their tokens (counted exactly)

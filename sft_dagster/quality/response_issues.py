@@ -24,7 +24,9 @@ benchmarks/response_findings.py measures the same way on the full data sets, for
   precision to 0.72 / 0.68, so 0.3 stays. Tried and dropped: a robust z-score of log IFD (45% planted
   rows widen the MAD until nothing is an outlier: 0 flags at z >= 2); few-shot demonstrations in the
   context (AUROC 0.972 vs 0.958, three times the tokens); the reverse direction, prompt given response
-  (0.965 combined); a mixture model of the IFD (unstable at 5%). The finding abstains when the median IFD
+  (0.965 combined); a mixture model of the IFD (unstable at 5%); as the score itself, the loss with the
+  own prompt vs with another row's (AUROC 0.950 vs IFD's 0.970 on all 1,014 multi30k rows, 5% planted):
+  decoys serve the precision estimate instead (below). The finding abstains when the median IFD
   is above `MAX_MEDIAN_IFD` (a model that reads no prompt, like the tests' random one).
 - `wrong_language`: py3langid over a plausible set of languages (the ~30 most used, plus the expected
   ones): flagged when another language is detected with p >= `language.min_probability` and the
@@ -63,12 +65,16 @@ copy is a `copy`, not also `wrong_language`; a German response is not also `misa
 little from an English prompt); `length` flags only what no other finding explains.
 
 Estimated precision: each hit gets an estimated probability of being a real issue, MODEL-ESTIMATED, not
-measured on your data: `misaligned` as 1 - the clean rows expected above its threshold / the flags, the
-clean rows' IFD taken as normal with the median and lower-quartile spread of the rows below the
-threshold (`clean_rows_above`), the same for every flag: estimated 0.64 / 0.55 where 0.84 / 0.88 was
-measured (multi30k 15%), 0.53 vs 0.47 (multi30k 5%), 0.97 vs 0.97 and 0.92 vs 0.93 (DialogSum), and
-0.00 on the 1,014 clean multi30k rows (46 candidates: the clean tail). Below `fit.min_estimated_precision`
-(0.5) the candidates are warnings, not flags: on that clean set nothing is dropped. `wrong_language`: 1 -
+measured on your data. `misaligned`: from decoys (`decoy_precision`): `fit.decoy_rows` responses scored
+after another row's prompt are misaligned pairs of this very data, so their relative gains show where a
+misaligned row lies; the rows below the decoys' lower quartile (one taken as clean) / 0.25 estimate how
+many misaligned rows the data holds, and the share of decoys under the threshold how many of them are
+candidates: estimate = that / the candidates, the same for every flag. Below `fit.min_estimated_precision`
+(0.5) the candidates are warnings, not flags. Measured on Multi30k (1,014 rows, SmolLM2-135M): 5%
+planted misaligned, 77 candidates, estimate above 0.5, all flagged, 42 of the 51 planted (measured
+precision 0.55); the clean rows, 46 candidates, estimate 0.00, none flagged. (The estimate it replaced,
+a normal fitted to the rows below the threshold, expected 83-94 clean rows above it where 31 were: it
+abstained on both.) `wrong_language`: 1 -
 p(expected language) (py3langid's own calibration); `length`: the normal tail of its robust z (1 - the
 Benjamini-Hochberg q-value); `copy`: the copied share itself; `truncated` and `boilerplate` are rules
 without an estimate (NaN; a rule hit ranks at `RULE_HIT_SCORE`). The queue's
@@ -116,6 +122,16 @@ MAX_MEDIAN_IFD = 0.97
 # (robust z of the length ratio at most this): multi30k's clean captions without a final stop had z
 # -0.6 to 1.7, the planted cuts -10 to -1.3.
 TRUNCATED_MAX_LENGTH_Z = -1.0
+# The misaligned flags' precision is estimated from decoys (`decoy_precision`): at least MIN_DECOYS of
+# them, and the rows below their DECOY_QUANTILE taken as misaligned. Measured on multi30k en->fr (1,014
+# rows, 5% misaligned, SmolLM2-135M): decoy relative gains -0.33 / -0.14 / 0.07 (10th / 25th / 50th
+# percentile); below the lower quartile lay 1 clean row (of 810) and 25% of the planted ones, below the
+# median 9-12 clean rows, so the quartile, not the median, is where misaligned rows can be counted.
+# One row below the quartile is taken as a clean one (1 of the 810 clean rows there; without it, one
+# stray row of a clean data set would estimate 4 misaligned rows among a handful of candidates).
+MIN_DECOYS = 16
+DECOY_QUANTILE = 0.25
+STRAY_CLEAN_ROWS = 1
 RULE_HIT_SCORE = 0.5  # the score of a hit by a rule without an estimate (truncated): below sure model findings
 RESPONSE_WARNING_SEVERITY = 0.05  # a row with only a warning (boilerplate) sorts below every issue
 
@@ -268,18 +284,42 @@ def tail_precision(z: np.ndarray, two_sided: bool = False) -> np.ndarray:
     return out
 
 
-def clean_rows_above(below: np.ndarray, threshold: float) -> float:
-    """How many clean rows are expected at or above `threshold`, from the rows below it (taken as clean):
-    a normal with their median and the spread of their lower quartile (the clean IFD's lower tail is the
-    longer one; the upper part near the threshold is where misaligned rows mix in)."""
-    from scipy.stats import norm
+def decoy_precision(relative_gain: np.ndarray, eligible: np.ndarray, candidates: int, decoy_gain: np.ndarray,
+                    threshold: float) -> tuple[float, dict]:
+    """Estimated precision of the `candidates` (eligible rows with relative gain <= `threshold`) from decoys:
+    responses scored after another row's prompt, misaligned by construction, so their relative gains are
+    what a misaligned row of this data looks like. Below the decoys' lower quartile (`DECOY_QUANTILE`)
+    almost only misaligned rows lie, so the rows there (less `STRAY_CLEAN_ROWS` taken as clean) /
+    DECOY_QUANTILE estimate how many misaligned rows the data holds; the share of decoys under the
+    threshold, how many of them are candidates. NaN with fewer than `MIN_DECOYS` decoys."""
+    d = np.asarray(decoy_gain, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < MIN_DECOYS or not candidates:
+        return float("nan"), {"decoys": int(len(d))}
+    level = float(np.quantile(d, DECOY_QUANTILE))
+    below = int((eligible & (np.nan_to_num(relative_gain, nan=np.inf) <= level)).sum())
+    misaligned = max(0, below - STRAY_CLEAN_ROWS) / DECOY_QUANTILE
+    share = float(np.mean(d <= threshold))
+    return min(1.0, misaligned * share / candidates), {
+        "decoys": int(len(d)), "decoy_reference_gain": _r(level), "rows_below_reference": below,
+        "estimated_misaligned_rows": _r(misaligned, 1), "decoy_share_flagged": _r(share)}
 
-    if len(below) < 8:
-        return float("nan")
-    median, lower = float(np.median(below)), float(np.quantile(below, 0.25))
-    spread = max((median - lower) / norm.ppf(0.75), 1e-9)
-    tail = float(norm.sf((threshold - median) / spread))
-    return len(below) / max(1.0 - tail, 1e-9) * tail
+
+def flag_threshold(relative_gain: np.ndarray, eligible: np.ndarray, decoy_gain: np.ndarray, max_gain: float,
+                   min_precision: float) -> tuple[float | None, float, dict]:
+    """The largest relative-gain cut in `max_gain`, `max_gain` - 0.05, ..., 0 whose candidates' estimated
+    precision (`decoy_precision`) reaches `min_precision`: (cut, its precision, the estimate's figures);
+    (None, the precision at `max_gain`, ...) when none does. Clean rows thin out faster than misaligned
+    ones as the cut falls: Multi30k seed 1 (5% planted), 77 candidates at 0.3 estimated 0.49 (measured
+    0.52); a lower cut trades a little recall for precision instead of flagging nothing."""
+    first = None
+    for cut in np.round(np.arange(max_gain, -1e-9, -0.05), 4):
+        n = int((eligible & (np.nan_to_num(relative_gain, nan=np.inf) <= cut)).sum())
+        precision, info = decoy_precision(relative_gain, eligible, n, decoy_gain, float(cut))
+        first = first or (precision, info)
+        if n and precision >= min_precision:
+            return float(cut), precision, {**info, "flag_relative_gain": float(cut), "flagged_candidates": n}
+    return None, first[0], first[1]
 
 
 def running_precision(flagged: np.ndarray, estimate: np.ndarray) -> np.ndarray:
@@ -304,6 +344,13 @@ def _nan(n: int) -> np.ndarray:
 # Findings
 
 
+def content_keys(rows: Rows) -> list[str]:
+    """A key per row of what it holds (`response_fit.row_keys` without the model): the decoys' order."""
+    from .response_fit import row_keys
+
+    return row_keys(rows.frame, rows.task, "")
+
+
 @finding("misaligned", "the response does not follow from its prompt (the base model gains almost nothing from it)",
          needs_model=True, explained_by=("wrong_language", "copy"))
 def misaligned(rows: Rows) -> FindingResult:
@@ -325,31 +372,49 @@ def misaligned(rows: Rows) -> FindingResult:
     informative = median_ifd is not None and median_ifd <= MAX_MEDIAN_IFD
     relative_gain = (1.0 - ifd) / (1.0 - median_ifd) if informative else _nan(len(rows))
     hit = informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
-    candidates = flagged = int(hit.sum())
-    expected_clean = clean_rows_above(ifd[np.isfinite(ifd) & ~explained & ~hit],
-                                      1 - fit.max_relative_gain * (1 - median_ifd)) if informative else float("nan")
-    precision = max(0.0, 1.0 - expected_clean / flagged) if flagged else float("nan")
-    if flagged and precision < fit.min_estimated_precision:  # about what clean rows alone would give
+    candidates = int(hit.sum())
+    precision, estimate = float("nan"), {}
+    if candidates:
+        from .response_fit import decoy_losses, decoy_pairs
+
+        eligible = np.isfinite(ifd) & ~explained
+        pairs = decoy_pairs(content_keys(rows), eligible, fit.decoy_rows)
+        decoy, estimate["cost"] = decoy_losses(rows.frame, rows.task, rows.model_dir, pairs, rows.cache_dir,
+                                               batch_size=fit.batch_size, max_tokens=fit.max_tokens)
+        without_of = np.array([without[i] for i, _ in pairs], dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            decoy_gain = (1.0 - decoy / without_of) / (1.0 - median_ifd)
+        gain_cut, precision, more = flag_threshold(relative_gain, eligible, decoy_gain, fit.max_relative_gain,
+                                                   fit.min_estimated_precision)
+        estimate |= more
+        if gain_cut is not None:
+            hit &= np.nan_to_num(relative_gain, nan=np.inf) <= gain_cut
+    if candidates and not precision >= fit.min_estimated_precision:  # (NaN: no estimate, nothing flagged)
         hit[:] = False
     warn = ~hit & informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
     reasons = _none(len(rows))
     for i in np.flatnonzero(hit | warn):
-        reasons[i] = (("" if hit[i] else f"possibly misaligned, not flagged (estimated precision {precision:.2f} < "
-                                         f"{fit.min_estimated_precision}): ")
+        cut = estimate.get("flag_relative_gain")
+        why_not = ("" if hit[i] else f"possibly misaligned, not flagged (estimated precision {precision:.2f} < "
+                   f"{fit.min_estimated_precision}): " if cut is None else
+                   f"possibly misaligned, not flagged (flags stop at {cut:.0%} of the median row's gain, where the "
+                   f"estimated precision reaches {fit.min_estimated_precision}): ")
+        reasons[i] = (why_not
                       + f"the response barely follows from its prompt: the base model's loss on it is {with_p[i]:.2f} "
                       f"nats/token with the prompt and {without[i]:.2f} without (IFD {ifd[i]:.2f}; the dataset's median "
                       f"row {median_ifd:.2f}: this row gains {max(relative_gain[i], 0):.0%} of its gain)")
     info = {"max_relative_gain": fit.max_relative_gain, "median_ifd": _r(median_ifd),
             "ifd_threshold": _r(1 - fit.max_relative_gain * (1 - median_ifd)) if informative else None,
+            "flagged_below_relative_gain": estimate.get("flag_relative_gain"),
             "rows_explained_by_other_findings": int(explained.sum()), "candidates": candidates,
-            "expected_clean_candidates": _r(expected_clean, 2), "estimated_precision": _r(precision),
-            "min_estimated_precision": fit.min_estimated_precision, "cost": cost,
-            "estimate": "model-estimated: 1 - the clean rows expected above the threshold (a normal fitted to the "
-                        "median and lower quartile of the rows below it) / the candidates; the same for every flag"}
+            "estimated_precision": _r(precision), "min_estimated_precision": fit.min_estimated_precision, "cost": cost,
+            "decoy_estimate": estimate,
+            "estimate": "model-estimated from decoys (responses after another row's prompt): the misaligned rows "
+                        "expected among the candidates / the candidates; the same for every flag"}
     if candidates and not hit.any():
         info["status"] = "abstained"
         info["why"] = (f"{candidates} rows gain at most {fit.max_relative_gain:.0%} of the median row's gain from their "
-                       f"prompt, about as many as clean data alone gives (estimated precision {precision:.2f} < "
+                       f"prompt, but few look like misaligned pairs (estimated precision {precision:.2f} < "
                        f"{fit.min_estimated_precision}): none is flagged; they rank first by fit_relative_gain")
     if not informative:
         info["status"] = "abstained"

@@ -234,12 +234,13 @@ class ResponseFitSpec(_Strict):
     # A row is flagged when its prompt helps it at most this share of what it helps the dataset's median
     # row: 1 - IFD <= max_relative_gain * (1 - median IFD), IFD = loss with prompt / loss without.
     max_relative_gain: float = Field(0.3, ge=0, lt=1)
-    # Flag only when the flags' estimated precision (quality/response_issues.py: the clean rows expected
-    # above the threshold, from the rows below it) reaches this; below it the candidates are warnings in
-    # the review queue and nothing is dropped. The estimate is rough (0.55-0.64 where 0.84-0.88 was
-    # measured on multi30k with 15% planted, 0.92-0.97 for 0.93-0.97 on DialogSum) but it tells the clean
-    # tail apart: on the 1,014 clean multi30k rows, 46 candidates, estimate 0.00, none dropped. 0 turns it off.
+    # Flag only when the flags' estimated precision (quality/response_issues.py `decoy_precision`: decoys,
+    # responses scored after another row's prompt, say how many rows of this data look misaligned)
+    # reaches this; below it the candidates are warnings in the review queue and nothing is dropped.
+    # Measurements: BENCHMARKS.md, "Response findings". 0 turns it off.
     min_estimated_precision: float = Field(0.5, ge=0, le=1)
+    # Decoys scored for that estimate (one more pass over this many rows, with another row's prompt).
+    decoy_rows: int = Field(128, ge=16)
     batch_size: int = Field(16, ge=1)
     max_tokens: int = Field(1024, ge=16)  # tokens per scored conversation (the prompt's start is cut first)
 
