@@ -72,17 +72,34 @@ def score(spec, model_dir: Path, adapter_dir: Path, test: pd.DataFrame):
     return rows, scores, metrics.statistics(evaluation.metric_rows(rows, scores, spec))
 
 
+def too_long(examples: pd.DataFrame, spec, model_dir: Path) -> pd.Series:
+    """Rows the pipeline's suite would quarantine before training: over `model.max_length` tokens as
+    training encodes them (`formatting.encode_example`)."""
+    from transformers import AutoTokenizer
+
+    from sft_dagster.formatting import build_messages, encode_example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return pd.Series([encode_example(tokenizer, build_messages(p, r, None, spec.task), 10**9).input_ids.__len__()
+                      > spec.model.max_length for p, r in zip(examples["prompt"], examples["response"])],
+                     index=examples.index)
+
+
 def run(task: str, seed: int, args, model_dir: Path) -> dict:
     examples, planted, clean = noisy_examples(task, args.rate, seed, args.data, args.limit)
     clean_response = dict(zip(examples["example_id"], clean["response"]))
     spec = make_spec(task, args, seed, "keep")
+    long_rows = too_long(examples, spec, model_dir)
+    examples, planted, clean = examples[~long_rows], planted[~long_rows], clean[~long_rows]
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache:
-        flags = find_response_issues(examples, spec.task, spec.quality.response, model_dir=model_dir, cache_dir=Path(cache))
+    with tempfile.TemporaryDirectory() as fresh:
+        cache = args.cache / task if args.cache else Path(fresh)
+        flags = find_response_issues(examples, spec.task, spec.quality.response, model_dir=model_dir, cache_dir=cache)
     gate_seconds = time.perf_counter() - t
     bad = planted.to_numpy() != ""
     flagged = flags.set_index("example_id").loc[examples["example_id"], "is_response_issue"].to_numpy(dtype=bool)
-    out = {"task": task, "seed": seed, "rows": len(examples), "planted_rows": int(bad.sum()),
+    out = {"task": task, "seed": seed, "rows": len(examples), "rows_over_max_length": int(long_rows.sum()),
+           "planted_rows": int(bad.sum()),
            "flagged": int(flagged.sum()), "flag_precision": round(float((flagged & bad).sum() / max(1, flagged.sum())), 4),
            "flag_recall": round(float((flagged & bad).sum() / max(1, bad.sum())), 4),
            "gate_seconds": round(gate_seconds, 1), "policies": {}}
@@ -130,6 +147,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED)
     parser.add_argument("--storage", type=Path, default=ROOT / ".sft")
     parser.add_argument("--model-dir", type=Path, help="a model directory instead of the embedded SmolLM2")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="fit-loss caches (<dir>/<task>) shared with benchmarks/response_findings.py")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     model_dir = args.model_dir or resolve_base_model(ModelSpec(), args.storage / "models").path

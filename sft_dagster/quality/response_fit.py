@@ -291,7 +291,7 @@ def fit_preflight(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, cache_di
     rate = (sample_shared + sum(len(ids) - sample_shared for ids, _ in sample)) / took
     return {"rows": len(frame), "rows_to_score": len(todo), "tokens_to_score": int(tokens),
             "load_seconds": round(load, 2), "sample_rows": len(picked), "measured_tokens_per_second": round(rate, 1),
-            "estimated_seconds": round(load + tokens / rate, 1)}
+            "estimated_seconds": max(round(load + tokens / rate, 2), 0.01)}  # work to do is never 0 s
 
 
 def _round(value: float) -> float | None:
