@@ -28,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_data import SHARED, TASKS, noisy_examples  # noqa: E402
+from generation_data import SHARED, TASKS, noisy_examples, write_report  # noqa: E402
 
 from sft_dagster import curation, evaluation, metrics  # noqa: E402
 from sft_dagster.models import resolve_base_model  # noqa: E402
@@ -157,11 +157,8 @@ def main() -> None:
     for task in args.tasks:
         for seed in args.seeds:
             runs.append(run(task, seed, args, model_dir))
-            text = json.dumps({"started": started, "args": {k: str(v) for k, v in vars(args).items()}, "runs": runs},
-                              indent=1, default=str)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(text)
+            text = write_report(args.out, {"started": started, "args": {k: str(v) for k, v in vars(args).items()},
+                                           "runs": runs})
     print(text)
 
 

@@ -83,3 +83,12 @@ def noisy_examples(task: str, rate: float, seed: int, data: Path = SHARED, limit
                                           {k: rate for k in kinds}, seed=seed, other_language=other)
     examples = as_examples(frame.assign(response=noisy), f"{task}.jsonl")
     return examples, pd.Series(planted, index=examples.index, name="planted"), as_examples(frame, f"{task}.jsonl")
+
+
+def write_report(path: Path | None, doc: dict) -> str:
+    """The benchmark's JSON document, written to `path` (its folder made) when given; returned as text."""
+    text = json.dumps(doc, indent=1, default=str)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return text

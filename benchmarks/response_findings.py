@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generation_data import NOISE, SHARED, TASKS, noisy_examples  # noqa: E402
+from generation_data import NOISE, SHARED, TASKS, noisy_examples, write_report  # noqa: E402
 
 from sft_dagster.models import resolve_base_model  # noqa: E402
 from sft_dagster.quality.response_issues import find_response_issues  # noqa: E402
@@ -126,11 +126,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as fresh:
             cache = args.cache / task if args.cache else Path(fresh)
             runs += [run(task, seed, args, model_dir, cache) for seed in args.seeds]
-    text = json.dumps({"started": started, "model_resolve_seconds": round(load, 1), "runs": runs}, indent=1)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    print(text)
+    print(write_report(args.out, {"started": started, "model_resolve_seconds": round(load, 1), "runs": runs}))
 
 
 if __name__ == "__main__":
