@@ -62,17 +62,21 @@ def model_identity(model_dir: Path) -> str:
     return ":".join(directory_hashes(model_dir))
 
 
-def _sequences(tokenizer, frame: pd.DataFrame, task: TaskSpec, max_tokens: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) with and without the prompt, alternating, for every row; the reply's tokens are
-    labelled as training labels them, except its end-of-turn token (`_without_end`)."""
+def _sequences(tokenizer, frame: pd.DataFrame, task: TaskSpec, max_tokens: int,
+               without_prompt: bool = True) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) with and without the prompt, alternating, for every row (with it only, when not
+    `without_prompt`); the reply's tokens are labelled as training labels them, except its end-of-turn
+    token (`_without_end`)."""
     systems = column_or_none(frame, "system")
     histories = column_or_none(frame, "history")
     end = tokenizer.convert_tokens_to_ids(tokenizer.eos_token) if tokenizer.eos_token else None
     out = []
     for prompt, response, system, history in zip(frame["prompt"], frame["response"], systems, histories):
         response = str(response)
-        for messages in (build_messages(str(prompt), response, _text(system), task, history),
-                         build_messages("", response, _text(system), task)):
+        variants = [build_messages(str(prompt), response, _text(system), task, history)]
+        if without_prompt:
+            variants.append(build_messages("", response, _text(system), task))
+        for messages in variants:
             enc = encode_example(tokenizer, messages, max_length=10**9)
             out.append(_fit(enc.input_ids, _without_end(enc.input_ids, enc.labels, end), max_tokens))
     return out
@@ -252,7 +256,7 @@ def decoy_losses(frame: pd.DataFrame, task: TaskSpec, model_dir: Path, pairs: li
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         decoy = frame.iloc[[pairs[k][1] for k in todo]].reset_index(drop=True)
         decoy = decoy.assign(response=frame["response"].iloc[[pairs[k][0] for k in todo]].to_numpy())
-        sequences = _sequences(tokenizer, decoy, task, max_tokens)[::2]  # with (the decoy's) prompt only
+        sequences = _sequences(tokenizer, decoy, task, max_tokens, without_prompt=False)  # the decoy's prompt
         losses = score_sequences(model, sequences, pad_id(tokenizer), batch_tokens, batch_size)
         for k, loss in zip(todo, losses):
             cache[pair_keys[k]] = _round(loss)

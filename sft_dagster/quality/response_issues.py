@@ -371,8 +371,9 @@ def misaligned(rows: Rows) -> FindingResult:
     median_ifd = float(np.median(reference)) if len(reference) else None
     informative = median_ifd is not None and median_ifd <= MAX_MEDIAN_IFD
     relative_gain = (1.0 - ifd) / (1.0 - median_ifd) if informative else _nan(len(rows))
-    hit = informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
-    candidates = int(hit.sum())
+    candidate = informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
+    hit = candidate.copy()
+    candidates = int(candidate.sum())
     precision, estimate = float("nan"), {}
     if candidates:
         from .response_fit import decoy_losses, decoy_pairs
@@ -391,7 +392,7 @@ def misaligned(rows: Rows) -> FindingResult:
             hit &= np.nan_to_num(relative_gain, nan=np.inf) <= gain_cut
     if candidates and not precision >= fit.min_estimated_precision:  # (NaN: no estimate, nothing flagged)
         hit[:] = False
-    warn = ~hit & informative & (np.nan_to_num(relative_gain, nan=np.inf) <= fit.max_relative_gain) & ~explained
+    warn = candidate & ~hit
     reasons = _none(len(rows))
     for i in np.flatnonzero(hit | warn):
         cut = estimate.get("flag_relative_gain")
